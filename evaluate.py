@@ -1,0 +1,223 @@
+"""Threshold-tuned duplicate classification: is this embedding model any good on these pairs?
+
+Each pair is scored by the cosine of its two embeddings. The threshold that maximises accuracy on
+the validation pairs is then applied, unchanged, to the test pairs, so the test numbers are honest.
+
+    python evaluate.py --model out --val val.tsv.gz --test test.tsv.gz
+    python evaluate.py --model openai:text-embedding-3-small --dimensions 256 --val ... --test ...
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+import data
+
+
+class Encoder(Protocol):
+    def encode(self, texts: list[str], batch_size: int = ...) -> np.ndarray: ...
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def cosine_scores(encoder: Encoder, pairs: list[data.Pair], batch_size: int = 128) -> np.ndarray:
+    """The cosine similarity of each pair (embeddings are unit length, so a dot product)."""
+    texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
+    vectors = encoder.encode(texts, batch_size=batch_size)
+    row = {t: i for i, t in enumerate(texts)}
+    first = vectors[[row[a] for a, _, _ in pairs]]
+    second = vectors[[row[b] for _, b, _ in pairs]]
+    return (first * second).sum(1)
+
+
+def _cuts(scores: np.ndarray, labels: np.ndarray):
+    """Scores sorted high to low, and the true/false positives when predicting 'duplicate' for the
+    top k+1 scores, at each k where the score changes (ties are never split)."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    k = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    tp = np.cumsum(y)[k]
+    return s, k, tp, (k + 1) - tp
+
+
+def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The threshold (predict duplicate when score > threshold) with the highest accuracy; the
+    midpoint between two neighbouring scores, so it does not sit on a validation score."""
+    s, k, tp, fp = _cuts(scores, labels)
+    accuracy = np.r_[(labels == 0).sum(), tp + (labels == 0).sum() - fp] / len(labels)
+    best = int(np.argmax(accuracy)) - 1          # -1: predict no duplicates at all
+    if best < 0:
+        return float(s[0]) + 1e-6
+    i = k[best]
+    return float((s[i] + s[i + 1]) / 2) if i + 1 < len(s) else float(s[i]) - 1e-6
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the precision-recall curve as a step sum: sum over thresholds of dRecall * precision."""
+    if labels.sum() == 0:
+        return None
+    _, _, tp, fp = _cuts(scores, labels)
+    recall = tp / labels.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * tp / (tp + fp)))
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Probability that a random duplicate outscores a random non-duplicate (ties count half)."""
+    n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="stable")
+    s = scores[order]
+    ranks = np.empty(len(s))
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    for start, end in zip(starts, ends):           # tied scores share their average rank
+        ranks[start:end] = (start + end + 1) / 2
+    rank_sum = ranks[labels[order] == 1].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    predicted = scores > threshold
+    tp = int(np.sum(predicted & (labels == 1)))
+    fp = int(np.sum(predicted & (labels == 0)))
+    fn = int(np.sum(~predicted & (labels == 1)))
+    accuracy = float(np.mean(predicted == (labels == 1)))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"error_rate": 1 - accuracy, "accuracy": accuracy, "precision": precision, "recall": recall,
+            "f1": f1, "average_precision": average_precision(scores, labels),
+            "roc_auc": roc_auc(scores, labels), "threshold": threshold, "n_pairs": len(labels)}
+
+
+def evaluate(encoder: Encoder, val: list[data.Pair], test: list[data.Pair], batch_size: int = 128) -> dict:
+    """{"val": metrics, "test": metrics}, the threshold tuned on val (so val numbers are optimistic)."""
+    val_scores, test_scores = cosine_scores(encoder, val, batch_size), cosine_scores(encoder, test, batch_size)
+    val_labels, test_labels = (np.array([y for _, _, y in p]) for p in (val, test))
+    threshold = best_threshold(val_scores, val_labels)
+    return {"val": classification_metrics(val_scores, val_labels, threshold),
+            "test": classification_metrics(test_scores, test_labels, threshold)}
+
+
+# ------------------------------------------------------------------------------ the OpenAI baseline
+
+class OpenAIEmbedder:
+    """Embeddings from the OpenAI API, or any server that speaks it (`base_url`).
+
+    Requests go in batches; the client retries rate limits (429) and server errors (5xx) with
+    exponential backoff, honouring Retry-After. Every vector lands in an SQLite cache keyed by a hash
+    of (model, dimensions, text) as soon as its batch returns, so a rerun sends no request and an
+    interrupted run loses nothing. The API key is read by the client from OPENAI_API_KEY and is
+    never written anywhere.
+    """
+
+    def __init__(self, model: str = "text-embedding-3-small", dimensions: int | None = None,
+                 base_url: str | None = None, cache_path: str | Path = "~/.cache/embed-ft/openai.sqlite",
+                 max_retries: int = 8):
+        from openai import OpenAI
+        if not os.environ.get("OPENAI_API_KEY"):
+            raise data.DataError("set OPENAI_API_KEY (any value will do for a local server that ignores it)")
+        self.client = OpenAI(base_url=base_url, max_retries=max_retries)  # base_url None: OPENAI_BASE_URL or api.openai.com
+        self.model, self.dimensions = model, dimensions
+        cache_path = Path(cache_path).expanduser()
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        self.cache = sqlite3.connect(cache_path)
+        self.cache.execute("CREATE TABLE IF NOT EXISTS embedding (key TEXT PRIMARY KEY, vector BLOB)")
+
+    def key(self, text: str) -> str:
+        return hashlib.sha256(json.dumps([self.model, self.dimensions, text]).encode()).hexdigest()
+
+    def encode(self, texts: list[str], batch_size: int = 512) -> np.ndarray:
+        from tqdm.auto import tqdm
+        keys = [self.key(t) for t in texts]
+        found = self.cached(set(keys))
+        missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in found))
+        for start in tqdm(range(0, len(missing), batch_size), desc="openai", unit="request",
+                          disable=len(missing) <= batch_size):
+            batch = missing[start:start + batch_size]
+            # The API rejects empty strings; a single space embeds as "nothing" just as well.
+            extra = {"dimensions": self.dimensions} if self.dimensions else {}
+            response = self.client.embeddings.create(model=self.model, input=[t or " " for t in batch], **extra)
+            vectors = [np.asarray(item.embedding, dtype=np.float32) for item in sorted(response.data, key=lambda d: d.index)]
+            rows = [(self.key(t), v.tobytes()) for t, v in zip(batch, vectors)]
+            with self.cache:  # committed per batch: an interruption loses at most one request
+                self.cache.executemany("INSERT OR REPLACE INTO embedding VALUES (?, ?)", rows)
+            found.update({k: np.frombuffer(v, dtype=np.float32) for k, v in rows})
+        matrix = np.stack([found[k] for k in keys])
+        return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+    def cached(self, keys: set[str]) -> dict[str, np.ndarray]:
+        found, keys = {}, list(keys)
+        for start in range(0, len(keys), 900):  # SQLite caps the number of query parameters
+            chunk = keys[start:start + 900]
+            query = f"SELECT key, vector FROM embedding WHERE key IN ({','.join('?' * len(chunk))})"
+            found.update({k: np.frombuffer(v, dtype=np.float32) for k, v in self.cache.execute(query, chunk)})
+        return found
+
+
+def load_encoder(model: str, dimensions: int | None = None, base_url: str | None = None,
+                 cache_path: str | None = None, device: str = "auto") -> Encoder:
+    """`openai:MODEL` for the API baseline, else a folder written by train.py or a hub encoder."""
+    if model.startswith("openai:"):
+        extra = {"cache_path": cache_path} if cache_path else {}
+        return OpenAIEmbedder(model.removeprefix("openai:"), dimensions, base_url, **extra)
+    import torch
+    from model import CONFIG_FILE, Embedder
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (Path(model) / CONFIG_FILE).is_file():
+        return Embedder.load(model).to(device)
+    return Embedder.from_pretrained(model).to(device)
+
+
+# ------------------------------------------------------------------------------------ command line
+
+def format_table(results: dict[str, dict]) -> str:
+    """One row per (model, split): the numbers a reader compares first."""
+    lines = [f"{'':28} {'split':5} {'error':>7} {'F1':>6} {'AP':>6} {'AUC':>6} {'thresh':>7} {'pairs':>6}"]
+    for name, result in results.items():
+        for split, m in result.items():
+            ap, auc = (f"{m[k]:.3f}" if m[k] is not None else "-" for k in ("average_precision", "roc_auc"))
+            lines.append(f"{name[-28:]:28} {split:5} {m['error_rate']:7.2%} {m['f1']:6.3f} {ap:>6} {auc:>6} "
+                         f"{m['threshold']:7.3f} {m['n_pairs']:6d}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a folder written by train.py, a hub name or "
+                        "local encoder folder, or openai:MODEL (e.g. openai:text-embedding-3-small)")
+    parser.add_argument("--val", required=True, help="validation pairs (the threshold is tuned here)")
+    parser.add_argument("--test", required=True, help="test pairs")
+    parser.add_argument("--columns", help="TEXT1,TEXT2,LABEL column names if not recognised")
+    parser.add_argument("--dimensions", type=int, help="openai: shorten v3 embeddings to this width")
+    parser.add_argument("--base-url", help="openai: any OpenAI-compatible server (else OPENAI_BASE_URL)")
+    parser.add_argument("--cache", help="openai: the embedding cache file")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="also write the metrics to this file")
+    args = parser.parse_args(argv)
+    try:
+        columns = tuple(args.columns.split(",")) if args.columns else None
+        val, test = data.load_pairs(args.val, columns), data.load_pairs(args.test, columns)
+        encoder = load_encoder(args.model, args.dimensions, args.base_url, args.cache, args.device)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    batch_size = 512 if args.model.startswith("openai:") and args.batch_size == 128 else args.batch_size
+    result = evaluate(encoder, val, test, batch_size)
+    print(format_table({args.model: result}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

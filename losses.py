@@ -1,0 +1,69 @@
+"""Training objectives for labelled pairs. Each takes the unit-length embeddings of a batch's first
+and second texts, `a` and `b` (B, d), and the 0/1 labels (B,), and returns a scalar loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InBatchContrastiveLoss(nn.Module):
+    """InfoNCE over scaled cosine similarities, symmetric (a -> b and b -> a).
+
+    For each duplicate pair (a_i, b_i), a_i must pick out b_i among every other text in the batch:
+    the partners of the other pairs and both texts of the non-duplicate pairs, which are useful hard
+    negatives. Non-duplicate pairs only serve as negatives. This is sentence-transformers'
+    MultipleNegativesRankingLoss (van den Oord et al. 2018, "CPC"; Henderson et al. 2017) extended
+    with the labelled negatives. A text occurring twice in one batch is (rarely) its own negative.
+    """
+
+    def __init__(self, scale: float = 20.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        positives = labels.bool()
+        if not positives.any():
+            return a.sum() * 0.0  # nothing to rank in this batch; keeps the graph for backward()
+        n = len(a)
+        texts = torch.cat([a, b])                                       # (2B, d)
+        anchors = torch.cat([positives, positives]).nonzero().squeeze(1)  # both texts of each duplicate
+        logits = self.scale * texts[anchors] @ texts.T                  # (2P, 2B)
+        logits[torch.arange(len(anchors)), anchors] = float("-inf")     # a text is not its own candidate
+        targets = (anchors + n) % (2 * n)                               # a_i -> b_i and b_i -> a_i
+        return F.cross_entropy(logits, targets)
+
+
+class CosineSimilarityLoss(nn.Module):
+    """Mean squared error between the cosine of each pair and its label (1 or 0).
+
+    sentence-transformers' CosineSimilarityLoss (Reimers & Gurevych 2019, "Sentence-BERT").
+    """
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss((a * b).sum(-1), labels.float())
+
+
+class OnlineContrastiveLoss(nn.Module):
+    """Contrastive loss (Hadsell, Chopra & LeCun 2006) on the batch's hard pairs only.
+
+    With cosine distance d = 1 - cos: duplicates farther apart than the closest non-duplicate pull
+    together (d^2), and non-duplicates closer than the farthest duplicate push apart until they are
+    `margin` away (relu(margin - d)^2). Easy pairs add nothing. Summed over the batch, as in
+    sentence-transformers' OnlineContrastiveLoss, so results compare at the same learning rate.
+    """
+
+    def __init__(self, margin: float = 0.5):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        distance = 1 - (a * b).sum(-1)
+        pos, neg = distance[labels == 1], distance[labels == 0]
+        if len(pos) == 0 or len(neg) == 0:  # no contrast to mine: every pair counts
+            hard_pos, hard_neg = pos, neg
+        else:
+            hard_pos, hard_neg = pos[pos > neg.min()], neg[neg < pos.max()]
+        return hard_pos.pow(2).sum() + F.relu(self.margin - hard_neg).pow(2).sum()
+
