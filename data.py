@@ -158,7 +158,7 @@ def split_pairs(pairs: list[Pair], val_size: float, test_size: float,
             test += component
         else:
             train += component
-    return [[pairs[i] for i in sorted(part)] for part in (train, val, test)]
+    return tuple([pairs[i] for i in sorted(part)] for part in (train, val, test))
 
 
 def subsample(pairs: list[Pair], n: int, seed: int = 0) -> list[Pair]:

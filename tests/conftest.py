@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny random BERT encoder written to disk, synthetic pairs, the real shared data."""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+
+# Synthetic "topics": two texts are duplicates when they are about the same topic.
+TOPICS = [[f"t{i}a", f"t{i}b", f"t{i}c"] for i in range(24)]
+FILLER = ["the", "a", "of", "how", "what", "is", "do", "i", "can", "why", "best", "way"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT with random weights and a WordPiece vocabulary of our synthetic words."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + [w for t in TOPICS for w in t]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast.from_pretrained(directory).save_pretrained(directory)  # reads vocab.txt
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def synthetic_pairs(n: int, seed: int) -> list[tuple[str, str, int]]:
+    """Half duplicates (same topic, different filler), half not (different topics)."""
+    rng = random.Random(seed)
+
+    def text(topic: int) -> str:
+        words = rng.sample(TOPICS[topic], 2) + rng.sample(FILLER, 3)
+        rng.shuffle(words)
+        return " ".join(words)
+
+    pairs = []
+    for i in range(n):
+        t = rng.randrange(len(TOPICS))
+        other = t if i % 2 == 0 else (t + rng.randrange(1, len(TOPICS))) % len(TOPICS)
+        pairs.append((text(t), text(other), int(other == t)))
+    return pairs
+
+
+def write_tsv(path: Path, pairs, header=("question1", "question2", "is_duplicate")) -> Path:
+    path.write_text("\t".join(header) + "\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in pairs))
+    return path
+
+
+@pytest.fixture
+def pair_files(tmp_path) -> dict[str, Path]:
+    """Train/val/test TSV files of synthetic pairs, disjoint seeds."""
+    return {name: write_tsv(tmp_path / f"{name}.tsv", synthetic_pairs(n, seed))
+            for name, n, seed in [("train", 192, 1), ("val", 96, 2), ("test", 96, 3)]}
+
+
+needs_shared = pytest.mark.skipif(not (SHARED / "data" / "quora" / "splits").is_dir(),
+                                  reason="../shared (real models and Quora data) is not beside the checkout")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 from ../shared/fetch-models, cached outside the repository."""
+    cache = Path(os.environ.get("EMBED_FT_MODELS", Path.home() / ".cache" / "embed-ft" / "models"))
+    subprocess.run([str(SHARED / "fetch-models"), str(cache), "minilm-l6"], check=True,
+                   env=os.environ | {"PYTHON": sys.executable})
+    return cache / "sentence-transformers-all-MiniLM-L6-v2"

@@ -1,0 +1,120 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+from conftest import synthetic_pairs, write_tsv
+from transformers import AutoTokenizer
+
+import data
+from data import DataError
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def test_reads_every_local_format_with_known_columns(tmp_path):
+    pairs = [("How do I cook rice?", "What is the way to cook rice?", 1), ("Why, oh why?", "Where\tnow?", 0)]
+    tsv = tmp_path / "p.tsv.gz"
+    with gzip.open(tsv, "wt") as f:  # Quora's own layout, with extra columns
+        f.write("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n")
+        for i, (a, b, y) in enumerate(pairs):
+            f.write(f'{i}\t{2*i}\t{2*i+1}\t"{a}"\t"{b}"\t{y}\n')
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("sentence1,sentence2,label\n" + "".join(f'"{a}","{b}",{y}\n' for a, b, y in pairs))
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps({"text1": a, "text2": b, "label": y}) + "\n" for a, b, y in pairs))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"sentence1": [p[0] for p in pairs], "sentence2": [p[1] for p in pairs],
+                             "label": [p[2] for p in pairs]}), parquet)
+    for path in (tsv, csv_path, jsonl, parquet):
+        assert data.load_pairs(str(path)) == pairs, path
+
+
+def test_explicit_columns_and_label_spellings(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"q": "a", "d": "b", "dup": "1"}, {"q": "c", "d": None, "dup": 0.0}, {"q": "e", "d": "f", "dup": True}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert data.load_pairs(str(path), ("q", "d", "dup")) == [("a", "b", 1), ("c", "", 0), ("e", "f", 1)]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match="file not found: .*nope.tsv"):
+        data.load_pairs(str(tmp_path / "nope.tsv"))
+    odd = write_tsv(tmp_path / "odd.tsv", [("a", "b", 1)], header=("left", "right", "y"))
+    with pytest.raises(DataError, match=r"no known pair columns; found \['left', 'right', 'y'\]"):
+        data.load_pairs(str(odd))
+    with pytest.raises(DataError, match=r"missing columns \['z'\]; found \['left', 'right', 'y'\]"):
+        data.load_pairs(str(odd), ("left", "right", "z"))
+    bad = write_tsv(tmp_path / "bad.tsv", [("a", "b", 1), ("c", "d", 2), ("e", "f", "yes")])
+    with pytest.raises(DataError, match=r"labels must be 0 or 1; column 'is_duplicate' also holds \['2', 'yes'\]"):
+        data.load_pairs(str(bad))
+
+
+def test_parse_label():
+    assert [data.parse_label(v) for v in [0, 1, "0", " 1 ", 1.0, "0.0", True, "false"]] == [0, 1, 0, 1, 1, 0, 1, 0]
+    assert [data.parse_label(v) for v in [2, -1, 0.5, "", None, "dup"]] == [None] * 6
+
+
+# --------------------------------------------------------------------------------------- splitting
+
+def test_components_join_pairs_that_share_a_normalised_text():
+    pairs = [("A  b", "c", 1), ("x", "y", 0), ("C", "d", 0), ("y", "z", 1), ("lonely", "alone", 0)]
+    groups = sorted(sorted(g) for g in data.connected_components(pairs))
+    assert groups == [[0, 2], [1, 3], [4]]
+
+
+def recurring_pairs(n: int, n_texts: int, seed: int) -> list[tuple[str, str, int]]:
+    """Pairs drawn from a small pool of texts, so texts recur and components chain, as in Quora."""
+    rng = np.random.default_rng(seed)
+    pool = [f"Question {i}?" for i in range(n_texts)]
+    return [(pool[a], pool[b].upper(), int(rng.integers(2))) for a, b in rng.integers(n_texts, size=(n, 2))]
+
+
+def test_split_has_no_text_in_two_splits_and_respects_sizes():
+    pairs = recurring_pairs(600, 900, seed=5)
+    train, val, test = data.split_pairs(pairs, 0.1, 60, seed=1)
+    assert sorted(train + val + test) == sorted(pairs)
+    assert 50 <= len(val) <= 60 and 50 <= len(test) <= 60
+    texts = [{data.normalise(t) for a, b, _ in part for t in (a, b)} for part in (train, val, test)]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    assert data.split_pairs(pairs, 0.1, 60, seed=1) == (train, val, test)
+    assert data.split_pairs(pairs, 0.1, 60, seed=2) != (train, val, test)
+    # The same sizes drawn at random would leak: this data is a fair test of the split.
+    shuffled = data.subsample(pairs, len(pairs), seed=1)
+    random_texts = [{data.normalise(t) for a, b, _ in part for t in (a, b)} for part in (shuffled[120:], shuffled[:60])]
+    assert random_texts[0] & random_texts[1]
+
+
+def test_split_refuses_to_leave_no_training_data():
+    with pytest.raises(DataError, match="leave no training pairs"):
+        data.split_pairs(synthetic_pairs(10, 0), 5, 5)
+
+
+def test_subsample_is_seeded_and_nested():
+    pairs = synthetic_pairs(500, seed=0)
+    small, large = data.subsample(pairs, 100, seed=3), data.subsample(pairs, 200, seed=3)
+    assert large[:100] == small and len(set(large)) == len(set(pairs[i] for i in range(500)) & set(large))
+    assert data.subsample(pairs, 100, seed=4) != small
+    with pytest.raises(DataError, match="--dataset-size 501 is more than the 500 training pairs"):
+        data.subsample(pairs, 501)
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+def test_batches_cover_every_pair_once_with_dynamic_padding(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [("the t1a", "t1b of the a how", 1), ("t2a", "t3a", 0), ("what t4a", "t4b", 1), ("i t5a", "t1a", 0),
+             ("t1a", "t9b", 0)]
+    tokenized = data.TokenizedPairs(pairs, tokenizer, max_length=5)
+    assert len(tokenized.input_ids) == 9  # distinct texts are tokenised once
+    seen = []
+    for features, labels in tokenized.batches(2, np.random.default_rng(0)):
+        ids, mask = features["input_ids"], features["attention_mask"]
+        assert ids.shape == mask.shape and ids.shape[0] == 2 * len(labels)
+        assert mask.sum(1).max() == ids.shape[1] <= 5  # padded to the longest, truncated at max_length
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        half = len(labels)
+        seen += [(a, b, int(y)) for a, b, y in zip(texts[:half], texts[half:], labels)]
+    assert sorted(seen) == sorted((a, b if b != "t1b of the a how" else "t1b of the", y) for a, b, y in pairs)

@@ -1,0 +1,75 @@
+import json
+from itertools import product
+
+import numpy as np
+import pytest
+from conftest import synthetic_pairs, write_tsv
+
+import evaluate
+
+SCORES = np.array([0.9, 0.8, 0.8, 0.6, 0.4, 0.3])
+LABELS = np.array([1, 1, 0, 1, 0, 0])
+
+
+def test_best_threshold_by_hand():
+    # Cuts between distinct scores: >0.9 acc 3/6, >0.85 4/6, >0.7 (0.8 tie taken whole) 4/6,
+    # >0.5 5/6, >0.35 4/6, >0.3 3/6: the best is between 0.6 and 0.4.
+    assert evaluate.best_threshold(SCORES, LABELS) == pytest.approx(0.5)
+    # All duplicates below every non-duplicate: predicting none is best; all above: predicting all.
+    assert evaluate.best_threshold(np.array([0.1, 0.2, 0.9]), np.array([0, 0, 0])) > 0.9
+    assert evaluate.best_threshold(np.array([0.1, 0.2, 0.9]), np.array([1, 1, 1])) < 0.1
+
+
+def test_classification_metrics_by_hand():
+    m = evaluate.classification_metrics(SCORES, LABELS, threshold=0.7)
+    # predicted duplicates: 0.9 (1), 0.8 (1), 0.8 (0) -> tp 2, fp 1, fn 1 (0.6), tn 2
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["error_rate"] == pytest.approx(2 / 6)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["n_pairs"] == 6 and m["threshold"] == 0.7
+
+
+def test_average_precision_by_hand_with_a_tie():
+    # Thresholds: 0.9 -> P 1, R 1/3; 0.8 (tie) -> P 2/3, R 2/3; 0.6 -> P 3/4, R 1.
+    expected = 1 / 3 * 1 + 1 / 3 * 2 / 3 + 1 / 3 * 3 / 4
+    assert evaluate.average_precision(SCORES, LABELS) == pytest.approx(expected)
+
+
+def test_roc_auc_equals_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 5, 40) / 4, rng.integers(0, 2, 40)  # many ties
+    wins = [1.0 if p > n else 0.5 if p == n else 0.0
+            for p, n in product(scores[labels == 1], scores[labels == 0])]
+    assert evaluate.roc_auc(scores, labels) == pytest.approx(np.mean(wins))
+    # Positives 0.9, 0.8, 0.6 against negatives 0.8, 0.4, 0.3: wins 3 + 2.5 (tie) + 2 of 9.
+    assert evaluate.roc_auc(SCORES, LABELS) == pytest.approx(7.5 / 9)
+    assert evaluate.roc_auc(SCORES, np.ones(6, int)) is None
+
+
+class FixedEncoder:
+    """Embeds known words as fixed vectors, to check scoring without a model."""
+    vectors = {"x": [1.0, 0.0], "y": [0.0, 1.0], "z": [0.6, 0.8]}
+
+    def encode(self, texts, batch_size=0):
+        return np.array([self.vectors[t] for t in texts], dtype=np.float32)
+
+
+def test_cosine_scores_and_evaluate():
+    pairs = [("x", "x", 1), ("x", "z", 1), ("x", "y", 0), ("y", "z", 0)]
+    np.testing.assert_allclose(evaluate.cosine_scores(FixedEncoder(), pairs), [1.0, 0.6, 0.0, 0.8], atol=1e-6)
+    result = evaluate.evaluate(FixedEncoder(), pairs, pairs)
+    assert result["val"]["error_rate"] == pytest.approx(0.25)  # 0.8 non-duplicate outranks 0.6 duplicate
+    assert result["test"] == result["val"]
+
+
+def test_command_line_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
+    from model import Embedder
+    Embedder.from_pretrained(str(tiny_model_dir), dense_out_features=8).save(tmp_path / "m")
+    val = write_tsv(tmp_path / "val.tsv", synthetic_pairs(40, 1))
+    test = write_tsv(tmp_path / "test.tsv", synthetic_pairs(40, 2))
+    evaluate.main(["--model", str(tmp_path / "m"), "--val", str(val), "--test", str(test), "--json", str(tmp_path / "r.json")])
+    table = capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result) == {"val", "test"} and result["test"]["n_pairs"] == 40
+    assert f"{result['test']['error_rate']:7.2%}" in table
+    with pytest.raises(SystemExit, match="error: file not found"):
+        evaluate.main(["--model", str(tmp_path / "m"), "--val", str(tmp_path / "no.tsv"), "--test", str(test)])

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import CosineSimilarityLoss, InBatchContrastiveLoss, OnlineContrastiveLoss
+
+
+def unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+A = unit([1, 0], [0, 1], [1, 1])
+B = unit([1, 0], [1, 0], [-1, -1])   # cosines with A: 1, 0, -1
+
+
+def test_cosine_similarity_loss_by_hand():
+    labels = torch.tensor([1, 1, 0])
+    expected = ((1 - 1) ** 2 + (0 - 1) ** 2 + (-1 - 0) ** 2) / 3
+    assert CosineSimilarityLoss()(A, B, labels).item() == pytest.approx(expected)
+
+
+def test_online_contrastive_loss_keeps_only_hard_pairs():
+    a = unit([1, 0], [1, 0], [1, 0], [1, 0])
+    b = unit([1, 0], [0, 1], [1, 1], [-1, 0])  # distances 0, 1, 1-1/sqrt2 = 0.293, 2
+    labels = torch.tensor([1, 1, 0, 0])
+    # hard positives: d > min negative distance (0.293) -> only the 1.0 one; hard negatives: d < max
+    # positive distance (1.0) -> only the 0.293 one, pushed to the 0.5 margin.
+    expected = 1.0 ** 2 + (0.5 - (1 - 1 / math.sqrt(2))) ** 2
+    assert OnlineContrastiveLoss(margin=0.5)(a, b, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_online_contrastive_loss_with_one_class_uses_every_pair():
+    labels = torch.tensor([1, 1, 1])
+    distances = 1 - (A * B).sum(-1)
+    assert OnlineContrastiveLoss()(A, B, labels).item() == pytest.approx(distances.pow(2).sum().item())
+
+
+def test_in_batch_contrastive_loss_matches_an_explicit_softmax():
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    labels = torch.tensor([1, 0, 1, 1])
+    texts, scale, terms = torch.cat([a, b]), 20.0, []
+    for i in range(4):
+        if labels[i]:
+            for anchor, target in ((i, i + 4), (i + 4, i)):  # a_i -> b_i, b_i -> a_i
+                others = [j for j in range(8) if j != anchor]
+                logits = torch.stack([scale * texts[anchor] @ texts[j] for j in others])
+                terms.append(-torch.log_softmax(logits, 0)[others.index(target)])
+    expected = torch.stack(terms).mean()
+    assert InBatchContrastiveLoss(scale)(a, b, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_in_batch_contrastive_loss_without_duplicates_is_zero_but_differentiable():
+    a = A.clone().requires_grad_()
+    loss = InBatchContrastiveLoss()(a, B, torch.tensor([0, 0, 0]))
+    loss.backward()
+    assert loss.item() == 0.0 and a.grad is not None
