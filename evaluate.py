@@ -153,7 +153,7 @@ class OpenAIEmbedder:
                 self.cache.executemany("INSERT OR REPLACE INTO embedding VALUES (?, ?)", rows)
             found.update({k: np.frombuffer(v, dtype=np.float32) for k, v in rows})
         matrix = np.stack([found[k] for k in keys])
-        return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+        return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
     def cached(self, keys: set[str]) -> dict[str, np.ndarray]:
         found, keys = {}, list(keys)

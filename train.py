@@ -66,6 +66,7 @@ class Config:
     eval_every_epoch: bool = field(default=False, metadata={"help": "also report val error after each epoch"})
     eval_batch_size: int = 128
     out: str = field(default="out", metadata={"help": "where the model and metrics.json go"})
+    save: bool = field(default=True, metadata={"help": "write the fine-tuned model to --out (sweeps skip it)"})
 
 
 LOSSES = {"ocl": OnlineContrastiveLoss, "contrastive": InBatchContrastiveLoss, "cosine": CosineSimilarityLoss}
@@ -199,7 +200,8 @@ def train(config: Config) -> dict:
     metrics["fine_tuned"] = evaluate.evaluate(model, val, test, config.eval_batch_size)
     print(f"fine-tuned error: val {metrics['fine_tuned']['val']['error_rate']:.2%}, "
           f"test {metrics['fine_tuned']['test']['error_rate']:.2%} ({seen / seconds:.1f} pairs/s)")
-    model.save(out)
+    if config.save:
+        model.save(out)
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -213,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     for f in dataclasses.fields(Config):
         flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", " ")
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help_)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             choices = list(LOSSES) if f.name == "loss" else None

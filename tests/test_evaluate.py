@@ -73,3 +73,58 @@ def test_command_line_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
     assert f"{result['test']['error_rate']:7.2%}" in table
     with pytest.raises(SystemExit, match="error: file not found"):
         evaluate.main(["--model", str(tmp_path / "m"), "--val", str(tmp_path / "no.tsv"), "--test", str(test)])
+
+
+# ------------------------------------------------------------------------------ the OpenAI baseline
+
+from fake_openai import FakeOpenAI  # noqa: E402
+
+KEY = "sk-test-secret-key-0123456789"
+
+
+@pytest.fixture
+def openai_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    return tmp_path / "cache.sqlite"
+
+
+def test_openai_embedder_batches_retries_and_caches(openai_env):
+    texts = ["how do i cook rice", "", "how do i cook rice", "what is rice"] + [f"text {i}" for i in range(7)]
+    with FakeOpenAI(failures=[429, 500]) as server:
+        embedder = evaluate.OpenAIEmbedder("text-embedding-3-small", 32, server.base_url, openai_env)
+        vectors = embedder.encode(texts, batch_size=4)
+        assert [r["body"]["dimensions"] for r in server.requests] == [32] * 5  # 2 failed + 3 batches of <= 4
+        assert [len(r["body"]["input"]) for r in server.requests[2:]] == [4, 4, 2]  # 10 distinct texts
+        assert all(r["headers"]["authorization"] == f"Bearer {KEY}" for r in server.requests)
+        assert vectors.shape == (11, 32)
+        np.testing.assert_array_equal(vectors[0], vectors[2])
+        assert vectors[0] @ vectors[3] > vectors[0] @ vectors[4]  # shared words, higher cosine
+        n = len(server.requests)
+        again = evaluate.OpenAIEmbedder("text-embedding-3-small", 32, server.base_url, openai_env).encode(texts)
+        assert len(server.requests) == n                      # all from the cache
+        np.testing.assert_array_equal(again, vectors)
+        evaluate.OpenAIEmbedder("text-embedding-3-small", 16, server.base_url, openai_env).encode(texts[:1])
+        assert len(server.requests) == n + 1                  # another width is another cache key
+    assert KEY.encode() not in openai_env.read_bytes() and b"rice" not in openai_env.read_bytes()
+
+
+def test_openai_command_line_twice_sends_nothing_the_second_time(openai_env, tmp_path, capsys):
+    val = write_tsv(tmp_path / "val.tsv", synthetic_pairs(30, 1))
+    test = write_tsv(tmp_path / "test.tsv", synthetic_pairs(30, 2))
+    with FakeOpenAI() as server:
+        args = ["--model", "openai:text-embedding-3-small", "--dimensions", "256", "--base-url", server.base_url,
+                "--val", str(val), "--test", str(test), "--cache", str(openai_env), "--json", str(tmp_path / "r.json")]
+        evaluate.main(args)
+        first, n = (tmp_path / "r.json").read_text(), len(server.requests)
+        assert n > 0
+        evaluate.main(args)
+        assert len(server.requests) == n and (tmp_path / "r.json").read_text() == first
+    assert KEY not in capsys.readouterr().out + first
+
+
+def test_openai_without_a_key_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match="error: set OPENAI_API_KEY"):
+        evaluate.main(["--model", "openai:text-embedding-3-small", "--val", str(write_tsv(tmp_path / "v.tsv", [("a", "b", 1)])),
+                       "--test", str(tmp_path / "v.tsv")])
