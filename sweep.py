@@ -29,7 +29,7 @@ MODELS = ["BAAI/bge-base-en-v1.5", "sentence-transformers/all-mpnet-base-v2", "j
 SIZES = [100 * 2**i for i in range(11)] + [0]      # 100, 200, ..., 102,400, and 0 = the full training split
 DIMS = [256, 512]
 # Every other hyperparameter, fixed across the grid and recorded with each result.
-FIXED = {"epochs": 1, "batch_size": 32, "lr": 2e-5, "loss": "ocl", "max_length": 256, "seed": 0,
+FIXED = {"epochs": 1, "batch_size": 32, "lr": 5e-5, "loss": "ocl", "max_length": 256, "seed": 0,
          "val_size": 5000, "test_size": 10000, "save": False}
 NEEDS_REMOTE_CODE = {"jinaai/jina-embeddings-v2-small-en"}
 

@@ -55,7 +55,7 @@ class Config:
     scale: float = field(default=20.0, metadata={"help": "contrastive: inverse temperature"})
     epochs: int = 1
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})
-    lr: float = 2e-5
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate (chosen on validation, see README)"})
     weight_decay: float = 0.01
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warm-up"})
     max_grad_norm: float = 1.0
