@@ -45,6 +45,24 @@ class CosineSimilarityLoss(nn.Module):
         return F.mse_loss((a * b).sum(-1), labels.float())
 
 
+class CoSENTLoss(nn.Module):
+    """Rank every duplicate pair above every non-duplicate pair of the batch, by cosine.
+
+    log(1 + sum over (duplicate p, non-duplicate n) of exp(scale * (cos_n - cos_p))): a smooth
+    version of "one threshold separates the classes", which is exactly what threshold-tuned
+    classification needs. Su 2022, "CoSENT"; sentence-transformers' CoSENTLoss.
+    """
+
+    def __init__(self, scale: float = 20.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cosine = self.scale * (a * b).sum(-1)
+        wrong_way = (cosine[None, :] - cosine[:, None])[labels[:, None] > labels[None, :]]  # cos_n - cos_p
+        return torch.logsumexp(torch.cat([cosine.new_zeros(1), wrong_way]), 0)
+
+
 class OnlineContrastiveLoss(nn.Module):
     """Contrastive loss (Hadsell, Chopra & LeCun 2006) on the batch's hard pairs only.
 

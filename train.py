@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import data
 import evaluate
-from losses import CosineSimilarityLoss, InBatchContrastiveLoss, OnlineContrastiveLoss
+from losses import CoSENTLoss, CosineSimilarityLoss, InBatchContrastiveLoss, OnlineContrastiveLoss
 from model import Embedder, cpu_has_bf16
 
 
@@ -50,9 +50,9 @@ class Config:
     dataset_size: int = field(default=0, metadata={"help": "training pairs to sample (nested); 0 = all"})
     eval_size: int = field(default=0, metadata={"help": "evaluate on this many val and test pairs; 0 = all"})
     # optimisation
-    loss: str = field(default="ocl", metadata={"help": "ocl | contrastive | cosine (see losses.py)"})
+    loss: str = field(default="ocl", metadata={"help": "ocl | cosent | contrastive | cosine (see losses.py)"})
     margin: float = field(default=0.5, metadata={"help": "ocl: cosine-distance margin for non-duplicates"})
-    scale: float = field(default=20.0, metadata={"help": "contrastive: inverse temperature"})
+    scale: float = field(default=20.0, metadata={"help": "cosent, contrastive: inverse temperature"})
     epochs: int = 1
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})
     lr: float = field(default=5e-5, metadata={"help": "peak learning rate (chosen on validation, see README)"})
@@ -69,7 +69,8 @@ class Config:
     save: bool = field(default=True, metadata={"help": "write the fine-tuned model to --out (sweeps skip it)"})
 
 
-LOSSES = {"ocl": OnlineContrastiveLoss, "contrastive": InBatchContrastiveLoss, "cosine": CosineSimilarityLoss}
+LOSSES = {"ocl": OnlineContrastiveLoss, "cosent": CoSENTLoss, "contrastive": InBatchContrastiveLoss,
+          "cosine": CosineSimilarityLoss}
 
 
 # ---------------------------------------------------------------------------------------- set-up
@@ -153,7 +154,7 @@ def train(config: Config) -> dict:
 
     batches = data.TokenizedPairs(train_pairs, model.tokenizer, model.max_length)
     loss_fn = LOSSES[config.loss](**({"margin": config.margin} if config.loss == "ocl" else
-                                     {"scale": config.scale} if config.loss == "contrastive" else {}))
+                                     {"scale": config.scale} if config.loss in ("cosent", "contrastive") else {}))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = config.epochs * math.ceil(len(batches) / config.batch_size)
     warmup = max(1, int(config.warmup_ratio * total))

@@ -3,7 +3,7 @@
 Chosen on the validation error; test error is printed for the record, not for choosing.
 
     python benchmarks/losses.py --model DIR --data train.tsv.gz --val val.tsv.gz --test test.tsv.gz \\
-        --dataset-size 4000 --losses ocl contrastive cosine --lrs 2e-5
+        --dataset-size 4000 --losses ocl cosent contrastive cosine --lrs 5e-5
 """
 import argparse
 import sys
@@ -20,7 +20,7 @@ def main() -> None:
         parser.add_argument("--" + name, required=True)
     parser.add_argument("--dataset-size", type=int, default=4000)
     parser.add_argument("--dense-out-features", type=int, default=256)
-    parser.add_argument("--losses", nargs="+", default=["ocl", "contrastive", "cosine"])
+    parser.add_argument("--losses", nargs="+", default=["ocl", "cosent", "contrastive", "cosine"])
     parser.add_argument("--lrs", type=float, nargs="+", default=[2e-5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()

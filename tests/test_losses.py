@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import CosineSimilarityLoss, InBatchContrastiveLoss, OnlineContrastiveLoss
+from losses import CoSENTLoss, CosineSimilarityLoss, InBatchContrastiveLoss, OnlineContrastiveLoss
 
 
 def unit(*rows):
@@ -57,3 +57,13 @@ def test_in_batch_contrastive_loss_without_duplicates_is_zero_but_differentiable
     loss = InBatchContrastiveLoss()(a, B, torch.tensor([0, 0, 0]))
     loss.backward()
     assert loss.item() == 0.0 and a.grad is not None
+
+
+def test_cosent_loss_by_hand():
+    cosines = (A * B).sum(-1)                  # 1, 0, -1
+    labels = torch.tensor([1, 0, 1])           # duplicates at cos 1 and -1, a non-duplicate at 0
+    # wrong-way terms (non-duplicate minus duplicate): 0 - 1 and 0 - (-1)
+    expected = math.log(1 + math.exp(20 * (0 - 1)) + math.exp(20 * (0 + 1)))
+    assert CoSENTLoss(20.0)(A, B, labels).item() == pytest.approx(expected, rel=1e-5)
+    assert cosines.tolist() == pytest.approx([1, 0, -1], abs=1e-6)
+    assert CoSENTLoss()(A, B, torch.tensor([1, 1, 1])).item() == 0.0  # nothing to rank

@@ -31,7 +31,7 @@ def test_training_beats_zero_shot_and_writes_everything(tiny_model_dir, pair_fil
     assert reloaded.dim == 16
 
 
-@pytest.mark.parametrize("loss", ["contrastive", "cosine"])
+@pytest.mark.parametrize("loss", ["cosent", "contrastive", "cosine"])
 def test_every_loss_learns(tiny_model_dir, pair_files, tmp_path, loss):
     metrics = train.train(config_for(tiny_model_dir, pair_files, tmp_path, loss=loss))
     assert metrics["fine_tuned"]["val"]["roc_auc"] > metrics["zero_shot"]["val"]["roc_auc"] + 0.05
