@@ -40,7 +40,7 @@ def load_pairs(source: str, columns: tuple[str, str, str] | None = None,
     path = Path(source)
     if path.is_file():
         table = read_table(path)
-    elif path.suffix in LOCAL_SUFFIXES or "/" in source and not _looks_like_hub_id(source):
+    elif path.suffix in LOCAL_SUFFIXES or ("/" in source and not _looks_like_hub_id(source)):
         raise DataError(f"file not found: {source}")
     else:
         table = read_hub(source, hub_config, hub_split)

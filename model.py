@@ -56,7 +56,7 @@ class Embedder(nn.Module):
                         max_length: int = 256, trust_remote_code: bool = False) -> "Embedder":
         """A pretrained encoder from the hub or a local folder, with a fresh projection if asked."""
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        encoder = load_encoder(name_or_path, trust_remote_code)
+        encoder = load_encoder(name_or_path, trust_remote_code, safetensors_only=False)
         max_length = min(max_length, tokenizer.model_max_length,
                          getattr(encoder.config, "max_position_embeddings", max_length))
         return cls(encoder, tokenizer, dense_out_features, max_length, trust_remote_code)
@@ -67,7 +67,7 @@ class Embedder(nn.Module):
         directory = Path(directory)
         config = json.loads((directory / CONFIG_FILE).read_text())
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=config["trust_remote_code"])
-        encoder = load_encoder(directory, config["trust_remote_code"])
+        encoder = load_encoder(directory, config["trust_remote_code"], safetensors_only=True)
         embedder = cls(encoder, tokenizer, config["dense_out_features"], config["max_length"],
                        config["trust_remote_code"])
         if embedder.projection is not None:
@@ -123,9 +123,9 @@ class Embedder(nn.Module):
         return vectors[[row[t] for t in texts]]
 
 
-def load_encoder(name_or_path: str | Path, trust_remote_code: bool) -> nn.Module:
+def load_encoder(name_or_path: str | Path, trust_remote_code: bool, safetensors_only: bool) -> nn.Module:
     """AutoModel with PyTorch's fused SDPA attention where the architecture supports it."""
-    kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=None if trust_remote_code else True)
+    kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=True if safetensors_only else None)
     try:
         return AutoModel.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError):  # this architecture has no SDPA path: use its own attention

@@ -190,9 +190,10 @@ def train(config: Config) -> dict:
                 tqdm.write(f"epoch {epoch + 1}: val error {val_error:.2%}")
     except KeyboardInterrupt:  # keep what was learned so far, then stop
         bar.close()
-        model.save(out)
+        if config.save:
+            model.save(out)
         write_json(out / "metrics.json", metrics | {"interrupted_at_step": step, "total_steps": total})
-        print(f"\ninterrupted at step {step}/{total}: model saved to {out}, no fine-tuned evaluation")
+        print(f"\ninterrupted at step {step}/{total}: model (if --save) and metrics in {out}; no fine-tuned evaluation")
         raise
     bar.close()
     seconds = time.perf_counter() - started

@@ -98,3 +98,21 @@ def test_real_minilm_on_quora_beats_zero_shot(minilm_dir, tmp_path):
     zero_shot, fine_tuned = metrics["zero_shot"]["test"], metrics["fine_tuned"]["test"]
     assert zero_shot["n_pairs"] == 10003
     assert fine_tuned["error_rate"] < zero_shot["error_rate"] - 0.005, (zero_shot, fine_tuned)
+
+
+def test_interrupt_keeps_the_model_and_the_zero_shot_metrics(tiny_model_dir, pair_files, tmp_path, monkeypatch):
+    calls = []
+
+    class InterruptedLoss(train.OnlineContrastiveLoss):
+        def forward(self, a, b, labels):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return super().forward(a, b, labels)
+
+    monkeypatch.setitem(train.LOSSES, "ocl", InterruptedLoss)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config_for(tiny_model_dir, pair_files, tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["interrupted_at_step"] == 2 and "fine_tuned" not in metrics and "val" in metrics["zero_shot"]
+    assert Embedder.load(tmp_path).dim == 16
