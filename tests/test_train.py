@@ -98,6 +98,9 @@ def test_real_minilm_on_quora_beats_zero_shot(minilm_dir, tmp_path):
     zero_shot, fine_tuned = metrics["zero_shot"]["test"], metrics["fine_tuned"]["test"]
     assert zero_shot["n_pairs"] == 10003
     assert fine_tuned["error_rate"] < zero_shot["error_rate"] - 0.005, (zero_shot, fine_tuned)
+    # The saved model is the trained one: evaluated again from disk, it gives the same numbers.
+    val, test = train.load_splits(config)[1:]
+    assert train.evaluate.evaluate(Embedder.load(tmp_path), val, test) == metrics["fine_tuned"]
 
 
 def test_interrupt_keeps_the_model_and_the_zero_shot_metrics(tiny_model_dir, pair_files, tmp_path, monkeypatch):
