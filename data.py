@@ -185,13 +185,22 @@ class TokenizedPairs:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[dict, "torch.Tensor"]]:
-        """Shuffled batches of B pairs as (features of the 2B texts [all text1, then all text2], labels)."""
+    def batches(self, batch_size: int, rng: np.random.Generator,
+                length_groups: int = 1) -> Iterator[tuple[list[dict], "torch.Tensor", "torch.Tensor"]]:
+        """Shuffled batches of B pairs as (feature groups, restore, labels).
+
+        The batch's 2B texts (all first texts, then all second texts) are sorted by length and cut
+        into `length_groups` groups, each padded only to its own longest text: Quora questions vary
+        in length, and one group pads about 2.8x the real tokens where four groups pad 1.4x.
+        `torch.cat(embeddings of the groups)[restore]` puts the embeddings back in batch order.
+        """
         import torch
         order = rng.permutation(len(self))
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             text_ids = np.concatenate([self.pairs[chosen, 0], self.pairs[chosen, 1]])
-            features = self.tokenizer.pad({"input_ids": [self.input_ids[i] for i in text_ids]},
-                                          return_tensors="pt")  # pads to the longest text in this batch
-            yield dict(features), torch.from_numpy(self.labels[chosen])
+            by_length = np.argsort([len(self.input_ids[i]) for i in text_ids], kind="stable")
+            groups = [self.tokenizer.pad({"input_ids": [self.input_ids[i] for i in text_ids[group]]},
+                                         return_tensors="pt")
+                      for group in np.array_split(by_length, min(length_groups, len(by_length)))]
+            yield [dict(g) for g in groups], torch.from_numpy(np.argsort(by_length)), torch.from_numpy(self.labels[chosen])

@@ -55,6 +55,7 @@ class Config:
     scale: float = field(default=20.0, metadata={"help": "cosent, contrastive: inverse temperature"})
     epochs: int = 1
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})
+    length_groups: int = field(default=4, metadata={"help": "forward passes per step, texts grouped by length to pad less"})
     lr: float = field(default=5e-5, metadata={"help": "peak learning rate (chosen on validation, see README)"})
     weight_decay: float = 0.01
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warm-up"})
@@ -169,11 +170,11 @@ def train(config: Config) -> dict:
     started, seen, step = time.perf_counter(), 0, 0
     try:
         for epoch in range(config.epochs):
-            for features, labels in batches.batches(config.batch_size, rng):
-                features, labels = {k: v.to(device) for k, v in features.items()}, labels.to(device)
+            for groups, restore, labels in batches.batches(config.batch_size, rng, config.length_groups):
                 with autocast:
-                    embeddings = model(**features)
-                first, second = embeddings.float().chunk(2)
+                    embeddings = torch.cat([model(**{k: v.to(device) for k, v in g.items()}) for g in groups])
+                first, second = embeddings[restore.to(device)].float().chunk(2)
+                labels = labels.to(device)
                 loss = loss_fn(first, second, labels)  # losses run in fp32, outside autocast
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

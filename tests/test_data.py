@@ -103,18 +103,22 @@ def test_subsample_is_seeded_and_nested():
 
 # ------------------------------------------------------------------------------------------ batching
 
-def test_batches_cover_every_pair_once_with_dynamic_padding(tiny_model_dir):
+@pytest.mark.parametrize("groups", [1, 3])
+def test_batches_cover_every_pair_once_with_dynamic_padding(tiny_model_dir, groups):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs = [("the t1a", "t1b of the a how", 1), ("t2a", "t3a", 0), ("what t4a", "t4b", 1), ("i t5a", "t1a", 0),
              ("t1a", "t9b", 0)]
     tokenized = data.TokenizedPairs(pairs, tokenizer, max_length=5)
     assert len(tokenized.input_ids) == 9  # distinct texts are tokenised once
     seen = []
-    for features, labels in tokenized.batches(2, np.random.default_rng(0)):
-        ids, mask = features["input_ids"], features["attention_mask"]
-        assert ids.shape == mask.shape and ids.shape[0] == 2 * len(labels)
-        assert mask.sum(1).max() == ids.shape[1] <= 5  # padded to the longest, truncated at max_length
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    for features, restore, labels in tokenized.batches(2, np.random.default_rng(0), groups):
+        texts = []
+        for group in features:
+            ids, mask = group["input_ids"], group["attention_mask"]
+            assert ids.shape == mask.shape and mask.sum(1).max() == ids.shape[1] <= 5  # padded to its longest
+            texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
+        assert len(features) == min(groups, 2 * len(labels))
+        texts = [texts[i] for i in restore]
         half = len(labels)
         seen += [(a, b, int(y)) for a, b, y in zip(texts[:half], texts[half:], labels)]
     assert sorted(seen) == sorted((a, b if b != "t1b of the a how" else "t1b of the", y) for a, b, y in pairs)

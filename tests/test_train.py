@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import needs_shared, write_tsv, SHARED
@@ -43,6 +44,19 @@ def test_same_seed_same_result_on_cpu(tiny_model_dir, pair_files, tmp_path):
     assert runs[0]["fine_tuned"] == runs[1]["fine_tuned"]
     weights = [Embedder.load(tmp_path / str(i)).projection.weight for i in range(3)]
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+def test_length_groups_give_the_same_embeddings_as_one_padded_batch(tiny_model_dir):
+    model = Embedder.from_pretrained(str(tiny_model_dir), 16).eval()  # eval: no dropout to differ
+    words = "how do i cook t1a t2b t3c what is the best way of".split()
+    pairs = [(" ".join(words[: 1 + i % 12]), " ".join(words[i % 5:]), i % 2) for i in range(8)]  # many lengths
+    tokenized = train.data.TokenizedPairs(pairs, model.tokenizer, 64)
+    (one,), restore_one, _ = next(tokenized.batches(8, np.random.default_rng(0), length_groups=1))
+    groups, restore, _ = next(tokenized.batches(8, np.random.default_rng(0), length_groups=4))
+    with torch.no_grad():
+        grouped = torch.cat([model(**g) for g in groups])[restore]
+        assert torch.allclose(model(**one)[restore_one], grouped, atol=1e-5)
+    assert sum(g["input_ids"].numel() for g in groups) < one["input_ids"].numel()
 
 
 def test_freeze_encoder_trains_only_the_projection(tiny_model_dir, pair_files, tmp_path):
