@@ -183,11 +183,11 @@ def load_encoder(model: str, dimensions: int | None = None, base_url: str | None
 
 def format_table(results: dict[str, dict]) -> str:
     """One row per (model, split): the numbers a reader compares first."""
-    lines = [f"{'':28} {'split':5} {'error':>7} {'F1':>6} {'AP':>6} {'AUC':>6} {'thresh':>7} {'pairs':>6}"]
+    lines = [f"{'model':36} {'split':5} {'error':>7} {'F1':>6} {'AP':>6} {'AUC':>6} {'thresh':>7} {'pairs':>6}"]
     for name, result in results.items():
         for split, m in result.items():
             ap, auc = (f"{m[k]:.3f}" if m[k] is not None else "-" for k in ("average_precision", "roc_auc"))
-            lines.append(f"{name[-28:]:28} {split:5} {m['error_rate']:7.2%} {m['f1']:6.3f} {ap:>6} {auc:>6} "
+            lines.append(f"{name[-36:]:36} {split:5} {m['error_rate']:7.2%} {m['f1']:6.3f} {ap:>6} {auc:>6} "
                          f"{m['threshold']:7.3f} {m['n_pairs']:6d}")
     return "\n".join(lines)
 

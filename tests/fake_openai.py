@@ -22,7 +22,7 @@ def bag_of_words(text: str, dimensions: int) -> list[float]:
 
 
 class FakeOpenAI:
-    def __init__(self, failures: list[int] | None = None, port: int = 0):
+    def __init__(self, failures: list[int] | None = None, port: int = 0, verbose: bool = False):
         self.failures = list(failures or [])   # statuses to answer with, in order, before succeeding
         self.requests: list[dict] = []         # every request received: path, headers, body
         server = self
@@ -53,8 +53,9 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(raw)
 
-            def log_message(self, *args):
-                pass
+            def log_message(self, format, *args):
+                if verbose:  # one line per request, numbered, so a rerun that sends none is visible
+                    print(f"request {len(server.requests)}: {format % args}", flush=True)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -75,7 +76,7 @@ class FakeOpenAI:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8765)
-    fake = FakeOpenAI(port=parser.parse_args().port)
+    fake = FakeOpenAI(port=parser.parse_args().port, verbose=True)
     print(f"serving the OpenAI embeddings API on {fake.base_url} (Ctrl-C to stop)", flush=True)
     try:
         fake.httpd.serve_forever()
