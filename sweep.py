@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -188,14 +189,17 @@ def plot(results: list[dict], figure: Path, title: str = "") -> None:
         for j, base in enumerate(r for r in results if "baseline" in r):
             ax.axhline(100 * base["test"]["error_rate"], color=f"C{j + 5}", ls="--",
                        label=f"{base['baseline']}, {base['dimensions']}-d")
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        sizes = sorted({r["training"]["pairs"] for r in runs if r["config"]["model"] == name})
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes], rotation=45, fontsize=8)
+        ax.minorticks_off()
         ax.set_xlabel("training pairs")
         ax.set_ylabel("test error rate (%)")
         ax.set_title(Path(name).name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(textwrap.fill(title, 45 * max(1, len(models))), fontsize=10)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=120)
