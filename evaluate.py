@@ -99,13 +99,16 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
             "roc_auc": roc_auc(scores, labels), "threshold": threshold, "n_pairs": len(labels)}
 
 
-def evaluate(encoder: Encoder, val: list[data.Pair], test: list[data.Pair], batch_size: int = 128) -> dict:
+def evaluate(encoder: Encoder, val: list[data.Pair], test: list[data.Pair] | None = None,
+             batch_size: int = 128) -> dict:
     """{"val": metrics, "test": metrics}, the threshold tuned on val (so val numbers are optimistic)."""
-    val_scores, test_scores = cosine_scores(encoder, val, batch_size), cosine_scores(encoder, test, batch_size)
-    val_labels, test_labels = (np.array([y for _, _, y in p]) for p in (val, test))
+    val_scores, val_labels = cosine_scores(encoder, val, batch_size), np.array([y for _, _, y in val])
     threshold = best_threshold(val_scores, val_labels)
-    return {"val": classification_metrics(val_scores, val_labels, threshold),
-            "test": classification_metrics(test_scores, test_labels, threshold)}
+    result = {"val": classification_metrics(val_scores, val_labels, threshold)}
+    if test is not None:
+        test_scores, test_labels = cosine_scores(encoder, test, batch_size), np.array([y for _, _, y in test])
+        result["test"] = classification_metrics(test_scores, test_labels, threshold)
+    return result
 
 
 # ------------------------------------------------------------------------------ the OpenAI baseline

@@ -70,8 +70,12 @@ class Config:
     save: bool = field(default=True, metadata={"help": "write the fine-tuned model to --out (sweeps skip it)"})
 
 
-LOSSES = {"ocl": OnlineContrastiveLoss, "cosent": CoSENTLoss, "contrastive": InBatchContrastiveLoss,
-          "cosine": CosineSimilarityLoss}
+LOSSES = {  # --loss name -> the loss, built from the config
+    "ocl": lambda c: OnlineContrastiveLoss(c.margin),
+    "cosent": lambda c: CoSENTLoss(c.scale),
+    "contrastive": lambda c: InBatchContrastiveLoss(c.scale),
+    "cosine": lambda c: CosineSimilarityLoss(),
+}
 
 
 # ---------------------------------------------------------------------------------------- set-up
@@ -154,8 +158,7 @@ def train(config: Config) -> dict:
     write_json(out / "metrics.json", metrics)
 
     batches = data.TokenizedPairs(train_pairs, model.tokenizer, model.max_length)
-    loss_fn = LOSSES[config.loss](**({"margin": config.margin} if config.loss == "ocl" else
-                                     {"scale": config.scale} if config.loss in ("cosent", "contrastive") else {}))
+    loss_fn = LOSSES[config.loss](config)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = config.epochs * math.ceil(len(batches) / config.batch_size)
     warmup = max(1, int(config.warmup_ratio * total))
@@ -187,7 +190,7 @@ def train(config: Config) -> dict:
                 bar.set_postfix(loss=f"{loss.item():.4f}", pairs_per_s=f"{seen / (time.perf_counter() - started):.1f}")
                 bar.update()
             if config.eval_every_epoch and epoch + 1 < config.epochs:
-                val_error = evaluate.evaluate(model, val, val, config.eval_batch_size)["val"]["error_rate"]
+                val_error = evaluate.evaluate(model, val, batch_size=config.eval_batch_size)["val"]["error_rate"]
                 tqdm.write(f"epoch {epoch + 1}: val error {val_error:.2%}")
     except KeyboardInterrupt:  # keep what was learned so far, then stop
         bar.close()

@@ -39,7 +39,8 @@ def sweep_args(tiny_model_dir, pair_files, tmp_path):
 def test_objective_runs_locally(tiny_model_dir, pair_files, tmp_path):
     config = sweep.grid([str(tiny_model_dir)], [32], [8], data=str(pair_files["train"]), val=str(pair_files["val"]),
                         test=str(pair_files["test"]), device="cpu")[0]
-    result = sweep.objective.local(config, str(tmp_path))
+    with pytest.warns(UserWarning, match="executing locally"):  # Modal: no volume outside a container
+        result = sweep.objective.local(config, str(tmp_path))
     assert result["training"]["pairs"] == 32 and result["config"] == config
     assert (tmp_path / result["key"] / "metrics.json").is_file()
 

@@ -32,6 +32,13 @@ def test_training_beats_zero_shot_and_writes_everything(tiny_model_dir, pair_fil
     assert reloaded.dim == 16
 
 
+def test_eval_every_epoch_reports_validation_error(tiny_model_dir, pair_files, tmp_path, capsys):
+    train.train(config_for(tiny_model_dir, pair_files, tmp_path, epochs=3, eval_every_epoch=True, save=False))
+    out = capsys.readouterr().out
+    assert "epoch 1: val error" in out and "epoch 2: val error" in out and "epoch 3:" not in out
+    assert not (tmp_path / "model.safetensors").exists()  # --no-save
+
+
 @pytest.mark.parametrize("loss", ["cosent", "contrastive", "cosine"])
 def test_every_loss_learns(tiny_model_dir, pair_files, tmp_path, loss):
     metrics = train.train(config_for(tiny_model_dir, pair_files, tmp_path, loss=loss))
@@ -127,7 +134,7 @@ def test_interrupt_keeps_the_model_and_the_zero_shot_metrics(tiny_model_dir, pai
                 raise KeyboardInterrupt
             return super().forward(a, b, labels)
 
-    monkeypatch.setitem(train.LOSSES, "ocl", InterruptedLoss)
+    monkeypatch.setitem(train.LOSSES, "ocl", lambda config: InterruptedLoss())
     with pytest.raises(KeyboardInterrupt):
         train.train(config_for(tiny_model_dir, pair_files, tmp_path))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
