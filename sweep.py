@@ -72,7 +72,7 @@ image = (
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0", "numpy==2.4.6",
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "einops==0.8.2")
     .env({"HF_HOME": "/cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("data", "model", "losses", "train", "evaluate", "sweep")
+    .add_local_python_source("data", "model", "losses", "train", "evaluate")  # sweep.py itself is added by Modal
 )
 volume = modal.Volume.from_name("embed-ft-sweep", create_if_missing=True)
 
