@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-size", type=int, default=0, help="evaluate on this many val/test pairs; 0 = all")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", default="results/sweep.jsonl")
+    parser.add_argument("--runs", default="runs", help="each run's metrics.json goes in RUNS/KEY/")
     parser.add_argument("--figure", help="default: the results path with .png")
     parser.add_argument("--title", default="", help="figure title (say which device ran it)")
     parser.add_argument("--openai-model", default="", help="also evaluate this OpenAI baseline")
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     todo = pending(configs, results)
     print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done, running {len(todo)}")
     for config in todo:
-        record(run_config(config, "runs"), results)
+        record(run_config(config, args.runs), results)
     if args.openai_model:
         try:
             run_baseline(configs[0], args.openai_model, args.dims, results, args.base_url)

@@ -33,7 +33,7 @@ def test_modal_app_declares_function_gpu_image_and_volume():
 def sweep_args(tiny_model_dir, pair_files, tmp_path):
     return ["--models", str(tiny_model_dir), "--sizes", "32", "96", "--dims", "8", "16",
             "--data", str(pair_files["train"]), "--val", str(pair_files["val"]), "--test", str(pair_files["test"]),
-            "--device", "cpu", "--results", str(tmp_path / "r.jsonl")]
+            "--device", "cpu", "--results", str(tmp_path / "r.jsonl"), "--runs", str(tmp_path / "runs")]
 
 
 def test_objective_runs_locally(tiny_model_dir, pair_files, tmp_path):
@@ -52,6 +52,7 @@ def test_local_sweep_writes_results_and_figure_and_skips_what_is_done(sweep_args
         (32, 8), (32, 16), (96, 8), (96, 16)]
     assert all(r["fine_tuned"]["test"]["n_pairs"] == 96 for r in rows)
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 4
     monkeypatch.setattr(train, "train", lambda config: pytest.fail("a finished configuration ran again"))
     sweep.main(["--local"] + sweep_args)
     assert "4 configurations, 4 already done, running 0" in capsys.readouterr().out
