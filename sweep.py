@@ -64,7 +64,7 @@ def run_config(config: dict, out_root: str) -> dict:
 
 # -------------------------------------------------------------------------------------------- Modal
 # The image pins what the containers run; the project's modules travel with it. The volume keeps the
-# Hugging Face downloads between containers (each model is fetched once) and a copy of each result.
+# Hugging Face downloads between containers (each model is fetched once) and each run's metrics.json.
 
 app = modal.App("embed-ft-sweep")
 image = (
