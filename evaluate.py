@@ -30,12 +30,9 @@ class Encoder(Protocol):
 
 def cosine_scores(encoder: Encoder, pairs: list[data.Pair], batch_size: int = 128) -> np.ndarray:
     """The cosine similarity of each pair (embeddings are unit length, so a dot product)."""
-    texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
-    vectors = encoder.encode(texts, batch_size=batch_size)
-    row = {t: i for i, t in enumerate(texts)}
-    first = vectors[[row[a] for a, _, _ in pairs]]
-    second = vectors[[row[b] for _, b, _ in pairs]]
-    return (first * second).sum(1)
+    # Every text, pair by pair (a1, b1, a2, b2, ...); the encoders embed each distinct text once.
+    vectors = encoder.encode([t for a, b, _ in pairs for t in (a, b)], batch_size=batch_size)
+    return (vectors[0::2] * vectors[1::2]).sum(1)
 
 
 def _cuts(scores: np.ndarray, labels: np.ndarray):
@@ -74,14 +71,9 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(scores, kind="stable")
-    s = scores[order]
-    ranks = np.empty(len(s))
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    ends = np.r_[starts[1:], len(s)]
-    for start, end in zip(starts, ends):           # tied scores share their average rank
-        ranks[start:end] = (start + end + 1) / 2
-    rank_sum = ranks[labels[order] == 1].sum()
+    _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[group]  # 1-based; tied scores share their average rank
+    rank_sum = ranks[labels == 1].sum()
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

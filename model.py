@@ -98,8 +98,10 @@ class Embedder(nn.Module):
         return F.normalize(embeddings.float(), dim=-1)
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], batch_size: int = 128, progress: bool | None = None) -> np.ndarray:
-        """Texts to a float32 array (n, dim) of unit-length rows.
+    def encode(self, texts: list[str], batch_size: int = 128, progress: bool | None = None,
+               bf16: bool | None = None) -> np.ndarray:
+        """Texts to a float32 array (n, dim) of unit-length rows; in bf16 where the hardware has it
+        (`bf16=None`), or as asked.
 
         Each distinct text is embedded once, and texts are batched longest first, so a batch holds
         texts of similar length and pads little (and an out-of-memory shows up at the first batch).
@@ -115,7 +117,7 @@ class Embedder(nn.Module):
         for start in tqdm(starts, desc="encode", unit="batch", disable=not show, leave=False):
             chosen = order[start:start + batch_size]
             features = self.tokenizer.pad({"input_ids": [input_ids[i] for i in chosen]}, return_tensors="pt")
-            with autocast_for(self.device):
+            with autocast_for(self.device, bf16):
                 batch = self(**{k: v.to(self.device) for k, v in features.items()})
             vectors[chosen] = batch.float().cpu().numpy()
         self.train(was_training)
@@ -138,9 +140,11 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for inference on CUDA and on CPUs with bf16 units, else full precision."""
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+def autocast_for(device: torch.device, bf16: bool | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast for inference; by default on CUDA and on CPUs with bf16 units."""
+    if bf16 is None:
+        bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    if bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

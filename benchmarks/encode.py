@@ -15,8 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import model as model_lib  # noqa: E402
-from model import Embedder  # noqa: E402
+from model import Embedder, cpu_has_bf16  # noqa: E402
 
 
 def naive_encode(embedder: Embedder, texts: list[str], batch_size: int) -> np.ndarray:
@@ -40,13 +39,11 @@ def main() -> None:
     args = parser.parse_args()
     texts = [t for a, b, _ in data.load_pairs(args.texts) for t in (a, b)][: args.n]
     embedder = Embedder.from_pretrained(args.model).eval()
-    has_bf16 = model_lib.cpu_has_bf16()
+    has_bf16 = cpu_has_bf16()
     variants = {"naive loop, fp32": lambda: naive_encode(embedder, texts, args.batch_size)}
     for precision in (["fp32", "bf16"] if has_bf16 else ["fp32"]):
-        def run(precision=precision):
-            model_lib.cpu_has_bf16 = lambda: precision == "bf16"  # encode() autocasts on bf16 CPUs
-            return embedder.encode(texts, args.batch_size, progress=False)
-        variants[f"Embedder.encode, {precision}"] = run
+        variants[f"Embedder.encode, {precision}"] = (
+            lambda bf16=precision == "bf16": embedder.encode(texts, args.batch_size, progress=False, bf16=bf16))
     reference = variants["naive loop, fp32"]()
     print(f"{len(texts)} texts ({len(set(texts))} distinct), batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")

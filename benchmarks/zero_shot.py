@@ -7,17 +7,18 @@ nn.Linear is shown for contrast), and does bf16 inference change the numbers?
     python benchmarks/zero_shot.py --model DIR --val val.tsv.gz --test test.tsv.gz --dims 0 256
 """
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
-import model as model_lib  # noqa: E402
-from model import Embedder  # noqa: E402
+from model import Embedder, cpu_has_bf16  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[0, 256])
     args = parser.parse_args()
     val, test = data.load_pairs(args.val), data.load_pairs(args.test)
-    bf16_available = model_lib.cpu_has_bf16()
+    bf16_available = cpu_has_bf16()
     print(f"{'projection':24} {'precision':9} {'val error':>9} {'test error':>10} {'test AUC':>8} {'seconds':>8}")
     for dim in args.dims:
         for init in (["orthogonal", "default"] if dim else ["none"]):
@@ -37,9 +38,9 @@ def main() -> None:
             if init == "default":
                 embedder.projection.reset_parameters()  # nn.Linear's own (Kaiming-uniform) init
             for precision in ["fp32", "bf16"] if bf16_available else ["fp32"]:
-                model_lib.cpu_has_bf16 = lambda: precision == "bf16"  # encode() autocasts on bf16 CPUs
+                encoder = SimpleNamespace(encode=functools.partial(embedder.encode, bf16=precision == "bf16"))
                 start = time.perf_counter()
-                result = evaluate.evaluate(embedder, val, test)
+                result = evaluate.evaluate(encoder, val, test)
                 seconds = time.perf_counter() - start
                 label = f"{init} {dim}" if dim else "none"
                 print(f"{label:24} {precision:9} {result['val']['error_rate']:9.2%} "

@@ -62,3 +62,9 @@ def test_no_projection_roundtrip(tiny_model_dir, tmp_path):
     loaded = Embedder.load(tmp_path)
     assert loaded.projection is None and loaded.max_length == 8
     np.testing.assert_array_equal(loaded.encode(TEXTS), embedder.encode(TEXTS))
+
+
+def test_encode_precision_can_be_forced(embedder):
+    fp32, bf16 = embedder.encode(TEXTS, bf16=False), embedder.encode(TEXTS, bf16=True)
+    assert not np.array_equal(fp32, bf16)
+    np.testing.assert_allclose(fp32, bf16, atol=2e-2)
