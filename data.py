@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
 import random
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
+
+from cli import InputError
 
 Pair = tuple[str, str, int]
 
@@ -28,74 +31,142 @@ KNOWN_COLUMNS = [
 LOCAL_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".gz")
 
 
-class DataError(ValueError):
-    """Bad input data. The command-line tools print its message on one line, not a traceback."""
-
-
 # ---------------------------------------------------------------------------------------- loading
 
 def load_pairs(source: str, columns: tuple[str, str, str] | None = None,
                hub_config: str = "pair-class", hub_split: str = "train") -> list[Pair]:
-    """Read labelled pairs from a local file or, if `source` is no file, a Hugging Face dataset."""
+    """Labelled pairs from a local file or, if `source` is no file, a Hugging Face dataset. Pairs
+    with an empty text, or of a text with itself, teach nothing: they are dropped, and counted."""
     path = Path(source)
     if path.is_file():
-        table = read_table(path)
+        rows, label_column = read_file(path, columns)
     elif path.suffix in LOCAL_SUFFIXES or ("/" in source and not _looks_like_hub_id(source)):
-        raise DataError(f"file not found: {source}")
+        raise InputError(f"file not found: {source}")
     else:
-        table = read_hub(source, hub_config, hub_split)
-    return table_to_pairs(table, columns, source)
+        rows, label_column = read_hub(source, columns, hub_config, hub_split)
+    return drop_useless(to_pairs(rows, label_column, source), source)
 
 
 def _looks_like_hub_id(source: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not source.startswith(".")
 
 
-def read_table(path: Path) -> dict[str, list]:
-    """A local file as {column: values}. CSV/TSV (optionally .gz), JSONL or Parquet."""
+def read_file(path: Path, columns: tuple[str, str, str] | None) -> tuple[list[tuple], str]:
+    """The (text1, text2, label) columns of a CSV/TSV (optionally .gz), JSONL or Parquet file, and
+    the label column's name. Only those three columns are kept in memory."""
     name = path.name.removesuffix(".gz")
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pydict()
+        table = pq.read_table(path).to_pydict()
+        return select(itertools.chain([list(table)], zip(*table.values())), columns, str(path))
+    if not name.endswith((".jsonl", ".json", ".tsv", ".csv")):
+        raise InputError(f"unknown file type: {path} (use .csv, .tsv, .jsonl or .parquet, optionally .gz)")
+    with open_text(path) as f:
+        try:
+            rows = (json_rows(f, path) if name.endswith((".jsonl", ".json"))
+                    else delimited_rows(f, path, "\t" if name.endswith(".tsv") else ","))
+            return select(rows, columns, str(path))
+        except UnicodeDecodeError:
+            raise InputError(describe_bad_utf8(path)) from None
+        except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+            raise InputError(f"{path}: cannot read it ({e})") from None
+
+
+def select(rows: Iterator, columns: tuple[str, str, str] | None, source: str) -> tuple[list[tuple], str]:
+    """From a header row and data rows, the three pair columns of each row."""
+    header = next(rows, None)
+    if header is None:
+        raise InputError(f"no rows in {source}")
+    wanted = pick_columns(list(header), columns, source)
+    i, j, k = (list(header).index(c) for c in wanted)
+    picked = [(row[i], row[j], row[k]) for row in rows]
+    if not picked:
+        raise InputError(f"no rows in {source}")
+    return picked, wanted[2]
+
+
+def open_text(path: Path):
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        if name.endswith((".jsonl", ".json")):
-            rows = [json.loads(line) for line in f if line.strip()]
-        elif name.endswith((".tsv", ".csv")):
-            rows = list(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","))
-        else:
-            raise DataError(f"unknown file type: {path} (use .csv, .tsv, .jsonl or .parquet, optionally .gz)")
-    if not rows:
-        raise DataError(f"no rows in {path}")
-    return {key: [row.get(key) for row in rows] for key in rows[0]}
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
 
 
-def read_hub(name: str, config: str, split: str) -> dict[str, list]:
-    """A Hugging Face dataset split as {column: values}."""
+def delimited_rows(f, path: Path, delimiter: str) -> Iterator[list[str]]:
+    """The header, then each row, checked to have as many fields as the header."""
+    reader = csv.reader(f, delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return
+    yield header
+    for row in reader:
+        if len(row) != len(header) and row:  # a blank line is no row
+            raise InputError(f"{path} line {reader.line_num}: {len(row)} field(s) where the header has "
+                             f"{len(header)}; a stray {'tab' if delimiter == chr(9) else 'comma'} or quote?")
+        if row:
+            yield row
+
+
+def json_rows(f, path: Path) -> Iterator[list]:
+    """JSON Lines: the first object's keys as the header, then each object's values in that order."""
+    header = None
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path} line {number}: expected a JSON object, found {type(row).__name__}")
+        if header is None:
+            header = list(row)
+            yield header
+        yield [row.get(key) for key in header]
+
+
+def describe_bad_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8: read its raw bytes again to name the line and byte."""
+    raw = (gzip.open if path.name.endswith(".gz") else open)(path, "rb").read()
+    try:
+        raw.decode("utf-8")
+        return f"{path} is not UTF-8 text"
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return (f"{path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line} (byte {e.start} of the "
+                f"{'uncompressed ' if path.name.endswith('.gz') else ''}file); re-save it as UTF-8")
+
+
+def read_hub(name: str, columns: tuple[str, str, str] | None, config: str, split: str) -> tuple[list[tuple], str]:
+    """The pair columns of a Hugging Face dataset split, as `read_file` gives them."""
     from datasets import load_dataset
     try:
         dataset = load_dataset(name, config, split=split)
     except Exception as e:  # network, unknown name or config: one line is enough for the user
-        raise DataError(f"could not load '{name}' ({config}, {split}) from the Hugging Face hub: {e}") from e
-    return dataset.to_dict()
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"could not load '{name}' ({config}, {split}) from the Hugging Face hub "
+                         f"(offline, or no such dataset?): {first_line}") from e
+    table = dataset.to_dict()
+    return select(itertools.chain([list(table)], zip(*table.values())), columns, name)
 
 
-def table_to_pairs(table: dict[str, list], columns: tuple[str, str, str] | None, source: str) -> list[Pair]:
-    """Pick the text and label columns and check that every label is 0 or 1."""
-    found = list(table)
+def pick_columns(found: list[str], columns: tuple[str, str, str] | None, source: str) -> tuple[str, str, str]:
+    """The (text1, text2, label) column names: as given, or the first known triple present."""
     if columns is None:
         columns = next((c for c in KNOWN_COLUMNS if set(c) <= set(found)), None)
         if columns is None:
-            raise DataError(f"{source}: no known pair columns; found {found}; name them with --columns TEXT1,TEXT2,LABEL")
-    missing = [c for c in columns if c not in table]
+            raise InputError(f"{source}: no known pair columns; found {found}; name them with --columns TEXT1,TEXT2,LABEL")
+    missing = [c for c in columns if c not in found]
     if missing:
-        raise DataError(f"{source}: missing columns {missing}; found {found}")
-    text1, text2, label = (table[c] for c in columns)
-    labels = [parse_label(y) for y in label]
-    bad = sorted({str(y) for y, parsed in zip(label, labels) if parsed is None})
+        raise InputError(f"{source}: missing columns {missing}; found {found}")
+    return columns
+
+
+def to_pairs(rows: list[tuple], label_column: str, source: str) -> list[Pair]:
+    """(text1, text2, label) rows as pairs, checking that every label is 0 or 1."""
+    labels = [parse_label(y) for _, _, y in rows]
+    bad = sorted({str(row[2]) for row, parsed in zip(rows, labels) if parsed is None})
     if bad:
-        raise DataError(f"{source}: labels must be 0 or 1; column '{columns[2]}' also holds {bad[:5]}")
-    return [(str(a or ""), str(b or ""), y) for a, b, y in zip(text1, text2, labels)]
+        raise InputError(f"{source}: labels must be 0 or 1; column '{label_column}' also holds {bad[:5]}")
+    return [(str(a or ""), str(b or ""), y) for (a, b, _), y in zip(rows, labels)]
 
 
 def parse_label(value) -> int | None:
@@ -110,6 +181,18 @@ def parse_label(value) -> int | None:
     return int(number) if number in (0.0, 1.0) else None
 
 
+def drop_useless(pairs: list[Pair], source: str) -> list[Pair]:
+    """Without pairs that have an empty text or pair a text with itself (as normalised)."""
+    empty = sum(1 for a, b, _ in pairs if not a.strip() or not b.strip())
+    kept = [p for p in pairs if p[0].strip() and p[1].strip() and normalise(p[0]) != normalise(p[1])]
+    if len(kept) < len(pairs):
+        print(f"{source}: dropped {empty} pair(s) with an empty text and {len(pairs) - len(kept) - empty} "
+              f"pair(s) of a text with itself; {len(kept)} left")
+    if not kept:
+        raise InputError(f"{source}: no usable pairs")
+    return kept
+
+
 # --------------------------------------------------------------------------------------- splitting
 
 def normalise(text: str) -> str:
@@ -117,22 +200,28 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def connected_components(pairs: list[Pair]) -> list[list[int]]:
-    """Group pair indices so that pairs sharing a (normalised) text land in the same group."""
+def union_find(edges: Iterable[tuple[str, str]]) -> Callable[[str], str]:
+    """Join the two ends of every edge; returns `root(x)`, equal for texts joined by a path."""
     parent: dict[str, str] = {}
 
-    def find(x: str) -> str:
+    def root(x: str) -> str:
         parent.setdefault(x, x)
         while parent[x] != x:
             parent[x] = parent[parent[x]]  # path halving keeps the trees flat
             x = parent[x]
         return x
 
-    for a, b, _ in pairs:
-        parent[find(normalise(a))] = find(normalise(b))
+    for a, b in edges:
+        parent[root(a)] = root(b)
+    return root
+
+
+def connected_components(pairs: list[Pair]) -> list[list[int]]:
+    """Group pair indices so that pairs sharing a (normalised) text land in the same group."""
+    root = union_find((normalise(a), normalise(b)) for a, b, _ in pairs)
     groups: dict[str, list[int]] = {}
     for i, (a, _, _) in enumerate(pairs):
-        groups.setdefault(find(normalise(a)), []).append(i)
+        groups.setdefault(root(normalise(a)), []).append(i)
     return list(groups.values())
 
 
@@ -147,7 +236,7 @@ def split_pairs(pairs: list[Pair], val_size: float, test_size: float,
     """
     want_val, want_test = (int(s * len(pairs)) if s < 1 else int(s) for s in (val_size, test_size))
     if want_val + want_test >= len(pairs):
-        raise DataError(f"validation ({want_val}) and test ({want_test}) leave no training pairs out of {len(pairs)}")
+        raise InputError(f"validation ({want_val}) and test ({want_test}) leave no training pairs out of {len(pairs)}")
     components = connected_components(pairs)
     random.Random(seed).shuffle(components)
     val, test, train = [], [], []
@@ -161,12 +250,57 @@ def split_pairs(pairs: list[Pair], val_size: float, test_size: float,
     return tuple([pairs[i] for i in sorted(part)] for part in (train, val, test))
 
 
+def drop_overlap(train: list[Pair], *held_out: list[Pair]) -> list[Pair]:
+    """Training pairs without those that share a (normalised) text with the held-out pairs, which
+    would otherwise leak into the evaluation. Separate files can overlap; splits made here do not."""
+    seen = {normalise(t) for pairs in held_out for a, b, _ in pairs for t in (a, b)}
+    kept = [p for p in train if normalise(p[0]) not in seen and normalise(p[1]) not in seen]
+    if len(kept) < len(train):
+        print(f"dropped {len(train) - len(kept)} training pair(s) sharing a text with validation or test")
+    return kept
+
+
 def subsample(pairs: list[Pair], n: int, seed: int = 0) -> list[Pair]:
     """The first n pairs of one seeded shuffle: nested, so the 100-pair sample lies inside the 200."""
     if n > len(pairs):
-        raise DataError(f"--dataset-size {n} is more than the {len(pairs)} training pairs available")
+        raise InputError(f"--dataset-size {n} is more than the {len(pairs)} training pairs available")
     order = np.random.default_rng(seed).permutation(len(pairs))
     return [pairs[i] for i in order[:n]]
+
+
+def duplicate_clusters(pairs: list[Pair]) -> list[list[str]]:
+    """Texts joined by duplicate labels: A~B and B~C put A, B and C in one cluster. Each text once,
+    in its first spelling; texts without any duplicate are left out."""
+    root = union_find((normalise(a), normalise(b)) for a, b, y in pairs if y == 1)
+    clusters: dict[str, dict[str, str]] = {}
+    for a, b, y in pairs:
+        if y == 1:
+            for text in (a, b):
+                clusters.setdefault(root(normalise(text)), {}).setdefault(normalise(text), text)
+    return [list(members.values()) for members in clusters.values() if len(members) > 1]
+
+
+def add_implied_pairs(pairs: list[Pair], negatives: bool = False) -> list[Pair]:
+    """The pairs, and the pairs their labels imply: duplicates are transitive (A~B, B~C: A~C), and,
+    with `negatives`, a non-duplicate between two clusters holds for all their members. A labelled
+    pair is never relabelled. Call it on training pairs only: it never looks outside them."""
+    clusters = duplicate_clusters(pairs)
+    cluster_of = {normalise(t): i for i, members in enumerate(clusters) for t in members}
+    labelled = {frozenset((normalise(a), normalise(b))) for a, b, _ in pairs}
+    implied: dict[frozenset, Pair] = {}
+    for members in clusters:
+        for a, b in itertools.combinations(members, 2):
+            implied.setdefault(frozenset((normalise(a), normalise(b))), (a, b, 1))
+    if negatives:
+        for a, b, y in pairs:
+            ca, cb = cluster_of.get(normalise(a)), cluster_of.get(normalise(b))
+            if y == 0 and ca != cb:
+                for x, z in itertools.product(clusters[ca] if ca is not None else [a], clusters[cb] if cb is not None else [b]):
+                    implied.setdefault(frozenset((normalise(x), normalise(z))), (x, z, 0))
+    new = [pair for key, pair in implied.items() if key not in labelled]
+    print(f"implied pairs: {len(pairs)} labelled + {sum(y for *_, y in new)} duplicates "
+          f"+ {sum(1 - y for *_, y in new)} non-duplicates")
+    return pairs + new
 
 
 # -------------------------------------------------------------------------- tokenising and batching
@@ -185,19 +319,23 @@ class TokenizedPairs:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, rng: np.random.Generator,
-                length_groups: int = 1) -> Iterator[tuple[list[dict], "torch.Tensor", "torch.Tensor"]]:
-        """Shuffled batches of B pairs as (feature groups, restore, labels).
+    def batches(self, order: np.ndarray, batch_size: int, length_groups: int = 1, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[list[dict], "torch.Tensor", "torch.Tensor"]]:
+        """Batches of B pairs, in `order`, as (feature groups, restore, labels).
 
         The batch's 2B texts (all first texts, then all second texts) are sorted by length and cut
         into `length_groups` groups, each padded only to its own longest text: Quora questions vary
         in length, and one group pads about 2.8x the real tokens where four groups pad 1.4x.
         `torch.cat(embeddings of the groups)[restore]` puts the embeddings back in batch order.
+        Data-parallel: each of `world_size` processes takes every world_size-th pair of a batch
+        (a batch's last few pairs are dropped so that the shares are equal).
         """
         import torch
-        order = rng.permutation(len(self))
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
+            chosen = chosen[: len(chosen) // world_size * world_size][rank::world_size]
+            if len(chosen) == 0:
+                continue
             text_ids = np.concatenate([self.pairs[chosen, 0], self.pairs[chosen, 1]])
             by_length = np.argsort([len(self.input_ids[i]) for i in text_ids], kind="stable")
             groups = [self.tokenizer.pad({"input_ids": [self.input_ids[i] for i in text_ids[group]]},

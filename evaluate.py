@@ -1,10 +1,13 @@
 """Threshold-tuned duplicate classification: is this embedding model any good on these pairs?
 
 Each pair is scored by the cosine of its two embeddings. The threshold that maximises accuracy on
-the validation pairs is then applied, unchanged, to the test pairs, so the test numbers are honest.
+the validation pairs (optionally under a floor on recall or precision) is then applied, unchanged,
+to the test pairs, so the test numbers are honest. `--retrieval` asks the other question: does each
+text find its duplicates among all the texts of the split?
 
     python evaluate.py --model out --val val.tsv.gz --test test.tsv.gz
     python evaluate.py --model openai:text-embedding-3-small --dimensions 256 --val ... --test ...
+    python evaluate.py --model out --val val.tsv.gz --test test.tsv.gz --retrieval
 """
 from __future__ import annotations
 
@@ -13,17 +16,30 @@ import hashlib
 import json
 import os
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+import cli
 import data
+from cli import InputError
 
 
 class Encoder(Protocol):
     def encode(self, texts: list[str], batch_size: int = ...) -> np.ndarray: ...
+
+
+class Truncated:
+    """The first `dim` coordinates of another encoder's embeddings, re-normalised: how a Matryoshka
+    model serves a smaller width."""
+
+    def __init__(self, encoder: Encoder, dim: int):
+        self.encoder, self.dim = encoder, dim
+
+    def encode(self, texts: list[str], batch_size: int = 128) -> np.ndarray:
+        vectors = self.encoder.encode(texts, batch_size=batch_size)[:, : self.dim]
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -45,12 +61,19 @@ def _cuts(scores: np.ndarray, labels: np.ndarray):
     return s, k, tp, (k + 1) - tp
 
 
-def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold (predict duplicate when score > threshold) with the highest accuracy; the
-    midpoint between two neighbouring scores, so it does not sit on a validation score."""
+def best_threshold(scores: np.ndarray, labels: np.ndarray, min_recall: float = 0.0,
+                   min_precision: float = 0.0) -> float:
+    """The threshold (predict duplicate when score > threshold) with the highest accuracy among those
+    whose recall and precision reach the given floors (a satisficing metric); the midpoint between
+    two neighbouring scores, so it does not sit on a validation score."""
     s, k, tp, fp = _cuts(scores, labels)
     accuracy = np.r_[(labels == 0).sum(), tp + (labels == 0).sum() - fp] / len(labels)
-    best = int(np.argmax(accuracy)) - 1          # -1: predict no duplicates at all
+    recall = np.r_[0.0, tp / max(1, labels.sum())]
+    precision = np.r_[1.0, tp / (tp + fp)]        # predicting none makes no false claim
+    allowed = (recall >= min_recall) & (precision >= min_precision)
+    if not allowed.any():
+        raise InputError(f"no threshold reaches recall >= {min_recall} and precision >= {min_precision} on validation")
+    best = int(np.argmax(np.where(allowed, accuracy, -1.0))) - 1   # -1: predict no duplicates at all
     if best < 0:
         return float(s[0]) + 1e-6
     i = k[best]
@@ -91,16 +114,77 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
             "roc_auc": roc_auc(scores, labels), "threshold": threshold, "n_pairs": len(labels)}
 
 
+def labels_of(pairs: list[data.Pair]) -> np.ndarray:
+    return np.array([y for _, _, y in pairs])
+
+
+def check_both_classes(pairs: list[data.Pair], name: str) -> None:
+    """A tuned threshold (and an error rate on one class) means nothing without both kinds of pair."""
+    positives = sum(y for _, _, y in pairs)
+    if positives in (0, len(pairs)):
+        kind = "duplicates" if positives else "non-duplicates"
+        raise InputError(f"{name}: all {len(pairs)} pairs are {kind}; a tuned threshold means nothing on a single "
+                         "class: give pairs of both kinds")
+
+
 def evaluate(encoder: Encoder, val: list[data.Pair], test: list[data.Pair] | None = None,
-             batch_size: int = 128) -> dict:
+             batch_size: int = 128, min_recall: float = 0.0, min_precision: float = 0.0) -> dict:
     """{"val": metrics, "test": metrics}, the threshold tuned on val (so val numbers are optimistic)."""
-    val_scores, val_labels = cosine_scores(encoder, val, batch_size), np.array([y for _, _, y in val])
-    threshold = best_threshold(val_scores, val_labels)
-    result = {"val": classification_metrics(val_scores, val_labels, threshold)}
-    if test is not None:
-        test_scores, test_labels = cosine_scores(encoder, test, batch_size), np.array([y for _, _, y in test])
-        result["test"] = classification_metrics(test_scores, test_labels, threshold)
+    test_scores = cosine_scores(encoder, test, batch_size) if test is not None else None
+    return evaluate_scores(cosine_scores(encoder, val, batch_size), labels_of(val), test_scores,
+                           labels_of(test) if test is not None else None, min_recall, min_precision)
+
+
+def evaluate_scores(val_scores: np.ndarray, val_labels: np.ndarray, test_scores: np.ndarray | None = None,
+                    test_labels: np.ndarray | None = None, min_recall: float = 0.0, min_precision: float = 0.0) -> dict:
+    """`evaluate` from scores already computed; the constraint on the threshold is recorded."""
+    threshold = best_threshold(val_scores, val_labels, min_recall, min_precision)
+    constraint = {k: v for k, v in [("min_recall", min_recall), ("min_precision", min_precision)] if v} or None
+    result = {"val": classification_metrics(val_scores, val_labels, threshold) | {"constraint": constraint}}
+    if test_scores is not None:
+        result["test"] = classification_metrics(test_scores, test_labels, threshold) | {"constraint": constraint}
     return result
+
+
+# ------------------------------------------------------------------------------------ retrieval view
+
+def retrieval_metrics(encoder: Encoder, pairs: list[data.Pair], ks: tuple[int, ...] = (1, 5, 10),
+                      batch_size: int = 128, chunk: int = 1024) -> dict:
+    """Each text that has a duplicate searches every other distinct text of the split.
+
+    Relevant: the other members of its duplicate cluster (duplicates are transitive). recall@k is the
+    share of them in the top k, MRR the mean of 1 / the rank of the first one, both averaged over
+    queries and computed exactly, chunk by chunk of queries, so memory stays chunk x corpus.
+    """
+    corpus = list(dict.fromkeys(data.normalise(t) for a, b, _ in pairs for t in (a, b)))
+    spelling = {}
+    for a, b, _ in pairs:
+        for t in (a, b):
+            spelling.setdefault(data.normalise(t), t)
+    index = {t: i for i, t in enumerate(corpus)}
+    relevant = {}
+    for cluster in data.duplicate_clusters(pairs):
+        members = [index[data.normalise(t)] for t in cluster]
+        for m in members:
+            relevant[m] = [x for x in members if x != m]
+    vectors = encoder.encode([spelling[t] for t in corpus], batch_size=batch_size)
+    queries = np.array(sorted(relevant))
+    recall, reciprocal = {k: 0.0 for k in ks}, 0.0
+    for start in range(0, len(queries), chunk):
+        rows = queries[start:start + chunk]
+        scores = vectors[rows] @ vectors.T
+        scores[np.arange(len(rows)), rows] = -np.inf               # a text does not retrieve itself
+        top = np.argpartition(-scores, max(ks) - 1, axis=1)[:, : max(ks)]   # the k best, unordered ...
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)  # ... ordered
+        for r, q in enumerate(rows):
+            wanted = relevant[q]
+            for k in ks:
+                recall[k] += np.isin(top[r, :k], wanted).sum() / len(wanted)
+            best = scores[r, wanted].max()                          # rank of the first relevant text
+            reciprocal += 1.0 / (1 + np.sum(scores[r] > best))
+    n = max(1, len(queries))
+    return {**{f"recall@{k}": recall[k] / n for k in ks}, "mrr": reciprocal / n,
+            "queries": len(queries), "corpus": len(corpus)}
 
 
 # ------------------------------------------------------------------------------ the OpenAI baseline
@@ -120,7 +204,7 @@ class OpenAIEmbedder:
                  max_retries: int = 8):
         from openai import OpenAI
         if not os.environ.get("OPENAI_API_KEY"):
-            raise data.DataError("set OPENAI_API_KEY (any value will do for a local server that ignores it)")
+            raise InputError("set OPENAI_API_KEY (any value will do for a local server that ignores it)")
         self.client = OpenAI(base_url=base_url, max_retries=max_retries)  # base_url None: OPENAI_BASE_URL or api.openai.com
         self.model, self.dimensions = model, dimensions
         cache_path = Path(cache_path).expanduser()
@@ -161,17 +245,16 @@ class OpenAIEmbedder:
 
 def load_encoder(model: str, dimensions: int | None = None, base_url: str | None = None,
                  cache_path: str | None = None, device: str = "auto") -> Encoder:
-    """`openai:MODEL` for the API baseline, else a folder written by train.py or a hub encoder."""
+    """`openai:MODEL` for the API baseline, else `model.load_model`: a sentence-transformers folder
+    (a run's output) whole, or a pretrained encoder. `dimensions` truncates (Matryoshka) either."""
     if model.startswith("openai:"):
         extra = {"cache_path": cache_path} if cache_path else {}
         return OpenAIEmbedder(model.removeprefix("openai:"), dimensions, base_url, **extra)
     import torch
-    from model import CONFIG_FILE, Embedder
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if (Path(model) / CONFIG_FILE).is_file():
-        return Embedder.load(model).to(device)
-    return Embedder.from_pretrained(model).to(device)
+    from model import load_model
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    encoder = load_model(model).to(device)
+    return Truncated(encoder, dimensions) if dimensions else encoder
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -187,32 +270,52 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_retrieval(name: str, result: dict[str, dict]) -> str:
+    keys = [k for k in next(iter(result.values())) if k.startswith("recall@")] + ["mrr"]
+    lines = [f"{'model':36} {'split':5} " + " ".join(f"{k:>9}" for k in keys) + f" {'queries':>8} {'corpus':>7}"]
+    for split, m in result.items():
+        lines.append(f"{name[-36:]:36} {split:5} " + " ".join(f"{m[k]:9.4f}" for k in keys)
+                     + f" {m['queries']:8d} {m['corpus']:7d}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a folder written by train.py, a hub name or "
-                        "local encoder folder, or openai:MODEL (e.g. openai:text-embedding-3-small)")
+    parser.add_argument("--model", required=True, help="a folder written by train.py (or any sentence-transformers "
+                        "folder with mean pooling), a hub name or local encoder folder, or openai:MODEL")
     parser.add_argument("--val", required=True, help="validation pairs (the threshold is tuned here)")
     parser.add_argument("--test", required=True, help="test pairs")
     parser.add_argument("--columns", help="TEXT1,TEXT2,LABEL column names if not recognised")
-    parser.add_argument("--dimensions", type=int, help="openai: shorten v3 embeddings to this width")
+    parser.add_argument("--dimensions", type=int, help="use the first N dimensions (openai: v3 shortening; ours: "
+                        "a Matryoshka-trained model)")
+    parser.add_argument("--min-recall", type=float, default=0.0, help="tune the threshold under this recall floor")
+    parser.add_argument("--min-precision", type=float, default=0.0, help="... and/or this precision floor")
+    parser.add_argument("--retrieval", action="store_true", help="report recall@1/5/10 and MRR instead")
     parser.add_argument("--base-url", help="openai: any OpenAI-compatible server (else OPENAI_BASE_URL)")
     parser.add_argument("--cache", help="openai: the embedding cache file")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="texts per forward pass (openai: per request, "
+                        "512 unless given)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the metrics to this file")
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        columns = tuple(args.columns.split(",")) if args.columns else None
-        val, test = data.load_pairs(args.val, columns), data.load_pairs(args.test, columns)
-        encoder = load_encoder(args.model, args.dimensions, args.base_url, args.cache, args.device)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    columns = tuple(args.columns.split(",")) if args.columns else None
+    val, test = data.load_pairs(args.val, columns), data.load_pairs(args.test, columns)
+    encoder = load_encoder(args.model, args.dimensions, args.base_url, args.cache, args.device)
     batch_size = 512 if args.model.startswith("openai:") and args.batch_size == 128 else args.batch_size
-    result = evaluate(encoder, val, test, batch_size)
-    print(format_table({args.model: result}))
+    if args.retrieval:
+        result = {split: retrieval_metrics(encoder, pairs, batch_size=batch_size) for split, pairs in [("val", val), ("test", test)]}
+        print(format_retrieval(args.model, result))
+    else:
+        check_both_classes(val, args.val)
+        check_both_classes(test, args.test)
+        result = evaluate(encoder, val, test, batch_size, args.min_recall, args.min_precision)
+        print(format_table({args.model: result}))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

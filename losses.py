@@ -85,3 +85,37 @@ class OnlineContrastiveLoss(nn.Module):
             hard_pos, hard_neg = pos[pos > neg.min()], neg[neg < pos.max()]
         return hard_pos.pow(2).sum() + F.relu(self.margin - hard_neg).pow(2).sum()
 
+
+
+class WeightedSum(nn.Module):
+    """w1 * loss1 + w2 * loss2 + ...: say, OCL for the threshold and in-batch InfoNCE for ranking,
+    as sentence-transformers' Quora example combines them."""
+
+    def __init__(self, weighted: list[tuple[float, nn.Module]]):
+        super().__init__()
+        self.weights = [w for w, _ in weighted]
+        self.losses = nn.ModuleList([loss for _, loss in weighted])
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sum(w * loss(a, b, labels) for w, loss in zip(self.weights, self.losses))
+
+
+class MatryoshkaLoss(nn.Module):
+    """The loss at each prefix width, summed: the first d coordinates, re-normalised, must work on
+    their own for every d in `dims`, so one model serves every width (Kusupati et al. 2022,
+    "Matryoshka Representation Learning"; sentence-transformers' MatryoshkaLoss)."""
+
+    def __init__(self, loss: nn.Module, dims: list[int]):
+        super().__init__()
+        self.loss, self.dims = loss, dims
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sum(self.loss(F.normalize(a[:, :d], dim=-1), F.normalize(b[:, :d], dim=-1), labels) for d in self.dims)
+
+
+BY_NAME = {  # --loss name -> the loss, built from the run's options
+    "ocl": lambda c: OnlineContrastiveLoss(c.margin),
+    "cosent": lambda c: CoSENTLoss(c.scale),
+    "contrastive": lambda c: InBatchContrastiveLoss(c.scale),
+    "cosine": lambda c: CosineSimilarityLoss(),
+}

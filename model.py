@@ -5,6 +5,11 @@ cosine similarity.
     embedder = Embedder.from_pretrained("BAAI/bge-base-en-v1.5", dense_out_features=256)
     vectors = embedder.encode(["How do I learn Python?", "What is the best way to learn Python?"])
     embedder.save("out")                      # and later: Embedder.load("out")
+
+`save` writes the sentence-transformers layout (Transformer, mean Pooling, Dense, Normalize), so the
+folder also loads, unchanged, in sentence-transformers, text-embeddings-inference and (with a few
+lines) plain transformers. `load` reads such folders, ours or anyone's, when the architecture is
+ours. The decision threshold tuned on validation travels in the folder too (`embedder.json`).
 """
 from __future__ import annotations
 
@@ -20,26 +25,35 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-CONFIG_FILE = "embedder.json"
-PROJECTION_FILE = "projection.safetensors"
+from cli import InputError
+
+CONFIG_FILE = "embedder.json"  # ours: trust_remote_code and the decision (threshold, metrics)
+IDENTITY = "torch.nn.modules.linear.Identity"
+# The long-standing module names: every sentence-transformers version from 2 to 6 and TEI read them.
+MODULE_TYPES = {kind: f"sentence_transformers.models.{kind}" for kind in ("Transformer", "Pooling", "Dense", "Normalize")}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "tokenizer.model")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class Embedder(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer, dense_out_features: int | None = None,
-                 max_length: int = 256, trust_remote_code: bool = False):
+                 max_length: int = 256, trust_remote_code: bool = False, decision: dict | None = None):
         super().__init__()
         self.encoder, self.tokenizer = encoder, tokenizer
         self.max_length = max_length
         self.trust_remote_code = trust_remote_code
-        hidden = encoder.config.hidden_size
+        self.decision = decision or {}  # {"threshold": ..., "constraint": ..., "val": {...}, "test": {...}}
         self.projection = None
         if dense_out_features:
-            # No bias (it would shift every embedding) and orthogonal weights: at the same width this
-            # is a rotation, which leaves every cosine exactly as the pretrained model had it; at a
-            # smaller width it is a random orthonormal projection, which keeps cosines approximately
-            # (Johnson-Lindenstrauss). A default (uniform) init scrambles the geometry at step 0.
-            self.projection = nn.Linear(hidden, dense_out_features, bias=False)
-            nn.init.orthogonal_(self.projection.weight)
+            self.add_projection(dense_out_features)
+
+    def add_projection(self, out_features: int) -> None:
+        # No bias (it would shift every embedding) and orthogonal weights: at the same width this is a
+        # rotation, which leaves every cosine exactly as the pretrained model had it; at a smaller
+        # width it is a random orthonormal projection, which keeps cosines approximately
+        # (Johnson-Lindenstrauss). A default (uniform) init scrambles the geometry at step 0.
+        self.projection = nn.Linear(self.encoder.config.hidden_size, out_features, bias=False)
+        nn.init.orthogonal_(self.projection.weight)
 
     @property
     def dim(self) -> int:
@@ -54,38 +68,57 @@ class Embedder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dense_out_features: int | None = None,
                         max_length: int = 256, trust_remote_code: bool = False) -> "Embedder":
-        """A pretrained encoder from the hub or a local folder, with a fresh projection if asked."""
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        encoder = load_encoder(name_or_path, trust_remote_code, safetensors_only=False)
+        """A pretrained encoder from the hub or a local folder, with our mean pooling and a fresh
+        projection if asked (whatever pooling the model was published with)."""
+        tokenizer, encoder = load_encoder(name_or_path, trust_remote_code)
         max_length = min(max_length, tokenizer.model_max_length,
                          getattr(encoder.config, "max_position_embeddings", max_length))
         return cls(encoder, tokenizer, dense_out_features, max_length, trust_remote_code)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Embedder":
-        """An embedder written by `save`. Only safetensors and JSON are read: nothing is unpickled."""
+        """A sentence-transformers folder: ours, or anyone's with a Transformer, mean Pooling, an
+        optional bias-free Dense with identity activation, and Normalize. Anything else is refused.
+        Only safetensors and JSON are read: nothing is unpickled."""
         directory = Path(directory)
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=config["trust_remote_code"])
-        encoder = load_encoder(directory, config["trust_remote_code"], safetensors_only=True)
-        embedder = cls(encoder, tokenizer, config["dense_out_features"], config["max_length"],
-                       config["trust_remote_code"])
-        if embedder.projection is not None:
-            embedder.projection.load_state_dict(load_file(directory / PROJECTION_FILE))
+        modules = read_modules(directory)
+        extras = json.loads((directory / CONFIG_FILE).read_text()) if (directory / CONFIG_FILE).is_file() else {}
+        transformer = directory / modules["Transformer"]
+        tokenizer, encoder = load_encoder(transformer, extras.get("trust_remote_code", False), safetensors_only=True)
+        bert_config = transformer / "sentence_bert_config.json"
+        max_length = json.loads(bert_config.read_text()).get("max_seq_length") if bert_config.is_file() else None
+        embedder = cls(encoder, tokenizer, None, max_length or tokenizer.model_max_length,
+                       extras.get("trust_remote_code", False), extras.get("decision"))
+        if "Dense" in modules:
+            embedder.projection = read_dense(directory / modules["Dense"], encoder.config.hidden_size)
         return embedder
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, decision: dict | None = None) -> None:
+        """Write the sentence-transformers layout (by hand: sentence-transformers 6's own `save`
+        writes module names and drops settings that older versions and TEI need), and our extras."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        self.decision = decision if decision is not None else self.decision
         self.encoder.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        kinds = ["Transformer", "Pooling"] + (["Dense"] if self.projection else []) + ["Normalize"]
+        paths = {kind: "" if kind == "Transformer" else f"{i}_{kind}" for i, kind in enumerate(kinds)}
+        write_json(directory / "modules.json", [{"idx": i, "name": str(i), "path": paths[kind], "type": MODULE_TYPES[kind]}
+                                                for i, kind in enumerate(kinds)])
+        write_json(directory / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
+        write_json(directory / paths["Pooling"] / "config.json", {
+            "word_embedding_dimension": self.encoder.config.hidden_size, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False})
         if self.projection is not None:
-            save_file({k: v.contiguous().cpu() for k, v in self.projection.state_dict().items()},
-                      directory / PROJECTION_FILE)
-        config = {"dense_out_features": self.projection.out_features if self.projection else None,
-                  "max_length": self.max_length, "pooling": "mean", "normalize": True,
-                  "trust_remote_code": self.trust_remote_code}
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            dense = directory / paths["Dense"]
+            # The activation is always written: without it sentence-transformers 6 applies Tanh.
+            write_json(dense / "config.json", {"in_features": self.projection.in_features, "out_features": self.dim,
+                                               "bias": False, "activation_function": IDENTITY})
+            save_file({"linear.weight": self.projection.weight.detach().contiguous().cpu()}, dense / "model.safetensors")
+        (directory / paths["Normalize"]).mkdir(exist_ok=True)
+        write_json(directory / CONFIG_FILE, {"trust_remote_code": self.trust_remote_code, "decision": self.decision})
 
     # -------------------------------------------------------------------------------- embedding
 
@@ -124,15 +157,116 @@ class Embedder(nn.Module):
         row = {t: i for i, t in enumerate(unique)}
         return vectors[[row[t] for t in texts]]
 
+    def similarity(self, texts_a: list[str], texts_b: list[str], batch_size: int = 128) -> np.ndarray:
+        """The cosine similarity of each pair (texts_a[i], texts_b[i])."""
+        vectors = self.encode([t for pair in zip(texts_a, texts_b) for t in pair], batch_size)
+        return (vectors[0::2] * vectors[1::2]).sum(1)
 
-def load_encoder(name_or_path: str | Path, trust_remote_code: bool, safetensors_only: bool) -> nn.Module:
-    """AutoModel with PyTorch's fused SDPA attention where the architecture supports it."""
-    kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=True if safetensors_only else None)
+    def is_duplicate(self, texts_a: list[str], texts_b: list[str], threshold: float | None = None) -> np.ndarray:
+        """True where a pair's cosine is above the threshold tuned on validation (stored with the
+        model by train.py), or the one given."""
+        threshold = self.decision.get("threshold") if threshold is None else threshold
+        if threshold is None:
+            raise ValueError("this model has no stored threshold (it was not saved by train.py): pass threshold=")
+        return self.similarity(texts_a, texts_b) > threshold
+
+
+# ------------------------------------------------------------------------------------ loading parts
+
+def load_model(name_or_path: str, dense_out_features: int | None = None, max_length: int = 256,
+               trust_remote_code: bool = False) -> Embedder:
+    """What --model names: a sentence-transformers folder (a run's output, say) is loaded whole, with
+    its projection; anything else is a pretrained encoder with our head on it. `dense_out_features`
+    None keeps the folder's width; a width that contradicts the folder's projection is an error."""
+    if not (Path(name_or_path) / "modules.json").is_file():
+        return Embedder.from_pretrained(name_or_path, dense_out_features or None, max_length, trust_remote_code)
+    embedder = Embedder.load(name_or_path)
+    embedder.max_length = min(embedder.max_length, max_length)
+    width = embedder.projection.out_features if embedder.projection else 0
+    if embedder.projection is None and dense_out_features:
+        embedder.add_projection(dense_out_features)
+    elif dense_out_features is not None and dense_out_features != width:
+        raise InputError(f"{name_or_path} already projects to {width} dimensions: pass --dense-out-features {width} "
+                         f"to continue from it, or start from its base encoder for another width")
+    return embedder
+
+
+def load_encoder(name_or_path: str | Path, trust_remote_code: bool, safetensors_only: bool = False):
+    """Tokenizer and AutoModel (fp32 weights, whatever the checkpoint's dtype), with PyTorch's fused
+    SDPA attention where the architecture supports it. A bad folder or name is one line."""
+    check_model_folder(Path(name_or_path))
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32,
+                  use_safetensors=True if safetensors_only else None)
     try:
-        return AutoModel.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
-    except (ValueError, ImportError):  # this architecture has no SDPA path: use its own attention
-        return AutoModel.from_pretrained(name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        try:
+            encoder = AutoModel.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
+        except (ValueError, ImportError):  # this architecture has no SDPA path: use its own attention
+            encoder = AutoModel.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:  # unknown name, no network, missing files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"could not load model '{name_or_path}': not a local folder, and the Hugging Face hub "
+                         f"has no such model or cannot be reached (offline?): {first_line}") from e
+    return tokenizer, encoder
 
+
+def check_model_folder(path: Path) -> None:
+    """A local model folder needs a config, a tokenizer and weights; say which is missing."""
+    if not path.is_dir():
+        if path.is_absolute() or str(path).startswith("."):
+            raise InputError(f"model folder not found: {path}")
+        return  # a hub name
+    for what, names in [("config.json", ("config.json",)), ("tokenizer", TOKENIZER_FILES), ("weights", WEIGHT_FILES)]:
+        if not any((path / name).is_file() for name in names):
+            raise InputError(f"{path} has no {what} ({', '.join(names)}); copy it from the base model's folder")
+
+
+def read_modules(directory: Path) -> dict[str, str]:
+    """{kind: path} from modules.json, checking that the pipeline is ours."""
+    if not (directory / "modules.json").is_file():
+        raise InputError(f"{directory} is not a sentence-transformers folder (no modules.json)")
+    modules = {}
+    for module in json.loads((directory / "modules.json").read_text()):
+        kind = module["type"].rsplit(".", 1)[-1]
+        if kind not in MODULE_TYPES or kind in modules:
+            raise InputError(f"{directory}: module {module['type']} is not supported "
+                             "(only Transformer, mean Pooling, one Dense and Normalize)")
+        modules[kind] = module["path"]
+    if list(modules)[:2] != ["Transformer", "Pooling"]:
+        raise InputError(f"{directory}: expected a Transformer then a Pooling module, found {list(modules)}")
+    pooling = json.loads((directory / modules["Pooling"] / "config.json").read_text())
+    if "pooling_mode" in pooling:  # sentence-transformers 6 names the mode
+        modes = [pooling["pooling_mode"]] if isinstance(pooling["pooling_mode"], str) else pooling["pooling_mode"]
+    else:  # earlier versions switch each mode on or off
+        modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+                 for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
+    if modes != ["mean"]:
+        raise InputError(f"{directory}: pooling {modes} is not supported (only mean)")
+    return modules
+
+
+def read_dense(directory: Path, in_features: int) -> nn.Linear:
+    """A sentence-transformers Dense folder as our projection; only an identity activation will do."""
+    config = json.loads((directory / "config.json").read_text())
+    activation = config.get("activation_function", "missing (sentence-transformers then applies Tanh)")
+    if activation != IDENTITY:
+        raise InputError(f"{directory}: Dense activation {activation} is not supported (only {IDENTITY})")
+    if not (directory / "model.safetensors").is_file():
+        raise InputError(f"{directory} has no model.safetensors (pickled weights are not read)")
+    if config["in_features"] != in_features:
+        raise InputError(f"{directory}: Dense takes {config['in_features']} features, the encoder gives {in_features}")
+    projection = nn.Linear(in_features, config["out_features"], bias=config.get("bias", True))
+    weights = load_file(directory / "model.safetensors")
+    projection.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
+    return projection
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- maths
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average of the token vectors, padding excluded."""

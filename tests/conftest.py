@@ -10,6 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
+# The device the training tests train on: cpu here and in CI; the GPU check runs them with cuda.
+TEST_DEVICE = os.environ.get("EMBED_FT_TEST_DEVICE", "cpu")
 
 # Synthetic "topics": two texts are duplicates when they are about the same topic.
 TOPICS = [[f"t{i}a", f"t{i}b", f"t{i}c"] for i in range(24)]
@@ -73,3 +75,12 @@ def minilm_dir() -> Path:
     subprocess.run([str(SHARED / "fetch-models"), str(cache), "minilm-l6"], check=True,
                    env=os.environ | {"PYTHON": sys.executable})
     return cache / "sentence-transformers-all-MiniLM-L6-v2"
+
+
+def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
+    """An entry point run as its `if __name__ == "__main__"` does: (exit code, what it printed on stderr)."""
+    import cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, argv)
+    return exit_info.value.code, capsys.readouterr().err

@@ -7,7 +7,7 @@ from conftest import synthetic_pairs, write_tsv
 from transformers import AutoTokenizer
 
 import data
-from data import DataError
+from cli import InputError
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -34,22 +34,48 @@ def test_reads_every_local_format_with_known_columns(tmp_path):
 
 def test_explicit_columns_and_label_spellings(tmp_path):
     path = tmp_path / "p.jsonl"
-    rows = [{"q": "a", "d": "b", "dup": "1"}, {"q": "c", "d": None, "dup": 0.0}, {"q": "e", "d": "f", "dup": True}]
+    rows = [{"q": "a", "d": "b", "dup": "1"}, {"q": "c", "d": "g", "dup": 0.0}, {"q": "e", "d": "f", "dup": True}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert data.load_pairs(str(path), ("q", "d", "dup")) == [("a", "b", 1), ("c", "", 0), ("e", "f", 1)]
+    assert data.load_pairs(str(path), ("q", "d", "dup")) == [("a", "b", 1), ("c", "g", 0), ("e", "f", 1)]
+
+
+def test_empty_texts_and_self_pairs_are_dropped_and_counted(tmp_path, capsys):
+    path = write_tsv(tmp_path / "p.tsv", [("a", "b", 1), ("", "c", 0), ("  ", "d", 1), ("Same  text", "same text", 1),
+                                          ("e", "f", 0)])
+    assert data.load_pairs(str(path)) == [("a", "b", 1), ("e", "f", 0)]
+    assert "dropped 2 pair(s) with an empty text and 1 pair(s) of a text with itself; 2 left" in capsys.readouterr().out
+    with pytest.raises(InputError, match="no usable pairs"):
+        data.load_pairs(str(write_tsv(tmp_path / "q.tsv", [("x", "x", 1)])))
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
-    with pytest.raises(DataError, match="file not found: .*nope.tsv"):
+    with pytest.raises(InputError, match="file not found: .*nope.tsv"):
         data.load_pairs(str(tmp_path / "nope.tsv"))
     odd = write_tsv(tmp_path / "odd.tsv", [("a", "b", 1)], header=("left", "right", "y"))
-    with pytest.raises(DataError, match=r"no known pair columns; found \['left', 'right', 'y'\]"):
+    with pytest.raises(InputError, match=r"no known pair columns; found \['left', 'right', 'y'\]"):
         data.load_pairs(str(odd))
-    with pytest.raises(DataError, match=r"missing columns \['z'\]; found \['left', 'right', 'y'\]"):
+    with pytest.raises(InputError, match=r"missing columns \['z'\]; found \['left', 'right', 'y'\]"):
         data.load_pairs(str(odd), ("left", "right", "z"))
     bad = write_tsv(tmp_path / "bad.tsv", [("a", "b", 1), ("c", "d", 2), ("e", "f", "yes")])
-    with pytest.raises(DataError, match=r"labels must be 0 or 1; column 'is_duplicate' also holds \['2', 'yes'\]"):
+    with pytest.raises(InputError, match=r"labels must be 0 or 1; column 'is_duplicate' also holds \['2', 'yes'\]"):
         data.load_pairs(str(bad))
+
+
+def test_malformed_files_are_named_with_their_line(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"text1": "a", "text2": "b", "label": 1}\n\n{"text1": "c", "text2": "d" "label": 0}\n')
+    with pytest.raises(InputError, match=r"p.jsonl line 3: not valid JSON \(Expecting ',' delimiter, column 29\)"):
+        data.load_pairs(str(jsonl))
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("question1\tquestion2\tis_duplicate\na\tb\t1\nc\td\n")
+    with pytest.raises(InputError, match=r"p.tsv line 3: 2 field\(s\) where the header has 3; a stray tab or quote\?"):
+        data.load_pairs(str(tsv))
+    latin1 = tmp_path / "p.csv.gz"
+    with gzip.open(latin1, "wb") as f:
+        f.write("sentence1,sentence2,label\nok,fine,1\ncaf\xe9,bar,0\n".encode("latin-1"))  # é: byte 26 + 10 + 3
+    with pytest.raises(InputError, match=r"p.csv.gz is not UTF-8 text: byte 0xe9 at line 3 \(byte 39 of the "
+                                         r"uncompressed file\); re-save it as UTF-8"):
+        data.load_pairs(str(latin1))
 
 
 def test_parse_label():
@@ -88,7 +114,7 @@ def test_split_has_no_text_in_two_splits_and_respects_sizes():
 
 
 def test_split_refuses_to_leave_no_training_data():
-    with pytest.raises(DataError, match="leave no training pairs"):
+    with pytest.raises(InputError, match="leave no training pairs"):
         data.split_pairs(synthetic_pairs(10, 0), 5, 5)
 
 
@@ -97,7 +123,7 @@ def test_subsample_is_seeded_and_nested():
     small, large = data.subsample(pairs, 100, seed=3), data.subsample(pairs, 200, seed=3)
     assert large[:100] == small and len(set(large)) == len(set(pairs[i] for i in range(500)) & set(large))
     assert data.subsample(pairs, 100, seed=4) != small
-    with pytest.raises(DataError, match="--dataset-size 501 is more than the 500 training pairs"):
+    with pytest.raises(InputError, match="--dataset-size 501 is more than the 500 training pairs"):
         data.subsample(pairs, 501)
 
 
@@ -111,7 +137,7 @@ def test_batches_cover_every_pair_once_with_dynamic_padding(tiny_model_dir, grou
     tokenized = data.TokenizedPairs(pairs, tokenizer, max_length=5)
     assert len(tokenized.input_ids) == 9  # distinct texts are tokenised once
     seen = []
-    for features, restore, labels in tokenized.batches(2, np.random.default_rng(0), groups):
+    for features, restore, labels in tokenized.batches(np.random.default_rng(0).permutation(5), 2, groups):
         texts = []
         for group in features:
             ids, mask = group["input_ids"], group["attention_mask"]
@@ -122,3 +148,37 @@ def test_batches_cover_every_pair_once_with_dynamic_padding(tiny_model_dir, grou
         half = len(labels)
         seen += [(a, b, int(y)) for a, b, y in zip(texts[:half], texts[half:], labels)]
     assert sorted(seen) == sorted((a, b if b != "t1b of the a how" else "t1b of the", y) for a, b, y in pairs)
+
+
+# ------------------------------------------------------------------------------- implied pairs
+
+def test_duplicate_clusters_are_transitive_and_by_normalised_text():
+    pairs = [("A", "b", 1), ("B ", "c", 1), ("d", "e", 1), ("c", "x", 0)]
+    clusters = sorted(sorted(c) for c in data.duplicate_clusters(pairs))
+    assert clusters == [["A", "b", "c"], ["d", "e"]]
+
+
+def test_implied_pairs_by_hand():
+    pairs = [("a", "b", 1), ("b", "c", 1), ("c", "d", 0), ("d", "e", 1), ("a", "c", 0)]
+    # a, b, c form one cluster; (a, c) is labelled 0 and stays so. d, e form another.
+    positives = data.add_implied_pairs(pairs)
+    assert positives[:5] == pairs and positives[5:] == []  # the only implied duplicate, (a, c), is labelled
+    everything = data.add_implied_pairs(pairs, negatives=True)
+    new = {(x, y, z) for x, y, z in everything[5:]}
+    # (c, d) is a non-duplicate between {a, b, c} and {d, e}: all 6 member pairs but the labelled one.
+    assert new == {("a", "d", 0), ("a", "e", 0), ("b", "d", 0), ("b", "e", 0), ("c", "e", 0)}
+
+
+def test_implied_pairs_never_cross_splits():
+    pairs = recurring_pairs(3000, 400, seed=7)
+    train, val, test = data.split_pairs(pairs, 0.2, 0.2, seed=0)
+    augmented = data.add_implied_pairs(train, negatives=True)
+    assert len(augmented) > len(train)
+    held_out = {data.normalise(t) for part in (val, test) for a, b, _ in part for t in (a, b)}
+    assert not {data.normalise(t) for a, b, _ in augmented for t in (a, b)} & held_out
+
+
+def test_drop_overlap_removes_training_pairs_that_share_a_held_out_text(capsys):
+    train = [("How?", "Why?", 1), ("what", "when", 0), ("WHO", "whom", 1)]
+    assert data.drop_overlap(train, [("how?", "x", 1)], [("y", "who", 0)]) == [("what", "when", 0)]
+    assert "dropped 2 training pair(s)" in capsys.readouterr().out

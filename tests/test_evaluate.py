@@ -3,7 +3,7 @@ from itertools import product
 
 import numpy as np
 import pytest
-from conftest import synthetic_pairs, write_tsv
+from conftest import run_cli, synthetic_pairs, write_tsv
 
 import evaluate
 
@@ -18,6 +18,28 @@ def test_best_threshold_by_hand():
     # All duplicates below every non-duplicate: predicting none is best; all above: predicting all.
     assert evaluate.best_threshold(np.array([0.1, 0.2, 0.9]), np.array([0, 0, 0])) > 0.9
     assert evaluate.best_threshold(np.array([0.1, 0.2, 0.9]), np.array([1, 1, 1])) < 0.1
+
+
+@pytest.mark.parametrize("min_recall, min_precision", [(0.9, 0.0), (0.0, 0.9), (0.6, 0.6), (0.3, 0.0)])
+def test_a_constrained_threshold_meets_its_constraint_on_validation(min_recall, min_precision):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    scores = labels * 0.3 + rng.normal(0, 0.25, 400)  # overlapping classes: the constraints bind
+    threshold = evaluate.best_threshold(scores, labels, min_recall, min_precision)
+    m = evaluate.classification_metrics(scores, labels, threshold)
+    assert m["recall"] >= min_recall and m["precision"] >= min_precision
+    # ... and no other threshold that meets it is more accurate.
+    for t in np.r_[scores, scores.max() + 1]:
+        other = evaluate.classification_metrics(scores, labels, t)
+        if other["recall"] >= min_recall and other["precision"] >= min_precision:
+            assert other["accuracy"] <= m["accuracy"] + 1e-12
+    unconstrained = evaluate.classification_metrics(scores, labels, evaluate.best_threshold(scores, labels))
+    assert unconstrained["accuracy"] >= m["accuracy"]
+
+
+def test_an_impossible_constraint_is_an_input_error():
+    with pytest.raises(evaluate.InputError, match="no threshold reaches recall >= 0.9 and precision >= 0.99"):
+        evaluate.best_threshold(SCORES, LABELS, 0.9, 0.99)
 
 
 def test_classification_metrics_by_hand():
@@ -61,6 +83,70 @@ def test_cosine_scores_and_evaluate():
     assert result["test"] == result["val"]
 
 
+def test_single_class_sets_are_refused():
+    with pytest.raises(evaluate.InputError, match="val: all 2 pairs are duplicates; a tuned threshold means nothing"):
+        evaluate.check_both_classes([("a", "b", 1), ("c", "d", 1)], "val")
+    evaluate.check_both_classes([("a", "b", 1), ("c", "d", 0)], "val")
+
+
+def brute_force_retrieval(vectors: np.ndarray, relevant: dict[int, list[int]], ks=(1, 5, 10)) -> dict:
+    """The definition, one query at a time with a full sort."""
+    recall, reciprocal = {k: [] for k in ks}, []
+    for q, wanted in relevant.items():
+        scores = vectors @ vectors[q]
+        ranking = [i for i in np.argsort(-scores, kind="stable") if i != q]
+        for k in ks:
+            recall[k].append(len(set(ranking[:k]) & set(wanted)) / len(wanted))
+        reciprocal.append(1 / (1 + min(ranking.index(w) for w in wanted)))
+    return {**{f"recall@{k}": np.mean(recall[k]) for k in ks}, "mrr": np.mean(reciprocal)}
+
+
+class RandomEncoder:
+    def __init__(self, texts):
+        vectors = np.random.default_rng(0).normal(size=(len(texts), 8))
+        self.vectors = dict(zip(texts, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)))
+
+    def encode(self, texts, batch_size=0):
+        return np.array([self.vectors[t] for t in texts])
+
+
+def test_retrieval_metrics_equal_a_brute_force_computation():
+    pairs = synthetic_pairs(300, seed=4) + [("the T1A  how", "what", 0), ("the t1a how", "t1b", 1)]  # one text, twice spelled
+    corpus = list(dict.fromkeys(evaluate.data.normalise(t) for a, b, _ in pairs for t in (a, b)))
+    spelled = {}
+    for a, b, _ in pairs:
+        for t in (a, b):
+            spelled.setdefault(evaluate.data.normalise(t), t)
+    encoder = RandomEncoder(list(spelled.values()))
+    index = {t: i for i, t in enumerate(corpus)}
+    relevant = {}
+    for cluster in evaluate.data.duplicate_clusters(pairs):
+        members = [index[evaluate.data.normalise(t)] for t in cluster]
+        relevant.update({m: [x for x in members if x != m] for m in members})
+    expected = brute_force_retrieval(encoder.encode([spelled[t] for t in corpus]), relevant)
+    result = evaluate.retrieval_metrics(encoder, pairs, chunk=7)  # many chunks, one partial
+    assert result["queries"] == len(relevant) and result["corpus"] == len(corpus)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value), key
+
+
+def test_retrieval_by_hand():
+    # x~y; z is unrelated. From x: y (cos 0.8) below z (cos 0.9): rank 2. From y: x first.
+    vectors = {"x": [1.0, 0.0], "y": [0.8, 0.6], "z": [0.9, -0.43588989]}
+
+    class Fixed:
+        def encode(self, texts, batch_size=0):
+            return np.array([vectors[t] for t in texts])
+
+    result = evaluate.retrieval_metrics(Fixed(), [("x", "y", 1), ("y", "z", 0)], ks=(1, 2))
+    assert result["recall@1"] == 0.5 and result["recall@2"] == 1.0 and result["mrr"] == pytest.approx(0.75)
+
+
+def test_truncated_encoder_keeps_a_prefix_at_unit_length():
+    truncated = evaluate.Truncated(FixedEncoder(), 1).encode(["x", "z"])
+    np.testing.assert_allclose(truncated, [[1.0], [1.0]])
+
+
 def test_command_line_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
     from model import Embedder
     Embedder.from_pretrained(str(tiny_model_dir), dense_out_features=8).save(tmp_path / "m")
@@ -71,8 +157,9 @@ def test_command_line_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result) == {"val", "test"} and result["test"]["n_pairs"] == 40
     assert f"{result['test']['error_rate']:7.2%}" in table
-    with pytest.raises(SystemExit, match="error: file not found"):
-        evaluate.main(["--model", str(tmp_path / "m"), "--val", str(tmp_path / "no.tsv"), "--test", str(test)])
+    code, err = run_cli(evaluate.main, ["--model", str(tmp_path / "m"), "--val", str(tmp_path / "no.tsv"),
+                                        "--test", str(test)], capsys)
+    assert code == 2 and err.startswith("error: file not found")
 
 
 # ------------------------------------------------------------------------------ the OpenAI baseline
@@ -123,8 +210,9 @@ def test_openai_command_line_twice_sends_nothing_the_second_time(openai_env, tmp
     assert KEY not in capsys.readouterr().out + first
 
 
-def test_openai_without_a_key_is_a_one_line_error(monkeypatch, tmp_path):
+def test_openai_without_a_key_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(SystemExit, match="error: set OPENAI_API_KEY"):
-        evaluate.main(["--model", "openai:text-embedding-3-small", "--val", str(write_tsv(tmp_path / "v.tsv", [("a", "b", 1)])),
-                       "--test", str(tmp_path / "v.tsv")])
+    pairs = write_tsv(tmp_path / "v.tsv", [("a", "b", 1), ("c", "d", 0)])
+    code, err = run_cli(evaluate.main, ["--model", "openai:text-embedding-3-small", "--val", str(pairs),
+                                        "--test", str(pairs)], capsys)
+    assert code == 2 and err.startswith("error: set OPENAI_API_KEY")

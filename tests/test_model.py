@@ -1,8 +1,13 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from model import Embedder, mean_pool
+from cli import InputError
+from model import Embedder, load_model, mean_pool
 
 TEXTS = ["how do i cook t1a", "t1b t1c", "what is the best way of t2a t2b t2c how do i", "", "t1b t1c"]
 
@@ -49,11 +54,118 @@ def test_save_and_load_roundtrip_without_pickles(embedder, tmp_path):
     with torch.no_grad():
         embedder.projection.weight.mul_(2.0)  # something a fresh projection would not have
     before = embedder.encode(TEXTS)
-    embedder.save(tmp_path)
-    assert not list(tmp_path.glob("*.bin")) + list(tmp_path.glob("*.pt")) + list(tmp_path.glob("*.pkl"))
+    embedder.save(tmp_path, decision={"threshold": 0.25, "val": {"error_rate": 0.1}})
+    assert not list(tmp_path.rglob("*.bin")) + list(tmp_path.rglob("*.pt")) + list(tmp_path.rglob("*.pkl"))
     loaded = Embedder.load(tmp_path)
     assert loaded.dim == 16 and loaded.max_length == embedder.max_length
+    assert loaded.decision == {"threshold": 0.25, "val": {"error_rate": 0.1}}
     np.testing.assert_array_equal(loaded.encode(TEXTS), before)
+
+
+def test_saved_folder_is_the_classic_sentence_transformers_layout(embedder, tmp_path):
+    embedder.save(tmp_path)
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    assert [(m["path"], m["type"]) for m in modules] == [
+        ("", "sentence_transformers.models.Transformer"), ("1_Pooling", "sentence_transformers.models.Pooling"),
+        ("2_Dense", "sentence_transformers.models.Dense"), ("3_Normalize", "sentence_transformers.models.Normalize")]
+    assert json.loads((tmp_path / "sentence_bert_config.json").read_text())["max_seq_length"] == embedder.max_length
+    assert json.loads((tmp_path / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
+    assert json.loads((tmp_path / "2_Dense" / "config.json").read_text()) == {
+        "in_features": 32, "out_features": 16, "bias": False, "activation_function": "torch.nn.modules.linear.Identity"}
+    assert list(load_file(tmp_path / "2_Dense" / "model.safetensors")) == ["linear.weight"]
+    assert not (tmp_path / "projection.safetensors").exists()  # one copy of the projection
+
+
+@pytest.mark.parametrize("width", [16, None])
+def test_sentence_transformers_loads_our_folder_and_gives_our_embeddings(tiny_model_dir, tmp_path, width):
+    from sentence_transformers import SentenceTransformer
+    torch.manual_seed(1)
+    ours = Embedder.from_pretrained(str(tiny_model_dir), dense_out_features=width)
+    ours.save(tmp_path)
+    theirs = SentenceTransformer(str(tmp_path), device="cpu")
+    np.testing.assert_allclose(theirs.encode(TEXTS), ours.encode(TEXTS, bf16=False), atol=1e-5)
+
+
+def test_plain_transformers_reproduces_our_embeddings(embedder, tmp_path):
+    """What the README and the model card show for users of transformers alone."""
+    from transformers import AutoModel, AutoTokenizer
+    embedder.save(tmp_path)
+    tokenizer, encoder = AutoTokenizer.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=embedder.max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    vectors = (hidden * mask).sum(1) / mask.sum(1) @ load_file(tmp_path / "2_Dense/model.safetensors")["linear.weight"].T
+    vectors = torch.nn.functional.normalize(vectors, dim=-1)
+    np.testing.assert_allclose(vectors.numpy(), embedder.encode(TEXTS, bf16=False), atol=1e-5)
+
+
+def test_load_reads_a_folder_saved_by_sentence_transformers_itself(tiny_model_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer, models
+    transformer = models.Transformer(str(tiny_model_dir), max_seq_length=32)
+    torch.manual_seed(2)
+    dense = models.Dense(32, 8, bias=False, activation_function=torch.nn.Identity())
+    theirs = SentenceTransformer(modules=[transformer, models.Pooling(32, "mean"), dense, models.Normalize()], device="cpu")
+    theirs.save(str(tmp_path))  # sentence-transformers' own save, its own module names
+    ours = Embedder.load(tmp_path)
+    assert ours.dim == 8 and ours.decision == {}
+    np.testing.assert_allclose(ours.encode(TEXTS, bf16=False), theirs.encode(TEXTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: patch_json(d / "1_Pooling" / "config.json", pooling_mode_mean_tokens=False, pooling_mode_cls_token=True),
+     r"pooling \['cls'\] is not supported \(only mean\)"),
+    (lambda d: patch_json(d / "2_Dense" / "config.json", activation_function="torch.nn.modules.activation.Tanh"),
+     "Dense activation torch.nn.modules.activation.Tanh is not supported"),
+    (lambda d: patch_json(d / "2_Dense" / "config.json", activation_function=None),
+     r"Dense activation missing \(sentence-transformers then applies Tanh\) is not supported"),
+    (lambda d: (d / "modules.json").write_text(json.dumps(json.loads((d / "modules.json").read_text())
+                                                          + [{"path": "4", "type": "sentence_transformers.models.LayerNorm"}])),
+     "module sentence_transformers.models.LayerNorm is not supported"),
+])
+def test_load_refuses_what_is_not_our_architecture(embedder, tmp_path, change, message):
+    embedder.save(tmp_path)
+    change(tmp_path)
+    with pytest.raises(InputError, match=message):
+        Embedder.load(tmp_path)
+
+
+def patch_json(path, **changes):
+    config = json.loads(path.read_text()) | changes
+    path.write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+
+def test_load_model_continues_from_a_folder_and_checks_its_width(embedder, tiny_model_dir, tmp_path):
+    embedder.save(tmp_path)
+    again = load_model(str(tmp_path), dense_out_features=16)
+    assert torch.equal(again.projection.weight, embedder.projection.weight)  # not a fresh projection
+    assert load_model(str(tmp_path)).dim == 16                                # None: the folder's width
+    with pytest.raises(InputError, match="already projects to 16 dimensions: pass --dense-out-features 16"):
+        load_model(str(tmp_path), dense_out_features=8)
+    Embedder.from_pretrained(str(tiny_model_dir)).save(tmp_path / "plain")  # no projection: one may be added
+    assert load_model(str(tmp_path / "plain"), dense_out_features=8).dim == 8
+
+
+@pytest.mark.parametrize("missing, message", [("config.json", "has no config.json"),
+                                              ("vocab.txt tokenizer.json", "has no tokenizer"),
+                                              ("model.safetensors", "has no weights")])
+def test_a_model_folder_with_missing_files_is_named(tiny_model_dir, tmp_path, missing, message):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    for name in missing.split():
+        (folder / name).unlink()
+    with pytest.raises(InputError, match=f"{folder} {message}"):
+        Embedder.from_pretrained(str(folder))
+
+
+def test_similarity_and_is_duplicate_use_the_stored_threshold(embedder):
+    a, b = TEXTS[:3], TEXTS[1:4]
+    cosines = embedder.similarity(a, b)
+    np.testing.assert_allclose(cosines, (embedder.encode(a) * embedder.encode(b)).sum(1), atol=2e-2)
+    with pytest.raises(ValueError, match="no stored threshold"):
+        embedder.is_duplicate(a, b)
+    embedder.decision = {"threshold": float(np.median(cosines))}
+    np.testing.assert_array_equal(embedder.is_duplicate(a, b), cosines > np.median(cosines))
 
 
 def test_no_projection_roundtrip(tiny_model_dir, tmp_path):

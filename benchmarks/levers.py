@@ -1,0 +1,75 @@
+"""Which recipe to make the default: the same fine-tune with one lever changed at a time, over seeds,
+in one table. Chosen on the median validation error; test error is printed for the record only.
+
+    python benchmarks/levers.py --model DIR --data train.tsv.gz --val val.tsv.gz --test test.tsv.gz \\
+        --results results/levers.jsonl --set "epochs=1" --set "epochs=4" --set "epochs=4 in_batch_weight=0.5"
+
+Each --set is a list of option=value (the fields of options.Config) over the base recipe (--base,
+also option=value). Every run appends a line to --results as it ends, so an interrupted comparison
+loses only the run in flight and a rerun skips what is done. `--table` only prints the table.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import results  # noqa: E402
+import train  # noqa: E402
+from options import Config, parse_overrides  # noqa: E402
+
+
+def run(base: dict, changes: dict, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        m = train.train(Config(**base | changes | {"seed": seed, "out": out, "save": False, "zero_shot": False}))
+    t = m["training"]
+    return {"val_error": m["fine_tuned"]["val"]["error_rate"], "test_error": m["fine_tuned"]["test"]["error_rate"],
+            "val_errors": t["val_errors"], "best_epoch": t["best_epoch"], "train_seconds": t["seconds"],
+            "pairs_per_s": t["pairs_per_s"], "wall_seconds": time.perf_counter() - started,
+            "environment": m["environment"]}
+
+
+def table(rows: list[dict]) -> str:
+    by_setting: dict[str, list[dict]] = {}
+    for r in rows:
+        by_setting.setdefault(r["setting"], []).append(r)
+    lines = [f"{'setting':44} {'seeds':>5} {'val (median)':>12} {'val by seed':>24} {'test (median)':>13} "
+             f"{'best epochs':>11} {'train min':>9}"]
+    for setting, runs in by_setting.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        median = {key: statistics.median(r[key] for r in runs) for key in ("val_error", "test_error", "train_seconds")}
+        by_seed = " / ".join(f"{r['val_error']:.2%}" for r in runs)
+        best = ",".join(str(r["best_epoch"]) for r in runs)
+        lines.append(f"{setting or '(base)':44} {len(runs):5d} {median['val_error']:12.2%} {by_seed:>24} "
+                     f"{median['test_error']:13.2%} {best:>11} {median['train_seconds'] / 60:9.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name in ("model", "data", "val", "test"):
+        parser.add_argument("--" + name)
+    parser.add_argument("--base", default="dataset_size=4000 device=cpu", help="option=value ... for every run")
+    parser.add_argument("--set", action="append", default=[], help="option=value ... changed in one setting")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--results", default="results/levers.jsonl")
+    parser.add_argument("--table", action="store_true", help="only print the table of --results")
+    args = parser.parse_args()
+    path = Path(args.results)
+    if not args.table:
+        base = parse_overrides(args.base) | {"model": args.model, "data": args.data, "val": args.val, "test": args.test}
+        for setting in args.set:
+            for seed in args.seeds:
+                done = {(r["setting"], r["seed"]) for r in results.read(path)}
+                if (setting, seed) not in done:
+                    print(f"--- {setting or '(base)'}, seed {seed}", flush=True)
+                    row = run(base, parse_overrides(setting), seed)
+                    results.append(path, {"setting": setting, "seed": seed, "base": args.base} | row)
+    print(table(results.read(path)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The model card: README.md in a saved model folder, in the Hugging Face format (YAML front matter,
+then what was trained, how well it does, and how to use it), written by train.py after each run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from data import _looks_like_hub_id
+
+TRANSFORMERS_SNIPPET = '''import json, torch, torch.nn.functional as F
+from pathlib import Path
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+folder = Path("{folder}")
+tokenizer, encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder)
+batch = tokenizer(["How do I learn Python?", "What is the best way to learn Python?"], padding=True,
+                  truncation=True, max_length={max_length}, return_tensors="pt")
+with torch.no_grad():
+    hidden = encoder(**batch).last_hidden_state
+mask = batch["attention_mask"].unsqueeze(-1).float()
+vectors = (hidden * mask).sum(1) / mask.sum(1)                      # mean pooling
+{dense}vectors = F.normalize(vectors, dim=-1)
+print(vectors @ vectors.T)'''
+
+
+def write(directory: Path, metrics: dict) -> None:
+    (Path(directory) / "README.md").write_text(render(metrics, Path(directory)))
+
+
+def render(metrics: dict, directory: Path) -> str:
+    config, training = metrics["config"], metrics["training"]
+    decision = metrics["fine_tuned"]["val"]
+    dim = config["dense_out_features"] or "the encoder's"
+    base = config["model"] if _looks_like_hub_id(config["model"]) and not Path(config["model"]).exists() else None
+    dataset = config["data"] if _looks_like_hub_id(config["data"]) and not Path(config["data"]).exists() else None
+    tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "embed-ft"]
+    tags += ["matryoshka"] if config.get("matryoshka_dims") else []
+    front = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity"]
+    front += [f"base_model: {base}"] if base else []
+    front += ["tags:"] + [f"- {t}" for t in tags]
+    front += ["datasets:", f"- {dataset}"] if dataset else []
+    front += ["---", ""]
+    constraint = decision.get("constraint")
+    rule = " under " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in constraint.items()) if constraint else ""
+    dense = ('vectors = vectors @ load_file(folder / "2_Dense/model.safetensors")["linear.weight"].T   # projection\n'
+             if config["dense_out_features"] else "")
+    lines = front + [
+        f"# {directory.resolve().name}", "",
+        f"A sentence embedding model fine-tuned with embed-ft from `{config['model']}` on {training['pairs']:,} "
+        f"labelled pairs of `{config['data']}` (pairs seen over {training['epochs']} epoch(s); the weights of epoch "
+        f"{training['best_epoch'] or training['epochs']} were kept, the best on validation). Mean pooling, a linear "
+        f"projection to {dim} dimensions, unit-length embeddings: compare them by cosine (a dot product).", "",
+        f"Training: loss `{config['loss']}`, learning rate {config['lr']}, batch {config['batch_size']}, max length "
+        f"{config['max_length']} tokens, precision {config['resolved_precision']}, seed {config['seed']}; "
+        f"stopped: {training['stopped_by']}.", "",
+        "## Results", "",
+        "Duplicate classification: a pair is a duplicate when its cosine is above a threshold tuned on the "
+        "validation pairs (so validation numbers are optimistic) and applied unchanged to the test pairs.", "",
+        "| model | val error | test error | test F1 | test AP | test ROC AUC |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ] + [row(name, metrics[key]) for name, key in [("zero-shot", "zero_shot"), ("fine-tuned", "fine_tuned")] if key in metrics] + [
+        "", f"Decision threshold: cosine > {decision['threshold']:.4f} (best accuracy on validation{rule}); stored in "
+        "`embedder.json`.", "",
+        "## Use it", "", "embed-ft (`Embedder.load`; `is_duplicate` applies the stored threshold):", "", "```python",
+        "from model import Embedder", f'embedder = Embedder.load("{directory.name}")',
+        'print(embedder.is_duplicate(["How do I learn Python?"], ["What is the best way to learn Python?"]))',
+        "```", "", "sentence-transformers (3.x to 6.x):", "", "```python",
+        "from sentence_transformers import SentenceTransformer",
+        f'model = SentenceTransformer("{directory.name}"' + (", trust_remote_code=True)" if config["trust_remote_code"] else ")"),
+        'vectors = model.encode(["How do I learn Python?", "What is the best way to learn Python?"])',
+        "print(vectors @ vectors.T)", "```", "",
+        "Text Embeddings Inference (TEI 1.8.3 or later applies the Dense projection of a local folder):", "", "```bash",
+        f"docker run --gpus all -p 8080:80 -v $PWD/{directory.name}:/model ghcr.io/huggingface/text-embeddings-inference:1.8 "
+        "--model-id /model",
+        "curl 127.0.0.1:8080/embed -X POST -H 'Content-Type: application/json' -d '{\"inputs\": [\"How do I learn Python?\"]}'",
+        "```", "", "Plain transformers:", "", "```python",
+        TRANSFORMERS_SNIPPET.format(folder=directory.name, max_length=config["max_length"], dense=dense), "```", "",
+        "## Upload", "", "```bash", f"hf upload YOUR-NAME/{directory.resolve().name} {directory.name}", "```", ""]
+    return "\n".join(lines)
+
+
+def row(name: str, result: dict) -> str:
+    val, test = result["val"], result["test"]
+    ap, auc = (f"{test[k]:.4f}" if test[k] is not None else "-" for k in ("average_precision", "roc_auc"))
+    return f"| {name} | {val['error_rate']:.2%} | {test['error_rate']:.2%} | {test['f1']:.4f} | {ap} | {auc} |"

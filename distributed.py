@@ -1,0 +1,78 @@
+"""Data-parallel training on several GPUs (or CPU processes): `torchrun --nproc_per_node N train.py ...`.
+
+Every process holds the whole model and takes every N-th pair of each global batch. The
+embeddings are gathered from all processes *with their gradients*, so the losses, which compare
+pairs within a batch (OCL mines the hardest pairs, InfoNCE ranks against the others), see the
+whole global batch exactly as one process would. After the backward pass the gradients are
+averaged across processes, which is what DistributedDataParallel does (here in one flat
+all-reduce, since a step runs several forward passes, one per length group). Only rank 0
+evaluates, logs and saves. Started without torchrun, every function here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless started by torchrun. One GPU per process."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), world_size
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every process's `x`, concatenated in rank order; gradients flow back to each process's part."""
+    if not active():
+        return x
+    if x.requires_grad:
+        from torch.distributed.nn.functional import all_gather
+        return torch.cat(all_gather(x))
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over the processes.
+
+    Every process computed the same global loss, and the gather's backward sums each process's
+    share of the gradient, so the sum over processes is world_size times the one-process gradient:
+    the mean is exactly it."""
+    if not active():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process if it is true on any (so that all stop at the same step)."""
+    if not active():
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def from_rank0(obj):
+    """Rank 0's value of `obj` on every process (say, its validation result)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

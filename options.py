@@ -1,0 +1,125 @@
+"""Every option of a training run: the fields of `Config`, with their defaults and help, each one a
+flag of `python train.py` (`--dense-out-features 0`, `--no-select-best`, ...); and the checks that
+name an option that cannot work before anything is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import cli
+import data
+import losses
+from cli import InputError
+
+
+@dataclass
+class Config:
+    # model
+    model: str = field(default="BAAI/bge-base-en-v1.5", metadata={"help": "hub name, local folder, or an earlier run's --out to continue from"})
+    dense_out_features: int = field(default=256, metadata={"help": "projection width; 0 keeps the encoder's"})
+    max_length: int = field(default=256, metadata={"help": "tokens per text, longer ones are truncated"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run the model repo's code (jina needs it)"})
+    freeze_encoder: bool = field(default=False, metadata={"help": "train only the projection"})
+    freeze_embeddings: bool = field(default=False, metadata={"help": "keep the token embedding matrix as it is (faster)"})
+    # data
+    data: str = field(default=data.HUB_DEFAULT, metadata={"help": "hub dataset or local CSV/TSV/JSONL/Parquet"})
+    hub_config: str = field(default="pair-class", metadata={"help": "hub dataset config"})
+    columns: str = field(default="", metadata={"help": "TEXT1,TEXT2,LABEL if the names are not recognised"})
+    val: str = field(default="", metadata={"help": "validation pairs file; else split off --data"})
+    test: str = field(default="", metadata={"help": "test pairs file; else split off --data"})
+    val_size: float = field(default=0.1, metadata={"help": "split off --data: fraction (<1) or pairs"})
+    test_size: float = field(default=0.1, metadata={"help": "split off --data: fraction (<1) or pairs"})
+    dataset_size: int = field(default=0, metadata={"help": "training pairs to sample (nested); 0 = all"})
+    implied_pairs: str = field(default="none", metadata={"help": "none | duplicates | all: add the pairs the training labels imply"})
+    eval_size: int = field(default=0, metadata={"help": "evaluate on this many val and test pairs; 0 = all"})
+    # optimisation
+    loss: str = field(default="ocl", metadata={"help": "ocl | cosent | contrastive | cosine (see losses.py)"})
+    margin: float = field(default=0.5, metadata={"help": "ocl: cosine-distance margin for non-duplicates"})
+    scale: float = field(default=20.0, metadata={"help": "cosent, contrastive: inverse temperature"})
+    in_batch_weight: float = field(default=0.0, metadata={"help": "add the in-batch InfoNCE loss with this weight"})
+    matryoshka_dims: str = field(default="", metadata={"help": "e.g. 64,128,256: also train these prefix widths"})
+    epochs: int = 1
+    batch_size: int = field(default=32, metadata={"help": "pairs per step (over all processes)"})
+    length_groups: int = field(default=4, metadata={"help": "forward passes per step, texts grouped by length to pad less"})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate (chosen on validation, see README)"})
+    lr_decay: str = field(default="linear", metadata={"help": "linear | cosine | constant, after the warm-up"})
+    weight_decay: float = 0.01
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warm-up"})
+    max_grad_norm: float = 1.0
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
+    # choosing and stopping
+    select_best: bool = field(default=True, metadata={"help": "evaluate on validation after each epoch, keep the best epoch"})
+    patience: int = field(default=0, metadata={"help": "stop after this many epochs without a better validation error; 0 = never"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop training after this many minutes, then evaluate and save; 0 = no limit"})
+    min_recall: float = field(default=0.0, metadata={"help": "tune the threshold for accuracy with at least this recall"})
+    min_precision: float = field(default=0.0, metadata={"help": "... and/or at least this precision"})
+    # running
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    seed: int = 0
+    zero_shot: bool = field(default=True, metadata={"help": "evaluate the model before training too"})
+    eval_batch_size: int = 128
+    out: str = field(default="out", metadata={"help": "where the model, metrics.json and checkpoints go"})
+    save: bool = field(default=True, metadata={"help": "write the fine-tuned model to --out (sweeps skip it)"})
+    checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0 = about every 5 minutes"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
+
+
+# Options that may change between an interrupted run and its --resume.
+RESUMABLE_CHANGES = {"resume", "max_minutes", "checkpoint_every", "device", "eval_batch_size"}
+
+
+def check(config: Config) -> None:
+    """Options that cannot work, named before anything is loaded."""
+    problems = [(config.batch_size < 1, "--batch-size must be at least 1"),
+                (config.epochs < 1, "--epochs must be at least 1"),
+                (config.max_length < 1, "--max-length must be at least 1"),
+                (config.dense_out_features < 0, "--dense-out-features must be 0 (the encoder's width) or more"),
+                (config.lr <= 0, "--lr must be positive"),
+                (config.length_groups < 1, "--length-groups must be at least 1"),
+                (config.max_minutes < 0, "--max-minutes must be 0 (no limit) or more"),
+                (config.implied_pairs not in ("none", "duplicates", "all"), "--implied-pairs must be none, duplicates or all"),
+                (config.lr_decay not in ("linear", "cosine", "constant"), "--lr-decay must be linear, cosine or constant")]
+    for bad, message in problems:
+        if bad:
+            raise InputError(message)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {config.device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    if config.resume and not (Path(config.out) / checkpoint.FILE).is_file():
+        raise InputError(f"--resume: no checkpoint at {Path(config.out) / checkpoint.FILE}; run once without --resume")
+
+
+def parse_args(argv: list[str] | None = None, description: str = "") -> Config:
+    """Every field of Config becomes a --flag with the same default; booleans are switches."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", " ")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            choices = list(losses.BY_NAME) if f.name == "loss" else None
+            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_)
+    cli.add_debug_flag(parser)
+    args = vars(parser.parse_args(argv))
+    args.pop("debug")
+    return Config(**args)
+
+
+def parse_overrides(text: str) -> dict:
+    """"epochs=4 lr=1e-4" -> {"epochs": 4, "lr": 0.0001}, each value typed as its Config field."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    overrides = {}
+    for item in text.split():
+        name, _, value = item.partition("=")
+        if name not in kinds:
+            raise InputError(f"unknown option '{name}' (see python train.py --help)")
+        overrides[name] = value.lower() in ("1", "true", "yes") if kinds[name] == "bool" else \
+            {"int": int, "float": float, "str": str}[kinds[name]](value)
+    return overrides

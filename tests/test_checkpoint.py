@@ -1,0 +1,117 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import synthetic_pairs, write_tsv
+
+import checkpoint
+import train
+from model import Embedder
+
+
+@pytest.fixture
+def small_files(tmp_path):
+    """64 training pairs: 4 steps an epoch at batch 16, so every step of a run can be interrupted."""
+    return {name: write_tsv(tmp_path / f"{name}.tsv", synthetic_pairs(n, seed))
+            for name, n, seed in [("train", 64, 1), ("val", 48, 2), ("test", 48, 3)]}
+
+
+def small_config(tiny_model_dir, files, out, **overrides) -> train.Config:
+    settings = dict(model=str(tiny_model_dir), data=str(files["train"]), val=str(files["val"]), test=str(files["test"]),
+                    dense_out_features=16, epochs=3, batch_size=16, lr=1e-3, device="cpu", zero_shot=False, out=str(out))
+    return train.Config(**settings | overrides)
+
+
+def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM) -> None:
+    """Send a real signal to this process while the loss of `step` is computed (mid-step)."""
+    calls = []
+
+    class Signalling(train.losses.OnlineContrastiveLoss):
+        def forward(self, a, b, labels):
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signum)
+            return super().forward(a, b, labels)
+
+    monkeypatch.setitem(train.losses.BY_NAME, "ocl", lambda config: Signalling(config.margin))
+
+
+def test_interrupted_at_any_step_and_resumed_ends_with_identical_weights(tiny_model_dir, small_files, tmp_path,
+                                                                         monkeypatch):
+    train.train(small_config(tiny_model_dir, small_files, tmp_path / "whole"))
+    expected = Embedder.load(tmp_path / "whole").state_dict()
+    for step in range(1, 12):  # 3 epochs x 4 steps: every step but the last, epoch boundaries included
+        out = tmp_path / f"stopped-at-{step}"
+        with monkeypatch.context() as m:
+            signal_at_step(m, step)
+            with pytest.raises(KeyboardInterrupt):
+                train.train(small_config(tiny_model_dir, small_files, out))
+        state = torch.load(out / checkpoint.FILE, weights_only=True)
+        assert state["run"]["step"] == step  # the step under way was finished, then saved
+        assert json.loads((out / "metrics.json").read_text())["stopped_by"] == "SIGTERM"
+        metrics = train.train(small_config(tiny_model_dir, small_files, out, resume=True))
+        assert metrics["resumed_at_steps"] == [step] and metrics["training"]["steps"] == 12
+        resumed = Embedder.load(out).state_dict()
+        assert all(torch.equal(resumed[k], v) for k, v in expected.items()), f"stopped at step {step}"
+
+
+def test_ctrl_c_twice_stops_at_once(tiny_model_dir, small_files, tmp_path, monkeypatch):
+    calls = []
+
+    class Impatient(train.losses.OnlineContrastiveLoss):
+        def forward(self, a, b, labels):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().forward(a, b, labels)
+
+    monkeypatch.setitem(train.losses.BY_NAME, "ocl", lambda config: Impatient(config.margin))
+    with pytest.raises(KeyboardInterrupt):
+        train.train(small_config(tiny_model_dir, small_files, tmp_path, checkpoint_every=1))
+    assert torch.load(tmp_path / checkpoint.FILE, weights_only=True)["run"]["step"] == 1  # the last full step
+
+
+def test_periodic_checkpoints_and_resume_needs_the_same_settings(tiny_model_dir, small_files, tmp_path, monkeypatch):
+    signal_at_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(small_config(tiny_model_dir, small_files, tmp_path))
+    with pytest.raises(train.InputError, match="--resume: --lr differ"):
+        train.train(small_config(tiny_model_dir, small_files, tmp_path, resume=True, lr=1e-2))
+    with pytest.raises(train.InputError, match="--resume: no checkpoint at"):
+        train.train(small_config(tiny_model_dir, small_files, tmp_path / "elsewhere", resume=True))
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, small_files, tmp_path, monkeypatch):
+    calls = []
+
+    class Exploding(train.losses.OnlineContrastiveLoss):
+        def forward(self, a, b, labels):
+            calls.append(1)
+            loss = super().forward(a, b, labels)
+            return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setitem(train.losses.BY_NAME, "ocl", lambda config: Exploding(config.margin))
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 5 \(epoch 2\)"):
+        train.train(small_config(tiny_model_dir, small_files, tmp_path, checkpoint_every=2))
+    state = torch.load(tmp_path / checkpoint.FILE, weights_only=True)
+    assert state["run"]["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_checkpoint_is_written_atomically_and_restores_the_random_generators(tmp_path, monkeypatch):
+    path = tmp_path / checkpoint.FILE
+    torch.manual_seed(3)
+    checkpoint.save(path, weights=torch.ones(2), step=7)
+    expected = torch.rand(3)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (pretend)")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(path, weights=torch.zeros(2), step=8)
+    state = checkpoint.load(path)  # the first one, intact
+    assert state["step"] == 7 and torch.equal(state["weights"], torch.ones(2))
+    assert torch.equal(torch.rand(3), expected)

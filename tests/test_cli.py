@@ -1,0 +1,104 @@
+"""Bad input gets one line: `error: ...` on stderr, exit code 2, no traceback. Each case here is a
+row of README's table of bad inputs."""
+import gzip
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, run_cli, synthetic_pairs, write_tsv
+
+import cli
+import evaluate
+import train
+
+
+@pytest.fixture
+def files(tmp_path, pair_files):
+    """Good files, and one bad file of each kind."""
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text1": "a", "text2": "b", "label": 1}\n{"text1": "c", "text2": "d", label: 0}\n')
+    latin1 = tmp_path / "latin1.tsv.gz"
+    with gzip.open(latin1, "wb") as f:
+        f.write("question1\tquestion2\tis_duplicate\nna\xefve\tb\t1\n".encode("latin-1"))  # ï: byte 33 + 2
+    short_row = tmp_path / "short_row.tsv"
+    short_row.write_text("question1\tquestion2\tis_duplicate\na\tb\t1\nc d\t0\n")
+    one_class = write_tsv(tmp_path / "one_class.tsv", [(a, b, 1) for a, b, _ in synthetic_pairs(20, 5)])
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    (no_tokenizer / "model.safetensors").write_bytes(b"")
+    return dict(pair_files, bad_json=bad_json, latin1=latin1, short_row=short_row, one_class=one_class,
+                no_tokenizer=no_tokenizer, out=tmp_path / "out")
+
+
+def train_args(files, tiny_model_dir, **changes) -> list[str]:
+    args = {"--model": str(tiny_model_dir), "--data": str(files["train"]), "--val": str(files["val"]),
+            "--test": str(files["test"]), "--device": "cpu", "--out": str(files["out"])} | changes
+    return [x for k, v in args.items() for x in (k, v)]
+
+
+TRAIN_CASES = [  # (case, changed options, the message)
+    ("a JSONL line that is not JSON", {"--data": "bad_json"}, r"bad.jsonl line 2: not valid JSON \(Expecting property name enclosed in double quotes, column 30\)"),
+    ("a file that is not UTF-8", {"--data": "latin1"}, r"latin1.tsv.gz is not UTF-8 text: byte 0xef at line 2 \(byte 35 of the uncompressed file\); re-save it as UTF-8"),
+    ("a CSV/TSV row with the wrong number of fields", {"--data": "short_row"}, r"short_row.tsv line 3: 2 field\(s\) where the header has 3; a stray tab or quote\?"),
+    ("a file that does not exist", {"--data": "missing.tsv"}, "file not found: missing.tsv"),
+    ("unknown column names", {"--columns": "a,b,c"}, r"train.tsv: missing columns \['a', 'b', 'c'\]; found \['question1', 'question2', 'is_duplicate'\]"),
+    ("validation pairs of one class", {"--val": "one_class"}, "validation pairs: all 20 pairs are duplicates; a tuned threshold means nothing on a single class: give pairs of both kinds"),
+    ("--val without --test", {"--test": ""}, r"give both --val and --test, or neither \(to split them off --data\)"),
+    ("--dataset-size above the pairs there are", {"--dataset-size": "1000"}, "--dataset-size 1000 is more than the 192 training pairs available"),
+    ("--batch-size 0", {"--batch-size": "0"}, "--batch-size must be at least 1"),
+    ("a negative --dense-out-features", {"--dense-out-features": "-5"}, r"--dense-out-features must be 0 \(the encoder's width\) or more"),
+    ("a negative --lr", {"--lr": "-0.001"}, "--lr must be positive"),
+    ("--max-length 0", {"--max-length": "0"}, "--max-length must be at least 1"),
+    ("--epochs 0", {"--epochs": "0"}, "--epochs must be at least 1"),
+    ("--device cuda without a GPU", {"--device": "cuda"}, r"--device cuda: no CUDA GPU is visible here; use --device cpu \(or auto\)"),
+    ("a model folder without a tokenizer", {"--model": "no_tokenizer"}, r"no_tokenizer has no tokenizer \(tokenizer.json, vocab.txt, .*\); copy it from the base model's folder"),
+    ("--resume without a checkpoint", {"--resume": None}, "--resume: no checkpoint at .*checkpoint.pt; run once without --resume"),
+]
+
+
+@pytest.mark.parametrize("case, changes, message", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_train_bad_input_is_one_line(files, tiny_model_dir, capsys, case, changes, message):
+    if case == "--device cuda without a GPU" and train.torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    changes = {k: str(files.get(v, v)) if v is not None else v for k, v in changes.items()}
+    args = train_args(files, tiny_model_dir, **{k: v for k, v in changes.items() if v is not None})
+    args += [k for k, v in changes.items() if v is None]  # switches
+    code, err = run_cli(train.main, args, capsys)
+    last = err.strip().splitlines()[-1]  # after any progress bar
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    assert last.startswith("error: ") and re.search(message, last), err
+
+
+def test_debug_shows_the_traceback(files, tiny_model_dir, capsys):
+    with pytest.raises(cli.InputError, match="--batch-size must be at least 1"):
+        cli.run(train.main, train_args(files, tiny_model_dir, **{"--batch-size": "0"}) + ["--debug"])
+
+
+def test_evaluate_bad_input_is_one_line(files, tiny_model_dir, capsys):
+    base = ["--model", str(tiny_model_dir), "--val", str(files["val"]), "--test", str(files["test"])]
+    code, err = run_cli(evaluate.main, base + ["--batch-size", "0"], capsys)
+    assert code == 2 and err == "error: --batch-size must be at least 1 (got 0)\n"
+    code, err = run_cli(evaluate.main, base[:4] + ["--test", str(files["one_class"])], capsys)
+    assert code == 2 and "all 20 pairs are duplicates" in err
+
+
+def test_an_unknown_hub_model_offline_is_one_line_from_the_real_command(files, tmp_path):
+    """The whole program, as a user runs it: no network here, so the hub cannot answer."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "no-such-org/no-such-model",
+                             "--data", str(files["train"]), "--val", str(files["val"]), "--test", str(files["test"]),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                            env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith("error: could not load model 'no-such-org/no-such-model': not a local folder, and the "
+                           "Hugging Face hub has no such model or cannot be reached (offline?)"), last
+
+
+def test_a_nan_loss_exits_with_one_line_and_code_1(files, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setitem(train.losses.BY_NAME, "ocl", lambda config: lambda a, b, labels: (a * b).sum() * float("nan"))
+    code, err = run_cli(train.main, train_args(files, tiny_model_dir), capsys)
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert code == 1 and last.startswith("error: the loss is nan at step 1 (epoch 1)") and "Traceback" not in err, err
