@@ -1,0 +1,83 @@
+import math
+import os
+
+import numpy as np
+import pytest
+from conftest import run_cli, synthetic_pairs, write_tsv
+
+import flywheel
+import results
+from model import Embedder
+
+
+def test_mcnemar_exact_by_hand():
+    candidate = np.array([1, 1, 1, 1, 0, 1, 1, 0], bool)
+    current = np.array([1, 0, 0, 0, 1, 1, 0, 0], bool)
+    # discordant: candidate only right at 1, 2, 3, 6 (b = 4); current only right at 4 (c = 1).
+    # P(X >= 4 | Bin(5, 1/2)) = (C(5,4) + C(5,5)) / 32 = 6 / 32
+    verdict = flywheel.mcnemar_exact(candidate, current)
+    assert (verdict["candidate_only_right"], verdict["current_only_right"]) == (4, 1)
+    assert verdict["p_value"] == pytest.approx(6 / 32)
+    assert flywheel.mcnemar_exact(current, current)["p_value"] == 1.0  # no disagreement, no evidence
+    # 60 against 30 discordant pairs: the normal approximation gives z = 30 / sqrt(90) = 3.16, p ~ 0.0008.
+    big = flywheel.mcnemar_exact(np.r_[np.ones(60), np.zeros(30)].astype(bool), np.r_[np.zeros(60), np.ones(30)].astype(bool))
+    assert big["p_value"] == pytest.approx(sum(math.comb(90, k) for k in range(60, 91)) / 2**90)
+    assert 0.0005 < big["p_value"] < 0.002
+
+
+@pytest.fixture
+def flywheel_setup(tiny_model_dir, tmp_path):
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    val = write_tsv(tmp_path / "val.tsv", synthetic_pairs(96, 2))
+    test = write_tsv(tmp_path / "test.tsv", synthetic_pairs(400, 3))
+    settings = "epochs=6 batch_size=16 lr=1e-3 dense_out_features=16 device=cpu"
+    args = ["--home", str(tmp_path / "fw"), "--base", str(tiny_model_dir), "--pairs", str(drops),
+            "--val", str(val), "--test", str(test), "--set", settings]
+    return drops, tmp_path / "fw", args
+
+
+def test_rounds_promote_a_winner_refuse_noise_and_log(flywheel_setup, tmp_path, capsys):
+    drops, home, args = flywheel_setup
+    write_tsv(drops / "01.tsv", synthetic_pairs(192, 1))
+    flywheel.main(args)
+    first = results.read(home / "history.jsonl")[0]
+    assert first["decision"] == "promoted" and first["current"] == "base" and first["trained_on"] == 192
+    assert first["candidate_error"] < first["current_error"] and first["p_value"] < 0.05
+    assert os.readlink(home / "current") == "rounds/round-001" and Embedder.load(home / "current").dim == 16
+    # Round 2: labels shuffled, trained from the current model on the new file only: refused.
+    noise = synthetic_pairs(192, 9)
+    labels = np.random.default_rng(0).permutation([y for *_, y in noise])
+    write_tsv(drops / "02.tsv", [(a, b, int(y)) for (a, b, _), y in zip(noise, labels)])
+    flywheel.main(args + ["--mode", "continue"])
+    second = results.read(home / "history.jsonl")[1]
+    assert second["decision"] == "refused" and 180 < second["trained_on"] <= 192 and second["new_files"] == 1
+    assert os.readlink(home / "current") == "rounds/round-001"  # unchanged
+    assert (home / "rounds" / "round-002" / "model.safetensors").is_file()  # kept for inspection
+    flywheel.main(["--plot", str(home / "history.jsonl")])
+    assert (home / "history.png").stat().st_size > 10_000
+    code, err = run_cli(flywheel.main, args + ["--mode", "continue"], capsys)
+    assert code == 2 and "no new pair files since the last round" in err
+
+
+def test_a_crash_during_the_switch_leaves_the_old_current_intact(flywheel_setup, monkeypatch):
+    drops, home, args = flywheel_setup
+    write_tsv(drops / "01.tsv", synthetic_pairs(192, 1))
+    flywheel.main(args)
+    before = Embedder.load(home / "current").encode(["t1a t1b"])
+    write_tsv(drops / "02.tsv", synthetic_pairs(192, 5))
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("current"):
+            raise OSError("power cut (pretend)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(flywheel.os, "replace", crash)
+    monkeypatch.setattr(flywheel, "mcnemar_exact", lambda a, b: {"candidate_only_right": 9, "current_only_right": 0,
+                                                                   "p_value": 0.001})  # a sure winner
+    with pytest.raises(OSError, match="power cut"):
+        flywheel.main(args)
+    assert os.readlink(home / "current") == "rounds/round-001"
+    np.testing.assert_array_equal(Embedder.load(home / "current").encode(["t1a t1b"]), before)
+    assert len(results.read(home / "history.jsonl")) == 1  # the round is not logged as done: rerun it
