@@ -1,0 +1,27 @@
+"""The GPU check dry-runs here, on the CPU with tiny sizes, so that its first run on a GPU works."""
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT, synthetic_pairs, write_tsv
+
+
+def test_gpu_check_dry_runs_on_cpu(tiny_model_dir, tmp_path):
+    pack = tmp_path / "pack"  # the layout ../shared/pack-for-device writes
+    shutil.copytree(tiny_model_dir, pack / "sentence-transformers-all-MiniLM-L6-v2-bf16")
+    (pack / "quora").mkdir()
+    for name, n, seed in [("train", 192, 1), ("val", 96, 2), ("test", 96, 3)]:
+        tsv = write_tsv(tmp_path / f"{name}.tsv", synthetic_pairs(n, seed))
+        with gzip.open(pack / "quora" / f"{name}.tsv.gz", "wb") as f:
+            f.write(tsv.read_bytes())
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--pack", str(pack), "--dry-run",
+                             "--out", str(tmp_path / "check.json")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["tests"]["passed"] and report["dry_run"]
+    assert [r["batch"] for r in report["bge_base_shapes"]] == [4, 8]
+    assert all(r["pairs_per_s"] > 0 and r["tflop_per_s"] > 0 for r in report["bge_base_shapes"])
+    assert 0 <= report["finetune_minilm"]["test_error"] <= 1
+    assert "bge-base shapes" in result.stdout and "all-MiniLM-L6-v2" in result.stdout
