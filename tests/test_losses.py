@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import CoSENTLoss, CosineSimilarityLoss, InBatchContrastiveLoss, OnlineContrastiveLoss
+from losses import (BY_NAME, CoSENTLoss, CosineSimilarityLoss, InBatchContrastiveLoss, MatryoshkaLoss, OnlineContrastiveLoss,
+                    WeightedSum)
 
 
 def unit(*rows):
@@ -67,3 +68,36 @@ def test_cosent_loss_by_hand():
     assert CoSENTLoss(20.0)(A, B, labels).item() == pytest.approx(expected, rel=1e-5)
     assert cosines.tolist() == pytest.approx([1, 0, -1], abs=1e-6)
     assert CoSENTLoss()(A, B, torch.tensor([1, 1, 1])).item() == 0.0  # nothing to rank
+
+
+def random_batch(n=12, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = (F.normalize(torch.randn(n, d, generator=g), dim=-1) for _ in range(2))
+    return a, b, torch.arange(n) % 2
+
+
+def test_matryoshka_at_the_full_width_alone_is_the_plain_loss():
+    a, b, labels = random_batch()
+    for loss in (OnlineContrastiveLoss(), InBatchContrastiveLoss(), CoSENTLoss()):
+        assert MatryoshkaLoss(loss, [8])(a, b, labels).item() == pytest.approx(loss(a, b, labels).item(), rel=1e-6)
+
+
+def test_matryoshka_sums_the_loss_of_each_renormalised_prefix():
+    a, b, labels = random_batch()
+    loss = OnlineContrastiveLoss()
+    prefix = lambda x, d: F.normalize(x[:, :d], dim=-1)  # noqa: E731
+    expected = loss(prefix(a, 2), prefix(b, 2), labels) + loss(prefix(a, 4), prefix(b, 4), labels) + loss(a, b, labels)
+    assert MatryoshkaLoss(loss, [2, 4, 8])(a, b, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_weighted_sum():
+    a, b, labels = random_batch()
+    ocl, nce = OnlineContrastiveLoss(), InBatchContrastiveLoss()
+    expected = ocl(a, b, labels) + 0.25 * nce(a, b, labels)
+    assert WeightedSum([(1.0, ocl), (0.25, nce)])(a, b, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_every_named_loss_is_built_from_the_options():
+    from options import Config
+    assert set(BY_NAME) == {"ocl", "cosent", "contrastive", "cosine"}
+    assert BY_NAME["ocl"](Config(margin=0.3)).margin == 0.3 and BY_NAME["cosent"](Config(scale=7.0)).scale == 7.0
