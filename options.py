@@ -47,6 +47,7 @@ class Config:
     epochs: int = 1
     batch_size: int = field(default=32, metadata={"help": "pairs per step (over all processes)"})
     length_groups: int = field(default=4, metadata={"help": "forward passes per step, texts grouped by length to pad less"})
+    bucket_by_length: bool = field(default=False, metadata={"help": "batches of pairs of similar length (less padding)"})
     lr: float = field(default=5e-5, metadata={"help": "peak learning rate (chosen on validation, see README)"})
     lr_decay: str = field(default="linear", metadata={"help": "linear | cosine | constant, after the warm-up"})
     weight_decay: float = 0.01

@@ -22,7 +22,6 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -198,7 +197,7 @@ def train(config: Config, on_checkpoint=None) -> dict:
     with tqdm(total=total, initial=run["step"], desc="train", unit="step", disable=rank != 0) as bar, \
             checkpoint.StopRequests() as stop:
         while run["epoch"] < config.epochs and stopped_by is None:
-            order = np.random.default_rng([config.seed, run["epoch"]]).permutation(len(batches))
+            order = batches.epoch_order(config.seed, run["epoch"], config.batch_size, config.bucket_by_length)
             done = run["step"] - run["epoch"] * steps_per_epoch  # steps of this epoch already taken
             for groups, restore, labels in batches.batches(order[done * config.batch_size:], config.batch_size,
                                                            config.length_groups, rank, world_size):

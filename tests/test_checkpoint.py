@@ -38,20 +38,21 @@ def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM) -> None:
     monkeypatch.setitem(train.losses.BY_NAME, "ocl", lambda config: Signalling(config.margin))
 
 
+@pytest.mark.parametrize("bucket", [False, True])
 def test_interrupted_at_any_step_and_resumed_ends_with_identical_weights(tiny_model_dir, small_files, tmp_path,
-                                                                         monkeypatch):
-    train.train(small_config(tiny_model_dir, small_files, tmp_path / "whole"))
+                                                                         monkeypatch, bucket):
+    train.train(small_config(tiny_model_dir, small_files, tmp_path / "whole", bucket_by_length=bucket))
     expected = Embedder.load(tmp_path / "whole").state_dict()
     for step in range(1, 12):  # 3 epochs x 4 steps: every step but the last, epoch boundaries included
         out = tmp_path / f"stopped-at-{step}"
         with monkeypatch.context() as m:
             signal_at_step(m, step)
             with pytest.raises(KeyboardInterrupt):
-                train.train(small_config(tiny_model_dir, small_files, out))
+                train.train(small_config(tiny_model_dir, small_files, out, bucket_by_length=bucket))
         state = torch.load(out / checkpoint.FILE, weights_only=True)
         assert state["run"]["step"] == step  # the step under way was finished, then saved
         assert json.loads((out / "metrics.json").read_text())["stopped_by"] == "SIGTERM"
-        metrics = train.train(small_config(tiny_model_dir, small_files, out, resume=True))
+        metrics = train.train(small_config(tiny_model_dir, small_files, out, resume=True, bucket_by_length=bucket))
         assert metrics["resumed_at_steps"] == [step] and metrics["training"]["steps"] == 12
         resumed = Embedder.load(out).state_dict()
         assert all(torch.equal(resumed[k], v) for k, v in expected.items()), f"stopped at step {step}"
