@@ -44,15 +44,15 @@ class Config:
     scale: float = field(default=20.0, metadata={"help": "cosent, contrastive: inverse temperature"})
     in_batch_weight: float = field(default=0.0, metadata={"help": "add the in-batch InfoNCE loss with this weight"})
     matryoshka_dims: str = field(default="", metadata={"help": "e.g. 64,128,256: also train these prefix widths"})
-    epochs: int = 1
+    epochs: int = field(default=3, metadata={"help": "passes over the training pairs (chosen on validation, see README)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (over all processes)"})
-    length_groups: int = field(default=4, metadata={"help": "forward passes per step, texts grouped by length to pad less"})
-    bucket_by_length: bool = field(default=False, metadata={"help": "batches of pairs of similar length (less padding)"})
+    length_groups: int = field(default=2, metadata={"help": "forward passes per step, texts grouped by length to pad less"})
+    bucket_by_length: bool = field(default=True, metadata={"help": "batches of pairs of similar length (less padding)"})
     lr: float = field(default=5e-5, metadata={"help": "peak learning rate (chosen on validation, see README)"})
     lr_decay: str = field(default="linear", metadata={"help": "linear | cosine | constant, after the warm-up"})
-    weight_decay: float = 0.01
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW's decoupled weight decay"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warm-up"})
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient to this norm"})
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
     # choosing and stopping
     select_best: bool = field(default=True, metadata={"help": "evaluate on validation after each epoch, keep the best epoch"})
@@ -62,9 +62,9 @@ class Config:
     min_precision: float = field(default=0.0, metadata={"help": "... and/or at least this precision"})
     # running
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "picks the --dataset-size sample, the data order and the initialisation"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the model before training too"})
-    eval_batch_size: int = 128
+    eval_batch_size: int = field(default=128, metadata={"help": "texts per forward pass when evaluating"})
     out: str = field(default="out", metadata={"help": "where the model, metrics.json and checkpoints go"})
     save: bool = field(default=True, metadata={"help": "write the fine-tuned model to --out (sweeps skip it)"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0 = about every 5 minutes"})

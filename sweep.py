@@ -30,16 +30,20 @@ import modal
 import cli
 import data
 import results
+from options import Config
 
 MODELS = ["BAAI/bge-base-en-v1.5", "sentence-transformers/all-mpnet-base-v2", "jinaai/jina-embeddings-v2-small-en"]
 SIZES = [100 * 2**i for i in range(11)] + [0]      # 100, 200, ..., 102,400, and 0 = the full training split
 DIMS = [256, 512]
 CONTAINER_HOURS = 2
-# Every other hyperparameter, fixed across the grid and recorded with each result. Each run gets a
-# training budget well below the container's timeout, so a slow configuration ends with a result
-# (stopped_by: time_budget) rather than a killed container. Zero-shot is evaluated once per (model, width).
-FIXED = {"epochs": 1, "batch_size": 32, "lr": 5e-5, "loss": "ocl", "max_length": 256, "seed": 0,
-         "val_size": 5000, "test_size": 10000, "save": False, "zero_shot": False, "max_minutes": 100}
+# Every other hyperparameter, fixed across the grid and recorded with each result: train.py's recipe.
+# Each run gets a training budget well below the container's timeout, so a slow configuration ends
+# with a result (stopped_by: time_budget) rather than a killed container. Zero-shot is evaluated once
+# per (model, width), not per run.
+RECIPE = Config()
+FIXED = {"epochs": RECIPE.epochs, "batch_size": RECIPE.batch_size, "lr": RECIPE.lr, "loss": RECIPE.loss,
+         "length_groups": RECIPE.length_groups, "bucket_by_length": RECIPE.bucket_by_length, "max_length": 256,
+         "seed": 0, "val_size": 5000, "test_size": 10000, "save": False, "zero_shot": False, "max_minutes": 100}
 NEEDS_REMOTE_CODE = {"jinaai/jina-embeddings-v2-small-en"}
 
 
@@ -68,7 +72,6 @@ def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int =
     from the checkpoint there. A failure comes back as a result, so the other runs go on."""
     import checkpoint
     import train
-    from options import Config
     key, out = config_key(config), Path(out_root) / config_key(config)
     row = {"kind": "run", "key": key, "config": config}
     started = time.time()
@@ -87,9 +90,8 @@ def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int =
 
 def torchrun(config, processes: int) -> dict:
     """train.py under torchrun, data-parallel over `processes` GPUs; its metrics.json."""
-    import options
     flags = []
-    for f in dataclasses.fields(options.Config):
+    for f in dataclasses.fields(Config):
         value = getattr(config, f.name)
         flags += ([f"--{'' if value else 'no-'}{f.name.replace('_', '-')}"] if isinstance(value, bool)
                   else [f"--{f.name.replace('_', '-')}", str(value)])
@@ -104,7 +106,6 @@ def evaluate_once(config: dict, baseline: str | None = None, base_url: str | Non
     configuration's width), on the configuration's validation and test pairs."""
     import evaluate
     import train
-    from options import Config
     config = Config(**config | {"dataset_size": 0})
     if baseline is None:
         _, (_, val, test), model = train.prepare(config)

@@ -54,7 +54,8 @@ def test_objective_runs_locally_and_records_where_it_ran(tiny_model_dir, pair_fi
     config = one_config(tiny_model_dir, pair_files)
     with pytest.warns(UserWarning, match="executing locally"):  # Modal: no volume outside a container
         result = sweep.objective.local(config, str(tmp_path))
-    assert result["training"]["pairs"] == 32 and result["config"] == config and result["resumed_at_steps"] == []
+    assert result["training"]["pairs"] == 32 * sweep.FIXED["epochs"] and result["config"] == config
+    assert result["resumed_at_steps"] == []
     assert result["environment"]["torch"] and "gpu" in result["environment"]
     assert (tmp_path / result["key"] / "metrics.json").is_file()
 
