@@ -203,8 +203,10 @@ def load_encoder(name_or_path: str | Path, trust_remote_code: bool, safetensors_
             encoder = AutoModel.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
         except (ValueError, ImportError):  # this architecture has no SDPA path: use its own attention
             encoder = AutoModel.from_pretrained(name_or_path, **kwargs)
-    except OSError as e:  # unknown name, no network, missing files
+    except OSError as e:  # unknown name, no network, unreadable files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(name_or_path).is_dir():
+            raise InputError(f"could not load the model in {name_or_path}: {first_line}") from e
         raise InputError(f"could not load model '{name_or_path}': not a local folder, and the Hugging Face hub "
                          f"has no such model or cannot be reached (offline?): {first_line}") from e
     return tokenizer, encoder

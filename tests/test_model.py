@@ -180,3 +180,12 @@ def test_encode_precision_can_be_forced(embedder):
     fp32, bf16 = embedder.encode(TEXTS, bf16=False), embedder.encode(TEXTS, bf16=True)
     assert not np.array_equal(fp32, bf16)
     np.testing.assert_allclose(fp32, bf16, atol=2e-2)
+
+
+def test_load_reads_no_pickles(embedder, tmp_path):
+    embedder.save(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "pytorch_model.bin")  # what an old or foreign folder may hold
+    with pytest.raises(InputError, match=f"could not load the model in {tmp_path}: .*model.safetensors"):
+        Embedder.load(tmp_path)
