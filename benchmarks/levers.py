@@ -32,20 +32,25 @@ def run(base: dict, changes: dict, seed: int) -> dict:
             "environment": m["environment"]}
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], markdown: bool = False) -> str:
+    """One row per setting: median and per-seed validation error, median test error, the epochs kept.
+    (Training times are in the JSONL; they are not compared here: comparisons may run side by side.)"""
     by_setting: dict[str, list[dict]] = {}
     for r in rows:
         by_setting.setdefault(r["setting"], []).append(r)
-    lines = [f"{'setting':44} {'seeds':>5} {'val (median)':>12} {'val by seed':>24} {'test (median)':>13} "
-             f"{'best epochs':>11} {'train min':>9}"]
+    header = ["setting", "seeds", "val error (median)", "val error by seed", "test error (median)", "epoch kept"]
+    lines = []
     for setting, runs in by_setting.items():
         runs = sorted(runs, key=lambda r: r["seed"])
-        median = {key: statistics.median(r[key] for r in runs) for key in ("val_error", "test_error", "train_seconds")}
-        by_seed = " / ".join(f"{r['val_error']:.2%}" for r in runs)
-        best = ",".join(str(r["best_epoch"]) for r in runs)
-        lines.append(f"{setting or '(base)':44} {len(runs):5d} {median['val_error']:12.2%} {by_seed:>24} "
-                     f"{median['test_error']:13.2%} {best:>11} {median['train_seconds'] / 60:9.1f}")
-    return "\n".join(lines)
+        median = {key: statistics.median(r[key] for r in runs) for key in ("val_error", "test_error")}
+        lines.append([setting or "(base)", str(len(runs)), f"{median['val_error']:.2%}",
+                      " / ".join(f"{r['val_error']:.2%}" for r in runs), f"{median['test_error']:.2%}",
+                      ",".join(str(r["best_epoch"]) for r in runs)])
+    if markdown:
+        return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] + ["---:"] * 5] + lines)
+    widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in [header] + lines)
 
 
 def main() -> None:
@@ -57,6 +62,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--results", default="results/levers.jsonl")
     parser.add_argument("--table", action="store_true", help="only print the table of --results")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args()
     path = Path(args.results)
     if not args.table:
@@ -68,7 +74,7 @@ def main() -> None:
                     print(f"--- {setting or '(base)'}, seed {seed}", flush=True)
                     row = run(base, parse_overrides(setting), seed)
                     results.append(path, {"setting": setting, "seed": seed, "base": args.base} | row)
-    print(table(results.read(path)))
+    print(table(results.read(path), args.markdown))
 
 
 if __name__ == "__main__":
