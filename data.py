@@ -13,11 +13,14 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
 from cli import InputError
+
+if TYPE_CHECKING:  # torch is imported where batches are made, not to read a file
+    import torch
 
 Pair = tuple[str, str, int]
 

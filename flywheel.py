@@ -158,6 +158,7 @@ def plot(history_path: Path, figure: Path) -> None:
     ax.plot([], [], "o", color="C1", label="candidate, promoted")
     ax.plot([], [], "o", color="C3", fillstyle="none", label="candidate, refused")
     ax.set_xticks(rounds)
+    ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.9)  # room for the last round's note
     ax.set_xlabel("round")
     ax.set_ylabel("test error rate (%)")
     ax.grid(alpha=0.3)

@@ -26,7 +26,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import flops  # noqa: E402
 from model import Embedder, cpu_has_bf16  # noqa: E402
+from options import Config  # noqa: E402
 
 ENCODE = '''
 import json, sys, time
@@ -81,12 +81,14 @@ def small_splits(splits: Path, folder: Path, n: int = 500) -> tuple[Path, Path]:
     return tuple(paths)
 
 
-def training_flops_per_pair(model_dir: str, train_file: str, pairs: int, groups: int = 4, batch: int = 32) -> float:
-    """FLOPs a training step computes per pair (padding included), over the pairs the runs train on."""
+def training_flops_per_pair(model_dir: str, train_file: str, pairs: int, batch: int = 32) -> float:
+    """FLOPs a training step computes per pair (padding included), over the batches train.py's defaults
+    make of the pairs the runs train on (seed 0, epoch 0: the same order, buckets and length groups)."""
     model = Embedder.from_pretrained(model_dir, 256)
     tokenized = data.TokenizedPairs(data.subsample(data.load_pairs(train_file), pairs, seed=0), model.tokenizer, 256)
+    order = tokenized.epoch_order(Config.seed, 0, batch, Config.bucket_by_length)
     total = 0.0
-    for features, _, labels in tokenized.batches(np.random.default_rng([0, 0]).permutation(pairs), batch, groups):
+    for features, _, labels in tokenized.batches(order, batch, Config.length_groups):
         lengths = [f["input_ids"].shape[1] for f in features for _ in range(f["input_ids"].shape[0])]
         total += 3 * flops.forward_flops(lengths, *flops.model_shape(model.encoder.config), 256)
     return total / pairs

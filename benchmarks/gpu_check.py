@@ -10,8 +10,9 @@ It runs the training tests on CUDA; measures training pairs/s, peak memory and m
 (FLOPs counted from the shapes, see flops.py, against the datasheet peak and a measured bf16 matrix
 product) for bge-base-en-v1.5's shapes (a randomly initialised 12-layer, 768-wide BERT: no download)
 on real Quora lengths in bf16, at batch 32 and 256, eager and with torch.compile(mode="reduce-overhead")
-(CUDA graphs, texts padded to a few static lengths); fine-tunes all-MiniLM-L6-v2 on 20,000 pairs with
-train.py and reports its throughput and test error. One table is printed and JSON written to --out.
+(CUDA graphs, texts padded to a few static lengths); fine-tunes all-MiniLM-L6-v2 on the pack's 20,000 pairs
+for one epoch with train.py and reports its throughput and test error. One table is printed and JSON written
+to --out after each stage, so a check cut short keeps what it measured.
 """
 import argparse
 import json
@@ -43,10 +44,12 @@ def run_tests(device: str, quick: bool) -> dict:
     """The training tests with EMBED_FT_TEST_DEVICE=cuda (the real-data test skips: no ../shared there)."""
     files = ["tests/test_losses.py"] if quick else ["tests/test_train.py", "tests/test_model.py", "tests/test_losses.py"]
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "pytest", "-rfE", "-p", "no:cacheprovider", *files], cwd=ROOT,
                             env=os.environ | {"EMBED_FT_TEST_DEVICE": device}, capture_output=True, text=True)
-    summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return {"passed": result.returncode == 0, "summary": summary, "seconds": time.perf_counter() - started}
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR")) or " passed" in line
+             or " failed" in line]  # the short summary: each failure by name, then the count
+    return {"passed": result.returncode == 0, "summary": "; ".join(lines) or f"pytest exited {result.returncode}",
+            "seconds": time.perf_counter() - started, "output_tail": result.stdout[-3000:]}
 
 
 def bucket(groups: list[dict]) -> list[dict]:
@@ -124,8 +127,8 @@ def main() -> None:
     parser.add_argument("--pack", required=True, help="the folder ../shared/pack-for-device wrote")
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model and sizes: checks the script runs")
-    parser.add_argument("--pairs", type=int, default=20000, help="pairs for the all-MiniLM-L6-v2 fine-tune")
-    parser.add_argument("--epochs", type=int, default=Config.epochs, help="epochs of that fine-tune")
+    parser.add_argument("--pairs", type=int, default=0, help="pairs for the all-MiniLM-L6-v2 fine-tune (0: all the pack has)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of that fine-tune (one keeps the check under 8 minutes)")
     args = parser.parse_args()
     pack, dry = Path(args.pack), args.dry_run
     device = torch.device("cpu" if dry else "cuda")
@@ -135,23 +138,31 @@ def main() -> None:
     print(f"tests on {device.type}: {report['tests']['summary']}", flush=True)
 
     tokenizer = Embedder.from_pretrained(str(pack / "sentence-transformers-all-MiniLM-L6-v2-bf16")).tokenizer
-    texts = data.subsample(data.load_pairs(str(pack / "quora" / "train.tsv.gz")), 64 if dry else 20000, seed=1)
+    pool = data.load_pairs(str(pack / "quora" / "train.tsv.gz"))  # length distribution of real Quora pairs
+    texts = data.subsample(pool, min(64 if dry else 20000, len(pool)), seed=1)
     tokenized = data.TokenizedPairs(texts, tokenizer, 256)
     model = bge_shaped(tokenizer, dry, device)
     peak = flops.measured_peak(device, torch.bfloat16 if not dry else torch.float32, n=256 if dry else 8192)
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
     report.update(measured_peak_tflop_per_s=peak / 1e12, datasheet_peak_tflop_per_s=sheet / 1e12 if sheet else None)
-    runs = []
-    for batch in ([4, 8] if dry else [32, 256]):
-        for compiled in ([False] if dry else [False, True]):
-            try:
-                runs.append(throughput(model, tokenized, batch, 2 if dry else 20, 1 if dry else 5, device, compiled))
-            except Exception as e:  # a failed variant is reported, the check goes on
-                runs.append({"batch": batch, "compiled": compiled, "error": f"{type(e).__name__}: {e}"[:300]})
-            print(runs[-1], flush=True)
-    report["bge_base_shapes"] = runs
-    report["finetune_minilm"] = finetune(pack, 32 if dry else args.pairs, device.type, 1 if dry else args.epochs)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    out = Path(args.out)
+    save = lambda: out.write_text(json.dumps(report, indent=2) + "\n")  # after each stage: a timeout keeps what ran
+    report["bge_base_shapes"] = runs = []
+
+    def measure(batch: int, compiled: bool) -> None:
+        try:
+            runs.append(throughput(model, tokenized, batch, 2 if dry else 20, 1 if dry else 5, device, compiled))
+        except Exception as e:  # a failed variant is reported, the check goes on
+            runs.append({"batch": batch, "compiled": compiled, "error": f"{type(e).__name__}: {e}"[:300]})
+        print(runs[-1], flush=True)
+        save()
+
+    for batch in [4, 8] if dry else [32, 256]:
+        measure(batch, compiled=False)
+    report["finetune_minilm"] = finetune(pack, 32 if dry else args.pairs or len(pool), device.type, 1 if dry else args.epochs)
+    save()
+    for batch in [] if dry else [32, 256]:  # CUDA graphs last: their compile is the slowest, least certain part
+        measure(batch, compiled=True)
     print(table(report))
 
 
