@@ -26,7 +26,6 @@ class Config:
     max_length: int = field(default=256, metadata={"help": "tokens per text, longer ones are truncated"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run the model repo's code (jina needs it)"})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the projection"})
-    freeze_embeddings: bool = field(default=False, metadata={"help": "keep the token embedding matrix as it is (faster)"})
     # data
     data: str = field(default=data.HUB_DEFAULT, metadata={"help": "hub dataset or local CSV/TSV/JSONL/Parquet"})
     hub_config: str = field(default="pair-class", metadata={"help": "hub dataset config"})
@@ -49,7 +48,6 @@ class Config:
     length_groups: int = field(default=2, metadata={"help": "forward passes per step, texts grouped by length to pad less"})
     bucket_by_length: bool = field(default=True, metadata={"help": "batches of pairs of similar length (less padding)"})
     lr: float = field(default=5e-5, metadata={"help": "peak learning rate (chosen on validation, see README)"})
-    lr_decay: str = field(default="linear", metadata={"help": "linear | cosine | constant, after the warm-up"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW's decoupled weight decay"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warm-up"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient to this norm"})
@@ -84,8 +82,7 @@ def check(config: Config) -> None:
                 (config.lr <= 0, "--lr must be positive"),
                 (config.length_groups < 1, "--length-groups must be at least 1"),
                 (config.max_minutes < 0, "--max-minutes must be 0 (no limit) or more"),
-                (config.implied_pairs not in ("none", "duplicates", "all"), "--implied-pairs must be none, duplicates or all"),
-                (config.lr_decay not in ("linear", "cosine", "constant"), "--lr-decay must be linear, cosine or constant")]
+                (config.implied_pairs not in ("none", "duplicates", "all"), "--implied-pairs must be none, duplicates or all")]
     for bad, message in problems:
         if bad:
             raise InputError(message)

@@ -92,10 +92,8 @@ def test_a_time_budget_ends_training_then_evaluates_and_saves(tiny_model_dir, pa
     assert "test" in metrics["fine_tuned"] and Embedder.load(tmp_path).dim == 16
 
 
-def test_lr_schedules():
-    assert [train.lr_multiplier(s, 2, 6, "linear") for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
-    assert [train.lr_multiplier(s, 2, 6, "constant") for s in range(6)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
-    assert [round(train.lr_multiplier(s, 2, 6, "cosine"), 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.853553, 0.5, 0.146447]
+def test_lr_schedule_warms_up_then_decays_linearly():
+    assert [train.lr_multiplier(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
 
 
 def test_satisficing_threshold_is_recorded(tiny_model_dir, pair_files, tmp_path):
