@@ -42,8 +42,9 @@ CONTAINER_HOURS = 2
 # per (model, width), not per run.
 RECIPE = Config()
 FIXED = {"epochs": RECIPE.epochs, "batch_size": RECIPE.batch_size, "lr": RECIPE.lr, "loss": RECIPE.loss,
-         "length_groups": RECIPE.length_groups, "bucket_by_length": RECIPE.bucket_by_length, "max_length": 256,
-         "seed": 0, "val_size": 5000, "test_size": 10000, "save": False, "zero_shot": False, "max_minutes": 100}
+         "length_groups": RECIPE.length_groups, "bucket_by_length": RECIPE.bucket_by_length,
+         "max_length": RECIPE.max_length, "seed": RECIPE.seed, "val_size": 5000, "test_size": 10000, "save": False,
+         "zero_shot": False, "max_minutes": 100}
 NEEDS_REMOTE_CODE = {"jinaai/jina-embeddings-v2-small-en"}
 
 
@@ -130,8 +131,8 @@ image = (
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0", "numpy==2.4.6",
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "einops==0.8.2")
     .env({"HF_HOME": "/cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("cli", "data", "model", "losses", "options", "checkpoint", "distributed", "card",
-                             "train", "evaluate", "results")  # sweep.py itself is added by Modal
+    .add_local_python_source("cli", "data", "batching", "model", "losses", "options", "checkpoint", "distributed",
+                             "card", "train", "evaluate", "results")  # sweep.py itself is added by Modal
 )
 volume = modal.Volume.from_name("embed-ft-sweep", create_if_missing=True)
 GPU = "H100"

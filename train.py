@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import batching
 import card
 import checkpoint
 import cli
@@ -146,7 +147,7 @@ def train(config: Config, on_checkpoint=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InputError("--freeze-encoder with --dense-out-features 0 leaves nothing to train")
-    batches = data.TokenizedPairs(train_pairs, model.tokenizer, model.max_length)
+    batches = batching.TokenizedPairs(train_pairs, model.tokenizer, model.max_length)
     steps_per_epoch = math.ceil(len(batches) / config.batch_size)
     total = config.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import batching  # noqa: E402
 import data  # noqa: E402
 from losses import OnlineContrastiveLoss  # noqa: E402
 from model import Embedder, cpu_has_bf16  # noqa: E402
@@ -55,7 +56,7 @@ def main() -> None:
     second = timed(lambda: compiled_model.encode(texts, progress=False))
     print(f"{f'encode {len(texts)} texts, bf16 {bf16}':34} {eager:8.1f} {first:15.1f} {second:15.1f} {eager / second:7.2f}x")
     pairs = data.subsample(data.load_pairs(f"{args.splits}/train.tsv.gz"), 32 * args.steps, seed=0)
-    tokenized = data.TokenizedPairs(pairs, model.tokenizer, 256)
+    tokenized = batching.TokenizedPairs(pairs, model.tokenizer, 256)
     model.train()
     eager = timed(lambda: train_steps(model, model, tokenized, args.steps, bf16))
     compiled_model.train()

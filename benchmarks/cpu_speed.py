@@ -30,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import batching  # noqa: E402
 import data  # noqa: E402
 import flops  # noqa: E402
 from model import Embedder, cpu_has_bf16  # noqa: E402
@@ -85,7 +86,7 @@ def training_flops_per_pair(model_dir: str, train_file: str, pairs: int, batch: 
     """FLOPs a training step computes per pair (padding included), over the batches train.py's defaults
     make of the pairs the runs train on (seed 0, epoch 0: the same order, buckets and length groups)."""
     model = Embedder.from_pretrained(model_dir, 256)
-    tokenized = data.TokenizedPairs(data.subsample(data.load_pairs(train_file), pairs, seed=0), model.tokenizer, 256)
+    tokenized = batching.TokenizedPairs(data.subsample(data.load_pairs(train_file), pairs, seed=0), model.tokenizer, 256)
     order = tokenized.epoch_order(Config.seed, 0, batch, Config.bucket_by_length)
     total = 0.0
     for features, _, labels in tokenized.batches(order, batch, Config.length_groups):

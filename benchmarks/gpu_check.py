@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import batching  # noqa: E402
 import data  # noqa: E402
 import flops  # noqa: E402
 import train  # noqa: E402
@@ -62,7 +63,7 @@ def bucket(groups: list[dict]) -> list[dict]:
     return padded
 
 
-def throughput(model: Embedder, tokenized: data.TokenizedPairs, batch: int, steps: int, warmup: int,
+def throughput(model: Embedder, tokenized: batching.TokenizedPairs, batch: int, steps: int, warmup: int,
                device: torch.device, compiled: bool) -> dict:
     """Median step time of the training step (bf16 autocast on CUDA, 4 length groups, OCL, fused
     AdamW), its pairs/s, the FLOPs it computed (padding included) and the peak memory."""
@@ -140,7 +141,7 @@ def main() -> None:
     tokenizer = Embedder.from_pretrained(str(pack / "sentence-transformers-all-MiniLM-L6-v2-bf16")).tokenizer
     pool = data.load_pairs(str(pack / "quora" / "train.tsv.gz"))  # length distribution of real Quora pairs
     texts = data.subsample(pool, min(64 if dry else 20000, len(pool)), seed=1)
-    tokenized = data.TokenizedPairs(texts, tokenizer, 256)
+    tokenized = batching.TokenizedPairs(texts, tokenizer, 256)
     model = bge_shaped(tokenizer, dry, device)
     peak = flops.measured_peak(device, torch.bfloat16 if not dry else torch.float32, n=256 if dry else 8192)
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)

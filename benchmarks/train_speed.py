@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import batching  # noqa: E402
 import data  # noqa: E402
 import flops  # noqa: E402
 from losses import OnlineContrastiveLoss  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--freeze", choices=["no", "yes", "both"], default="both", help="freeze the token embeddings")
     args = parser.parse_args()
     pairs = data.subsample(data.load_pairs(args.data), (args.steps + args.warmup) * args.batch_size, seed=0)
-    tokenized = data.TokenizedPairs(pairs, Embedder.from_pretrained(args.model).tokenizer, 256)
+    tokenized = batching.TokenizedPairs(pairs, Embedder.from_pretrained(args.model).tokenizer, 256)
     precisions = ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
     peaks = {p: flops.measured_peak(torch.device("cpu"), {"fp32": torch.float32, "bf16": torch.bfloat16}[p], 2048)
              for p in precisions}

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, synthetic_pairs
 
-import data
+import batching
 import distributed
 from losses import InBatchContrastiveLoss, OnlineContrastiveLoss, WeightedSum
 from model import Embedder
@@ -23,7 +23,7 @@ def loss_and_gradients(model_dir: str, rank: int, world_size: int) -> tuple[floa
     """One training step's loss and (averaged) gradients on this process's share of a global batch."""
     torch.manual_seed(0)
     model = Embedder.from_pretrained(model_dir, dense_out_features=16).eval()  # eval: no dropout draws to differ
-    tokenized = data.TokenizedPairs(synthetic_pairs(GLOBAL_BATCH, seed=4), model.tokenizer, 64)
+    tokenized = batching.TokenizedPairs(synthetic_pairs(GLOBAL_BATCH, seed=4), model.tokenizer, 64)
     groups, restore, labels = next(tokenized.batches(np.arange(GLOBAL_BATCH), GLOBAL_BATCH, 2, rank, world_size))
     first, second = torch.cat([model(**g) for g in groups])[restore].chunk(2)
     first, second, labels = (distributed.gather(x) for x in (first, second, labels))

@@ -1,9 +1,10 @@
+import ast
 import os
 import signal
 
 import modal
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 import results
 import sweep
@@ -48,6 +49,26 @@ def sweep_args(tiny_model_dir, pair_files, tmp_path):
 def one_config(tiny_model_dir, pair_files, **changes) -> dict:
     return sweep.grid([str(tiny_model_dir)], [32], [8], data=str(pair_files["train"]), val=str(pair_files["val"]),
                       test=str(pair_files["test"]), device="cpu", **changes)[0]
+
+
+def test_the_modal_image_carries_every_module_a_run_imports():
+    project = {path.stem for path in ROOT.glob("*.py")}
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return found & project
+
+    needed, todo = set(), ["train", "evaluate", "results"]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += imports(name)
+    source = (ROOT / "sweep.py").read_text()
+    call = source[source.index(".add_local_python_source("):].split(")", 1)[0]
+    assert needed <= set(ast.literal_eval("(" + call.split("(", 1)[1] + ",)")), needed
 
 
 def test_objective_runs_locally_and_records_where_it_ran(tiny_model_dir, pair_files, tmp_path):

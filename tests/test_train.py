@@ -120,7 +120,7 @@ def test_length_groups_give_the_same_embeddings_as_one_padded_batch(tiny_model_d
     model = Embedder.from_pretrained(str(tiny_model_dir), 16).eval()  # eval: no dropout to differ
     words = "how do i cook t1a t2b t3c what is the best way of".split()
     pairs = [(" ".join(words[: 1 + i % 12]), " ".join(words[i % 5:]), i % 2) for i in range(8)]  # many lengths
-    tokenized = train.data.TokenizedPairs(pairs, model.tokenizer, 64)
+    tokenized = train.batching.TokenizedPairs(pairs, model.tokenizer, 64)
     (one,), restore_one, _ = next(tokenized.batches(np.arange(8), 8, length_groups=1))
     groups, restore, _ = next(tokenized.batches(np.arange(8), 8, length_groups=4))
     with torch.no_grad():
