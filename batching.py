@@ -3,12 +3,21 @@ seed and the epoch alone (so a resumed run redraws it), pairs of similar length 
 each batch's texts are padded in a few length groups rather than to the batch's longest text."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 
 import data
+
+
+class Batch(NamedTuple):
+    """One step's share of pairs on this process: its texts in length groups, the permutation that puts
+    their embeddings back in order, the labels, and every process's number of pairs (see `batches`)."""
+    groups: list[dict]
+    restore: torch.Tensor
+    labels: torch.Tensor
+    shares: list[int]
 
 
 class TokenizedPairs:
@@ -43,24 +52,26 @@ class TokenizedPairs:
         return np.concatenate([batches[i] for i in rng.permutation(whole)] + batches[whole:])
 
     def batches(self, order: np.ndarray, batch_size: int, length_groups: int = 1, rank: int = 0,
-                world_size: int = 1) -> Iterator[tuple[list[dict], torch.Tensor, torch.Tensor]]:
-        """Batches of B pairs, in `order`, as (feature groups, restore, labels).
+                world_size: int = 1) -> Iterator[Batch]:
+        """Batches of B pairs, in `order`: every pair of `order` is in exactly one batch.
 
         The batch's 2B texts (all first texts, then all second texts) are sorted by length and cut
         into `length_groups` groups, each padded only to its own longest text: Quora questions vary
         in length, and one group pads about 2.8x the real tokens where four groups pad 1.4x.
         `torch.cat(embeddings of the groups)[restore]` puts the embeddings back in batch order.
-        Data-parallel: each of `world_size` processes takes every world_size-th pair of a batch
-        (a batch's last few pairs are dropped so that the shares are equal).
+        Data-parallel: process r takes the r-th of `world_size` contiguous parts of each batch. Parts
+        differ by at most one pair, and a shorter part is topped up with copies of a pair so that all
+        are the same size; `shares` says how many of each part are real, and `distributed.gather`
+        drops the copies again. So a short last batch is taken, whatever the number of processes.
         """
         for start in range(0, len(order), batch_size):
-            chosen = order[start:start + batch_size]
-            chosen = chosen[: len(chosen) // world_size * world_size][rank::world_size]
-            if len(chosen) == 0:
-                continue
+            parts = np.array_split(order[start:start + batch_size], world_size)
+            mine = parts[rank] if len(parts[rank]) else parts[0]  # fewer pairs than processes: a copy
+            chosen = np.resize(mine, len(parts[0]))  # a short part repeats its own pairs
             text_ids = np.concatenate([self.pairs[chosen, 0], self.pairs[chosen, 1]])
             by_length = np.argsort([len(self.input_ids[i]) for i in text_ids], kind="stable")
             groups = [self.tokenizer.pad({"input_ids": [self.input_ids[i] for i in text_ids[group]]},
                                          return_tensors="pt")
                       for group in np.array_split(by_length, min(length_groups, len(by_length)))]
-            yield [dict(g) for g in groups], torch.from_numpy(np.argsort(by_length)), torch.from_numpy(self.labels[chosen])
+            yield Batch([dict(g) for g in groups], torch.from_numpy(np.argsort(by_length)),
+                        torch.from_numpy(self.labels[chosen]), [len(p) for p in parts])

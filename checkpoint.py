@@ -4,8 +4,10 @@ where it stopped, and SIGINT / SIGTERM (Ctrl-C, a preempted container) end a run
 The checkpoint is one file, `OUT/checkpoint.pt`: the model, optimiser, scheduler and GradScaler
 states, the progress (step, epoch, time spent, validation history, best weights so far) and the
 random number generators. Data order needs no state: each epoch's order is drawn from (seed, epoch).
-It is written to a temporary file and renamed, so a crash mid-write leaves the previous one intact,
-and read with `torch.load(weights_only=True)`, which unpickles tensors and plain containers only.
+It is written to a temporary file and renamed, so a crash mid-write leaves the previous one intact;
+the one before it is kept too (`checkpoint.prev.pt`), so that a latest file damaged some other way
+(a full disk, a copy cut short) falls back to it. Both are read with `torch.load(weights_only=True)`,
+which unpickles tensors and plain containers only.
 """
 from __future__ import annotations
 
@@ -18,21 +20,51 @@ from pathlib import Path
 
 import torch
 
+from errors import InputError, first_line
+
 FILE = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
 
 
 def save(path: Path, **state) -> None:
-    """Write `state` (tensors, numbers, strings and containers of them) atomically."""
+    """Write `state` (tensors, numbers, strings and containers of them) atomically, keeping the
+    checkpoint it replaces as PREVIOUS."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state | {"rng": rng_state()}, tmp)
+    if path.exists():
+        os.replace(path, path.with_name(PREVIOUS))
     os.replace(tmp, path)
 
 
 def load(path: Path) -> dict:
-    """A checkpoint written by `save`, its random number generators restored."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    restore_rng(state["rng"])
-    return state
+    """The checkpoint written by `save`, its random number generators restored. If it is damaged,
+    the one before it, with a note on stderr; if both are, an InputError that says what to do."""
+    damaged = []
+    for candidate in (path, path.with_name(PREVIOUS)):
+        if not candidate.exists():
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as e:  # cut short, overwritten, not a checkpoint: torch says it many ways
+            damaged.append(f"{candidate.name} is damaged ({first_line(e)})")
+            continue
+        if candidate != path:
+            print(f"note: {damaged[0] if damaged else path.name + ' is missing'}: resuming from {candidate.name}, "
+                  f"the checkpoint before it", file=sys.stderr)
+        restore_rng(state["rng"])
+        return state
+    raise InputError(f"{path.parent}: {'; '.join(damaged) or 'no checkpoint'}, and there is no earlier one to fall "
+                     f"back to: start again with --overwrite instead of --resume")
+
+
+def exists(out: Path) -> bool:
+    return (out / FILE).is_file() or (out / PREVIOUS).is_file()
+
+
+def remove(out: Path) -> None:
+    for name in (FILE, PREVIOUS):
+        (out / name).unlink(missing_ok=True)
+
 
 
 def rng_state() -> dict:

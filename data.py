@@ -13,12 +13,13 @@ import itertools
 import json
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from cli import InputError
+from errors import InputError
 
 Pair = tuple[str, str, int]
 
@@ -29,7 +30,7 @@ KNOWN_COLUMNS = [
     ("sentence1", "sentence2", "label"),
     ("text1", "text2", "label"),
 ]
-LOCAL_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".gz")
+LOCAL_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".gz", ".txt")
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -39,6 +40,9 @@ def load_pairs(source: str, columns: tuple[str, str, str] | None = None,
     """Labelled pairs from a local file or, if `source` is no file, a Hugging Face dataset. Pairs
     with an empty text, or of a text with itself, teach nothing: they are dropped, and counted."""
     path = Path(source)
+    if path.is_dir():
+        raise InputError(f"{source} is a folder, not a file of pairs: give a CSV, TSV, JSONL or Parquet file "
+                         f"(or a hub dataset name)")
     if path.is_file():
         rows, label_column = read_file(path, columns)
     elif path.suffix in LOCAL_SUFFIXES or ("/" in source and not _looks_like_hub_id(source)):
@@ -54,14 +58,19 @@ def _looks_like_hub_id(source: str) -> bool:
 
 def read_file(path: Path, columns: tuple[str, str, str] | None) -> tuple[list[tuple], str]:
     """The (text1, text2, label) columns of a CSV/TSV (optionally .gz), JSONL or Parquet file, and
-    the label column's name. Only those three columns are kept in memory."""
+    the label column's name. Only those three columns are kept in memory. A file that is cut short,
+    or whose contents are not what its name says, is named as such."""
     name = path.name.removesuffix(".gz")
+    if not name.endswith((".jsonl", ".json", ".tsv", ".csv", ".parquet")):
+        raise InputError(f"unknown file type: {path} (use .csv, .tsv, .jsonl or .parquet, optionally .gz)")
+    check_contents(path)
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
-        table = pq.read_table(path).to_pydict()
+        try:
+            table = pq.read_table(path).to_pydict()
+        except OSError as e:  # pyarrow's ArrowInvalid is an OSError too
+            raise InputError(f"{path} is a damaged Parquet file ({str(e).strip().splitlines()[0]})") from None
         return select(itertools.chain([list(table)], zip(*table.values())), columns, str(path))
-    if not name.endswith((".jsonl", ".json", ".tsv", ".csv")):
-        raise InputError(f"unknown file type: {path} (use .csv, .tsv, .jsonl or .parquet, optionally .gz)")
     with open_text(path) as f:
         try:
             rows = (json_rows(f, path) if name.endswith((".jsonl", ".json"))
@@ -69,8 +78,37 @@ def read_file(path: Path, columns: tuple[str, str, str] | None) -> tuple[list[tu
             return select(rows, columns, str(path))
         except UnicodeDecodeError:
             raise InputError(describe_bad_utf8(path)) from None
-        except (OSError, EOFError) as e:  # a truncated or corrupt .gz
-            raise InputError(f"{path}: cannot read it ({e})") from None
+        except EOFError:
+            raise InputError(f"{path} is cut short (the compressed data ends early: a download or copy that "
+                             f"stopped?); fetch or copy it again") from None
+        except OSError as e:  # a corrupt .gz
+            raise InputError(f"{path} is damaged: {e}; fetch or copy it again") from None
+
+
+MAGIC = {b"PAR1": "a Parquet file", b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}
+
+
+def sniff(path: Path) -> str | None:
+    """What a file's first bytes say it is, when they say it clearly."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return next((kind for magic, kind in MAGIC.items() if head.startswith(magic)), None)
+
+
+def check_contents(path: Path) -> None:
+    """The name says one format, the first bytes another: say which, before a parser trips on it."""
+    actual, name = sniff(path), path.name
+    expected = "gzip-compressed" if name.endswith(".gz") else "a Parquet file" if name.endswith(".parquet") else None
+    if actual == expected:
+        return
+    if actual is None and expected == "a Parquet file":
+        raise InputError(f"{path} is not a Parquet file (it does not start with PAR1; text, CSV or TSV?): "
+                         f"name it after its real format")
+    if actual is None and expected == "gzip-compressed":
+        raise InputError(f"{path} is not gzip-compressed: drop the .gz from its name")
+    if actual is not None:
+        raise InputError(f"{path} is {actual}, not what its name says: name it after its real format "
+                         f"(.parquet, or .gz after the text format)")
 
 
 def select(rows: Iterator, columns: tuple[str, str, str] | None, source: str) -> tuple[list[tuple], str]:
@@ -87,13 +125,30 @@ def select(rows: Iterator, columns: tuple[str, str, str] | None, source: str) ->
 
 
 def open_text(path: Path):
+    """UTF-8 text (a byte order mark is skipped), split into lines at line feeds only: a carriage
+    return is a line end only right before one (Windows' CRLF)."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8-sig", newline="")
+    return opener(path, "rt", encoding="utf-8-sig", newline="\n")
+
+
+def without_bare_carriage_returns(lines: Iterable[str], path: Path) -> Iterator[str]:
+    """Lines with CRLF made LF, and any other carriage return (some public corpora have them inside
+    fields) read as a space, with a note of how many there were."""
+    bare = 0
+    for line in lines:
+        if line.endswith("\r\n"):
+            line = line[:-2] + "\n"
+        if "\r" in line:
+            bare += line.count("\r")
+            line = line.replace("\r", " ")
+        yield line
+    if bare:
+        print(f"note: {path}: {bare} carriage return(s) inside fields, read as spaces", file=sys.stderr)
 
 
 def delimited_rows(f, path: Path, delimiter: str) -> Iterator[list[str]]:
     """The header, then each row, checked to have as many fields as the header."""
-    reader = csv.reader(f, delimiter=delimiter)
+    reader = csv.reader(without_bare_carriage_returns(f, path), delimiter=delimiter)
     header = next(reader, None)
     if header is None:
         return

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
 import data
-from cli import InputError
+import errors
+from errors import InputError
 
 
 def near_duplicate_pairs(vectors: np.ndarray, threshold: float, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -47,8 +47,10 @@ def group(n: int, left: np.ndarray, right: np.ndarray) -> list[list[int]]:
 
 def read_texts(path: Path, columns: tuple[str, str, str] | None) -> tuple[list[str], list[data.Pair]]:
     """Distinct texts, and the labelled pairs if the file holds pairs (a .txt file: one text a line)."""
-    if path.name.removesuffix(".gz").endswith(".txt"):
-        texts = [line.strip() for line in data.open_text(path) if line.strip()]
+    if path.name.removesuffix(".gz").endswith(".txt") and path.is_file():
+        data.check_contents(path)
+        with data.open_text(path) as f:
+            texts = [line.strip() for line in f if line.strip()]
         return list(dict.fromkeys(texts)), []
     pairs = data.load_pairs(str(path), columns)
     return list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b))), pairs
@@ -76,18 +78,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="rows of the similarity matrix at a time")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
-    cli.add_debug_flag(parser)
+    errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.chunk < 1 or args.batch_size < 1:
         raise InputError("--chunk and --batch-size must be at least 1")
-    if not Path(args.file).is_file():
-        raise InputError(f"file not found: {args.file}")
+    texts, pairs = read_texts(Path(args.file), tuple(args.columns.split(",")) if args.columns else None)
     import evaluate
-    model = evaluate.load_encoder(args.model, device=args.device)
+    model = evaluate.open_encoder(args.model, device=args.device)
     threshold = args.threshold if args.threshold is not None else model.decision.get("threshold")
     if threshold is None:
         raise InputError(f"{args.model} stores no threshold (it was not saved by train.py); pass --threshold")
-    texts, pairs = read_texts(Path(args.file), tuple(args.columns.split(",")) if args.columns else None)
     started = time.perf_counter()
     vectors = model.encode(texts, batch_size=args.batch_size, progress=True)
     encoded = time.perf_counter()
@@ -109,4 +109,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    errors.run(main)

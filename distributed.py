@@ -1,6 +1,6 @@
 """Data-parallel training on several GPUs (or CPU processes): `torchrun --nproc_per_node N train.py ...`.
 
-Every process holds the whole model and takes every N-th pair of each global batch. The
+Every process holds the whole model and takes the r-th of N equal parts of each global batch. The
 embeddings are gathered from all processes *with their gradients*, so the losses, which compare
 pairs within a batch (OCL mines the hardest pairs, InfoNCE ranks against the others), see the
 whole global batch exactly as one process would. After the backward pass the gradients are
@@ -32,16 +32,19 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Every process's `x`, concatenated in rank order; gradients flow back to each process's part."""
+def gather(x: torch.Tensor, shares: list[int]) -> torch.Tensor:
+    """Every process's `x`, concatenated in rank order, each part cut to its `shares[rank]` real rows
+    (`batching.Batch.shares`: the copies that topped a short part up are dropped); gradients flow
+    back to each process's part."""
     if not active():
         return x
     if x.requires_grad:
         from torch.distributed.nn.functional import all_gather
-        return torch.cat(all_gather(x))
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
+        parts = all_gather(x)
+    else:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+    return torch.cat([part[:n] for part, n in zip(parts, shares)])
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:

@@ -12,18 +12,15 @@ text find its duplicates among all the texts of the split?
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import sqlite3
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-import cli
+import errors
 import data
-from cli import InputError
+from errors import InputError
 
 
 class Encoder(Protocol):
@@ -187,74 +184,26 @@ def retrieval_metrics(encoder: Encoder, pairs: list[data.Pair], ks: tuple[int, .
             "queries": len(queries), "corpus": len(corpus)}
 
 
-# ------------------------------------------------------------------------------ the OpenAI baseline
+# ------------------------------------------------------------------------- what --model names
 
-class OpenAIEmbedder:
-    """Embeddings from the OpenAI API, or any server that speaks it (`base_url`).
-
-    Requests go in batches; the client retries rate limits (429) and server errors (5xx) with
-    exponential backoff, honouring Retry-After. Every vector lands in an SQLite cache keyed by a hash
-    of (model, dimensions, text) as soon as its batch returns, so a rerun sends no request and an
-    interrupted run loses nothing. The API key is read by the client from OPENAI_API_KEY and is
-    never written anywhere.
-    """
-
-    def __init__(self, model: str = "text-embedding-3-small", dimensions: int | None = None,
-                 base_url: str | None = None, cache_path: str | Path = "~/.cache/embed-ft/openai.sqlite",
-                 max_retries: int = 8):
-        from openai import OpenAI
-        if not os.environ.get("OPENAI_API_KEY"):
-            raise InputError("set OPENAI_API_KEY (any value will do for a local server that ignores it)")
-        self.client = OpenAI(base_url=base_url, max_retries=max_retries)  # base_url None: OPENAI_BASE_URL or api.openai.com
-        self.model, self.dimensions = model, dimensions
-        cache_path = Path(cache_path).expanduser()
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        self.cache = sqlite3.connect(cache_path)
-        self.cache.execute("CREATE TABLE IF NOT EXISTS embedding (key TEXT PRIMARY KEY, vector BLOB)")
-
-    def key(self, text: str) -> str:
-        return hashlib.sha256(json.dumps([self.model, self.dimensions, text]).encode()).hexdigest()
-
-    def encode(self, texts: list[str], batch_size: int = 512) -> np.ndarray:
-        from tqdm.auto import tqdm
-        keys = [self.key(t) for t in texts]
-        found = self.cached(set(keys))
-        missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in found))
-        for start in tqdm(range(0, len(missing), batch_size), desc="openai", unit="request",
-                          disable=len(missing) <= batch_size):
-            batch = missing[start:start + batch_size]
-            # The API rejects empty strings; a single space embeds as "nothing" just as well.
-            extra = {"dimensions": self.dimensions} if self.dimensions else {}
-            response = self.client.embeddings.create(model=self.model, input=[t or " " for t in batch], **extra)
-            vectors = [np.asarray(item.embedding, dtype=np.float32) for item in sorted(response.data, key=lambda d: d.index)]
-            rows = [(self.key(t), v.tobytes()) for t, v in zip(batch, vectors)]
-            with self.cache:  # committed per batch: an interruption loses at most one request
-                self.cache.executemany("INSERT OR REPLACE INTO embedding VALUES (?, ?)", rows)
-            found.update({k: np.frombuffer(v, dtype=np.float32) for k, v in rows})
-        matrix = np.stack([found[k] for k in keys])
-        return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-
-    def cached(self, keys: set[str]) -> dict[str, np.ndarray]:
-        found, keys = {}, list(keys)
-        for start in range(0, len(keys), 900):  # SQLite caps the number of query parameters
-            chunk = keys[start:start + 900]
-            query = f"SELECT key, vector FROM embedding WHERE key IN ({','.join('?' * len(chunk))})"
-            found.update({k: np.frombuffer(v, dtype=np.float32) for k, v in self.cache.execute(query, chunk)})
-        return found
-
-
-def load_encoder(model: str, dimensions: int | None = None, base_url: str | None = None,
+def open_encoder(model: str, dimensions: int | None = None, base_url: str | None = None,
                  cache_path: str | None = None, device: str = "auto") -> Encoder:
-    """`openai:MODEL` for the API baseline, else `model.load_model`: a sentence-transformers folder
-    (a run's output) whole, or a pretrained encoder. `dimensions` truncates (Matryoshka) either."""
+    """Any encoder a command evaluates: `openai:MODEL` for the API baseline, else `model.load_model`
+    (a sentence-transformers folder, a run's output, whole; or a pretrained encoder). `dimensions`
+    truncates (Matryoshka) either."""
     if model.startswith("openai:"):
+        from openai_embeddings import OpenAIEmbedder
         extra = {"cache_path": cache_path} if cache_path else {}
         return OpenAIEmbedder(model.removeprefix("openai:"), dimensions, base_url, **extra)
-    import torch
-    from model import load_model
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    encoder = load_model(model).to(device)
+    from model import load_model, pick_device
+    encoder = load_model(model).to(pick_device(device))
     return Truncated(encoder, dimensions) if dimensions else encoder
+
+
+def batch_size_for(model: str, batch_size: int | None) -> int:
+    """Texts per forward pass, or per request for openai: models, unless given."""
+    from openai_embeddings import BATCH_SIZE
+    return batch_size or (BATCH_SIZE if model.startswith("openai:") else 128)
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -293,18 +242,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrieval", action="store_true", help="report recall@1/5/10 and MRR instead")
     parser.add_argument("--base-url", help="openai: any OpenAI-compatible server (else OPENAI_BASE_URL)")
     parser.add_argument("--cache", help="openai: the embedding cache file")
-    parser.add_argument("--batch-size", type=int, default=128, help="texts per forward pass (openai: per request, "
-                        "512 unless given)")
+    parser.add_argument("--batch-size", type=int, help="texts per forward pass, 128 (openai: per request, 512)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the metrics to this file")
-    cli.add_debug_flag(parser)
+    errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {args.batch_size})")
     columns = tuple(args.columns.split(",")) if args.columns else None
     val, test = data.load_pairs(args.val, columns), data.load_pairs(args.test, columns)
-    encoder = load_encoder(args.model, args.dimensions, args.base_url, args.cache, args.device)
-    batch_size = 512 if args.model.startswith("openai:") and args.batch_size == 128 else args.batch_size
+    encoder = open_encoder(args.model, args.dimensions, args.base_url, args.cache, args.device)
+    batch_size = batch_size_for(args.model, args.batch_size)
     if args.retrieval:
         result = {split: retrieval_metrics(encoder, pairs, batch_size=batch_size) for split, pairs in [("val", val), ("test", test)]}
         print(format_retrieval(args.model, result))
@@ -318,4 +266,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    errors.run(main)

@@ -1,5 +1,5 @@
-"""Tables and figures drawn from results files alone: the sweep (test error against training pairs)
-and the flywheel (error against round). matplotlib is imported only when a figure is drawn.
+"""The sweep's table and figure (test error against training pairs), drawn from its results file
+alone. matplotlib is imported only when a figure is drawn.
 """
 from __future__ import annotations
 
@@ -7,14 +7,26 @@ import textwrap
 from pathlib import Path
 
 
+def training_set_size(run: dict) -> int:
+    """The x of a run: its training pairs (the full split's own size where dataset_size is 0)."""
+    t = run["training"]
+    return run["config"]["dataset_size"] or t.get("train_pairs") or t["pairs"] // max(1, t["epochs"])
+
+
+def cut_short(run: dict) -> bool:
+    return run["training"].get("stopped_by") == "time_budget"
+
+
 def sweep_table(rows: list[dict]) -> str:
     runs = sorted((r for r in rows if r.get("kind") == "run" and "fine_tuned" in r),
-                  key=lambda r: (r["config"]["model"], r["config"]["dense_out_features"], r["training"]["pairs"]))
-    lines = [f"{'model':40} {'dim':>4} {'pairs':>7} {'epochs':>6} {'test error':>10} {'pairs/s':>8}"]
+                  key=lambda r: (r["config"]["model"], r["config"]["dense_out_features"], training_set_size(r)))
+    lines = [f"{'model':40} {'dim':>4} {'pairs':>7} {'epochs':>6} {'test error':>10} {'pairs/s':>8}  stopped"]
     for r in runs:
         c, t = r["config"], r["training"]
-        lines.append(f"{c['model'][-40:]:40} {c['dense_out_features']:4d} {c['dataset_size'] or t['pairs']:7d} "
-                     f"{t['epochs']:6d} {r['fine_tuned']['test']['error_rate']:10.2%} {t['pairs_per_s']:8.1f}")
+        epochs = t["pairs"] / training_set_size(r)  # a run cut by the time budget did not finish its epochs
+        lines.append(f"{c['model'][-40:]:40} {c['dense_out_features']:4d} {training_set_size(r):7d} "
+                     f"{epochs:6.2f} {r['fine_tuned']['test']['error_rate']:10.2%} {t['pairs_per_s']:8.1f}  "
+                     f"{'by the time budget' if cut_short(r) else ''}")
     for r in rows:
         if r.get("kind") in ("zero_shot", "baseline") and "test" in r:
             name = r["model"] + (" (zero-shot)" if r["kind"] == "zero_shot" else "")
@@ -26,8 +38,9 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 def sweep_plot(rows: list[dict], figure: Path, title: str = "") -> None:
-    """Test error against training pairs, a panel per model, a line per output width; the zero-shot
-    model (dotted, same colour) and each baseline (dashed) as horizontal lines."""
+    """Test error against training pairs, a panel per model, a line per output width (a hollow
+    point: a run the time budget cut short); the zero-shot model (dotted, same colour) and each
+    baseline (dashed) as horizontal lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -38,10 +51,13 @@ def sweep_plot(rows: list[dict], figure: Path, title: str = "") -> None:
     for ax, name in zip(axes[0], models):
         mine = [r for r in runs if r["config"]["model"] == name]
         for i, dim in enumerate(sorted({r["config"]["dense_out_features"] for r in mine})):
-            line = sorted((r for r in mine if r["config"]["dense_out_features"] == dim), key=lambda r: r["config"]["dataset_size"])
-            sizes = [r["config"]["dataset_size"] or r["training"]["pairs"] for r in line]
-            ax.plot(sizes, [100 * r["fine_tuned"]["test"]["error_rate"] for r in line], "o-", color=f"C{i}",
-                    label=f"fine-tuned, {dim}-d")
+            line = sorted((r for r in mine if r["config"]["dense_out_features"] == dim), key=training_set_size)
+            sizes = [training_set_size(r) for r in line]
+            errors = [100 * r["fine_tuned"]["test"]["error_rate"] for r in line]
+            ax.plot(sizes, errors, "o-", color=f"C{i}", label=f"fine-tuned, {dim}-d")
+            cut = [(x, y) for x, y, r in zip(sizes, errors, line) if cut_short(r)]
+            if cut:  # hollow: the time budget stopped these runs before their last epoch
+                ax.plot(*zip(*cut), "o", mfc="white", color=f"C{i}", label=f"{dim}-d, cut by the time budget")
             for z in rows:
                 if z.get("kind") == "zero_shot" and z["model"] == name and z["dimensions"] == dim:
                     ax.axhline(100 * z["test"]["error_rate"], color=f"C{i}", ls=":", label=f"zero-shot, {dim}-d")
@@ -49,7 +65,7 @@ def sweep_plot(rows: list[dict], figure: Path, title: str = "") -> None:
             ax.axhline(100 * base["test"]["error_rate"], color=f"C{j + 5}", ls="--",
                        label=f"{Path(base['model']).name}, {base['dimensions']}-d (as published)")
         ax.set_xscale("log")
-        sizes = sorted({r["config"]["dataset_size"] or r["training"]["pairs"] for r in mine})
+        sizes = sorted({training_set_size(r) for r in mine})
         ax.set_xticks(sizes, [f"{n:,}" for n in sizes], rotation=45, fontsize=8)
         ax.minorticks_off()
         ax.set_xlabel("training pairs")

@@ -29,13 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
+import checkpoint
+import errors
 import data
 import evaluate
+import jsonl
 import options
-import results
+import run_folder
 import train
-from cli import InputError
+from errors import InputError
 from model import Embedder
 
 
@@ -95,7 +97,7 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
               alpha: float = 0.05, overrides: dict | None = None) -> dict:
     """One round: train a candidate, compare it with the current model, promote it or not, log it."""
     home.mkdir(parents=True, exist_ok=True)
-    history = results.read(home / "history.jsonl")
+    history = jsonl.read(home / "history.jsonl")
     number = len(history) + 1
     current = home / "current"
     before = os.readlink(current) if current.is_symlink() else "base"
@@ -112,8 +114,9 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
     config = options.Config(**(overrides or {}) | {
         "model": str(current.resolve()) if mode == "continue" and before != "base" else base,
         "data": str(write_pairs(pairs, folder / "pairs.tsv.gz")), "val": val_path, "test": test_path,
-        "out": str(folder), "resume": (folder / "checkpoint.pt").is_file()})
-    train.train(config)
+        "out": str(folder), "resume": checkpoint.exists(folder)})
+    if run_folder.finished_metrics(folder) is None:  # a round stopped after its training needs no second one
+        train.train(config)
 
     candidate = Embedder.load(folder)
     if before != "base":
@@ -134,7 +137,7 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
            "current_error": float(1 - current_right.mean()), "candidate_error": float(1 - candidate_right.mean()),
            **verdict, "decision": "promoted" if promoted else "refused",
            "current_after": str(folder.relative_to(home)) if promoted else before}
-    results.append(home / "history.jsonl", row)
+    jsonl.append(home / "history.jsonl", row)
     print(f"round {number}: current {row['current_error']:.2%}, candidate {row['candidate_error']:.2%} test error; "
           f"{verdict['candidate_only_right']} vs {verdict['current_only_right']} pairs only one got right, "
           f"p = {verdict['p_value']:.2g}: {row['decision']}")
@@ -146,7 +149,7 @@ def plot(history_path: Path, figure: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = results.read(history_path)
+    rows = jsonl.read(history_path)
     rounds = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot(rounds, [100 * r["current_error"] for r in rows], "s--", color="C0", label="current model before the round")
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=0.05, help="promote when McNemar's one-sided p is below this")
     parser.add_argument("--set", default="", help="training options as option=value ... (see python train.py --help)")
     parser.add_argument("--plot", metavar="HISTORY", help="only draw HISTORY (a history.jsonl) as a figure")
-    cli.add_debug_flag(parser)
+    errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.plot:
         return plot(Path(args.plot), Path(args.plot).with_suffix(".png"))
@@ -195,4 +198,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    errors.run(main)

@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from cli import InputError
+from errors import InputError, first_line
+from jsonl import write_json
 
 CONFIG_FILE = "embedder.json"  # ours: trust_remote_code and the decision (threshold, metrics)
 IDENTITY = "torch.nn.modules.linear.Identity"
@@ -173,6 +174,15 @@ class Embedder(nn.Module):
 
 # ------------------------------------------------------------------------------------ loading parts
 
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto": the GPU if there is one (under torchrun, this process's), else the CPU."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    if name == "auto" and torch.cuda.is_available() or name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu" if name == "auto" else name)
+
+
 def load_model(name_or_path: str, dense_out_features: int | None = None, max_length: int = 256,
                trust_remote_code: bool = False) -> Embedder:
     """What --model names: a sentence-transformers folder (a run's output, say) is loaded whole, with
@@ -204,12 +214,21 @@ def load_encoder(name_or_path: str | Path, trust_remote_code: bool, safetensors_
         except (ValueError, ImportError):  # this architecture has no SDPA path: use its own attention
             encoder = AutoModel.from_pretrained(name_or_path, **kwargs)
     except OSError as e:  # unknown name, no network, unreadable files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if Path(name_or_path).is_dir():
-            raise InputError(f"could not load the model in {name_or_path}: {first_line}") from e
+            raise InputError(f"could not load the model in {name_or_path}: {first_line(e)}") from e
         raise InputError(f"could not load model '{name_or_path}': not a local folder, and the Hugging Face hub "
-                         f"has no such model or cannot be reached (offline?): {first_line}") from e
+                         f"has no such model or cannot be reached (offline?): {first_line(e)}") from e
+    except Exception as e:  # weights that do not read: safetensors' or torch's own error
+        if not Path(name_or_path).is_dir():
+            raise
+        raise damaged_weights(Path(name_or_path), e) from e
     return tokenizer, encoder
+
+
+def damaged_weights(folder: Path, error: Exception) -> InputError:
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), folder)
+    return InputError(f"{weights} is damaged ({first_line(error)}): fetch or copy it again (a download that stopped?)")
+
 
 
 def check_model_folder(path: Path) -> None:
@@ -258,14 +277,12 @@ def read_dense(directory: Path, in_features: int) -> nn.Linear:
     if config["in_features"] != in_features:
         raise InputError(f"{directory}: Dense takes {config['in_features']} features, the encoder gives {in_features}")
     projection = nn.Linear(in_features, config["out_features"], bias=config.get("bias", True))
-    weights = load_file(directory / "model.safetensors")
+    try:
+        weights = load_file(directory / "model.safetensors")
+    except Exception as e:  # SafetensorError: cut short or overwritten
+        raise damaged_weights(directory, e) from e
     projection.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
     return projection
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- maths

@@ -1,21 +1,18 @@
 """Every option of a training run: the fields of `Config`, with their defaults and help, each one a
-flag of `python train.py` (`--dense-out-features 0`, `--no-select-best`, ...); and the checks that
-name an option that cannot work before anything is loaded.
+flag of `python train.py` (`--dense-out-features 0`, `--no-select-best`, ...); the range of every
+number; and the checks that name an option that cannot work before anything is loaded.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-
-import checkpoint
-import cli
+import errors
 import data
-import losses
-from cli import InputError
+from errors import InputError
+
+LOSSES = ("ocl", "cosent", "contrastive", "cosine")  # losses.BY_NAME builds them
 
 
 @dataclass
@@ -38,7 +35,7 @@ class Config:
     implied_pairs: str = field(default="none", metadata={"help": "none | duplicates | all: add the pairs the training labels imply"})
     eval_size: int = field(default=0, metadata={"help": "evaluate on this many val and test pairs; 0 = all"})
     # optimisation
-    loss: str = field(default="ocl", metadata={"help": "ocl | cosent | contrastive | cosine (see losses.py)"})
+    loss: str = field(default="ocl", metadata={"help": "see losses.py"})
     margin: float = field(default=0.5, metadata={"help": "ocl: cosine-distance margin for non-duplicates"})
     scale: float = field(default=20.0, metadata={"help": "cosent, contrastive: inverse temperature"})
     in_batch_weight: float = field(default=0.0, metadata={"help": "add the in-batch InfoNCE loss with this weight"})
@@ -67,29 +64,43 @@ class Config:
     save: bool = field(default=True, metadata={"help": "write the fine-tuned model to --out (sweeps skip it)"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0 = about every 5 minutes"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace what an earlier run left in --out"})
 
 
 # Options that may change between an interrupted run and its --resume.
-RESUMABLE_CHANGES = {"resume", "max_minutes", "checkpoint_every", "device", "eval_batch_size"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "max_minutes", "checkpoint_every", "device", "eval_batch_size"}
+
+# The range of every numeric option: ">= a", "> a" or "a..b" (both ends included).
+RANGES = {"dense_out_features": ">= 0", "max_length": ">= 1", "val_size": "> 0", "test_size": "> 0",
+          "dataset_size": ">= 0", "eval_size": ">= 0", "margin": ">= 0", "scale": "> 0", "in_batch_weight": ">= 0",
+          "epochs": ">= 1", "batch_size": ">= 1", "length_groups": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
+          "warmup_ratio": "0..1", "max_grad_norm": "> 0", "patience": ">= 0", "max_minutes": ">= 0",
+          "min_recall": "0..1", "min_precision": "0..1", "seed": ">= 0", "eval_batch_size": ">= 1",
+          "checkpoint_every": ">= 0"}
+CHOICES = {"implied_pairs": ("none", "duplicates", "all"), "loss": LOSSES, "precision": ("auto", "bf16", "fp16", "fp32")}
+
+
+def out_of_range(value: float, rule: str) -> str | None:
+    """What `value` must be under `rule`, if it is not."""
+    if ".." in rule:
+        low, high = (float(x) for x in rule.split(".."))
+        return None if low <= value <= high else f"between {rule.replace('..', ' and ')}"
+    sign, bound = rule.split()
+    if sign == ">=":
+        return None if value >= float(bound) else f"at least {bound}"
+    return None if value > float(bound) else f"more than {bound}"
 
 
 def check(config: Config) -> None:
     """Options that cannot work, named before anything is loaded."""
-    problems = [(config.batch_size < 1, "--batch-size must be at least 1"),
-                (config.epochs < 1, "--epochs must be at least 1"),
-                (config.max_length < 1, "--max-length must be at least 1"),
-                (config.dense_out_features < 0, "--dense-out-features must be 0 (the encoder's width) or more"),
-                (config.lr <= 0, "--lr must be positive"),
-                (config.length_groups < 1, "--length-groups must be at least 1"),
-                (config.max_minutes < 0, "--max-minutes must be 0 (no limit) or more"),
-                (config.implied_pairs not in ("none", "duplicates", "all"), "--implied-pairs must be none, duplicates or all")]
-    for bad, message in problems:
-        if bad:
-            raise InputError(message)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {config.device}: no CUDA GPU is visible here; use --device cpu (or auto)")
-    if config.resume and not (Path(config.out) / checkpoint.FILE).is_file():
-        raise InputError(f"--resume: no checkpoint at {Path(config.out) / checkpoint.FILE}; run once without --resume")
+    for name, rule in RANGES.items():
+        value = getattr(config, name)
+        wanted = out_of_range(value, rule)
+        if wanted:
+            raise InputError(f"--{name.replace('_', '-')} must be {wanted} (got {value})")
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {getattr(config, name)})")
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> Config:
@@ -102,12 +113,21 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> Config:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            choices = list(losses.BY_NAME) if f.name == "loss" else None
+            choices = CHOICES.get(f.name)
             parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_)
-    cli.add_debug_flag(parser)
+    errors.add_debug_flag(parser)
     args = vars(parser.parse_args(argv))
     args.pop("debug")
     return Config(**args)
+
+
+def to_flags(config: Config) -> list[str]:
+    """The command-line flags that `parse_args` reads back as `config` (for torchrun)."""
+    flags = []
+    for f in dataclasses.fields(Config):
+        value, flag = getattr(config, f.name), f.name.replace("_", "-")
+        flags += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    return flags
 
 
 def parse_overrides(text: str) -> dict:

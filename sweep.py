@@ -1,13 +1,16 @@
 """The experiment: how much labelled data does fine-tuning need to beat a proprietary embedding model?
 
 A grid of (model x training-set size x output width) runs, one GPU container each on Modal, all
-through the same `train.train` as `python train.py`. Each result is appended to a JSONL file as it
-arrives, so an interrupted sweep loses nothing and a rerun only runs what is missing or failed; a
-preempted container resumes its run from the checkpoint it keeps on the volume. The zero-shot model
-of each (model, width) is evaluated once, not once per size, and any other model can be evaluated
-once as a baseline (`--baseline`). The figure is drawn from the JSONL alone.
+through the same `train.train` as `python train.py`. Each result is appended to a JSONL file the
+moment its run finishes, whatever order they finish in, so an interrupted sweep loses nothing and a
+rerun only runs what is missing or failed. A run that finished on the volume but was never recorded
+(the local client died) is picked up from its metrics.json, not trained again; a preempted container
+resumes its run from the checkpoint it keeps on the volume. The zero-shot model of each (model,
+width) is evaluated once, not once per size, and any other model can be evaluated once as a baseline
+(`--baseline`). The figure is drawn from the JSONL alone. docs/sweep.md has the first-run guide and
+the cost estimate.
 
-    modal run sweep.py                                    # the full grid on Modal (needs an account)
+    modal run --detach sweep.py                           # the full grid on Modal (needs an account)
     modal run sweep.py --models BAAI/bge-base-en-v1.5 --sizes 100,400,1600 --dims 256 --max-containers 8
     python sweep.py --local --models DIR --sizes 100 200 400 --dims 256 384 \\
         --data train.tsv.gz --val val.tsv.gz --test test.tsv.gz --baseline MPNET_DIR   # here, in turn
@@ -16,21 +19,24 @@ once as a baseline (`--baseline`). The figure is drawn from the JSONL alone.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import itertools
 import json
+import os
+import signal
 import subprocess
+import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 import modal
 
-import cli
+import errors
 import data
-import results
-from options import Config
+import jsonl
+from options import Config, to_flags
 
 MODELS = ["BAAI/bge-base-en-v1.5", "sentence-transformers/all-mpnet-base-v2", "jinaai/jina-embeddings-v2-small-en"]
 SIZES = [100 * 2**i for i in range(11)] + [0]      # 100, 200, ..., 102,400, and 0 = the full training split
@@ -46,13 +52,32 @@ FIXED = {"epochs": RECIPE.epochs, "batch_size": RECIPE.batch_size, "lr": RECIPE.
          "max_length": RECIPE.max_length, "seed": RECIPE.seed, "val_size": 5000, "test_size": 10000, "save": False,
          "zero_shot": False, "max_minutes": 100}
 NEEDS_REMOTE_CODE = {"jinaai/jina-embeddings-v2-small-en"}
+# Data-parallel runs (--gpus-per-run G) keep the recipe's batch on each GPU, so the global batch is
+# G x 32: split over G GPUs, a batch of 32 would leave each 4 pairs a step at nearly the cost of 32.
+# A bigger batch is a different recipe, recorded in the config (and so in the key). Only runs of at
+# least this many pairs get G GPUs: a smaller one is over in minutes on one, and at a batch of 256
+# it would take too few steps.
+MULTI_GPU_MIN_PAIRS = 51_200
 
 
 def grid(models: list[str], sizes: list[int], dims: list[int], **fixed) -> list[dict]:
-    """Every combination, as keyword arguments for options.Config."""
-    return [{"model": m, "dataset_size": n, "dense_out_features": d,
-             "trust_remote_code": m in NEEDS_REMOTE_CODE, **FIXED, **fixed}
-            for m, n, d in itertools.product(models, sizes, dims)]
+    """Every combination, once (a size or width given twice is one point), as keyword arguments for
+    options.Config."""
+    configs = [{"model": m, "dataset_size": n, "dense_out_features": d,
+                "trust_remote_code": m in NEEDS_REMOTE_CODE, **FIXED, **fixed}
+               for m, n, d in itertools.product(models, sizes, dims)]
+    return list({config_key(c): c for c in configs}.values())
+
+
+def processes_for(config: dict, gpus_per_run: int) -> int:
+    """How many GPUs a run gets: G for the full split and runs of MULTI_GPU_MIN_PAIRS or more, else 1."""
+    big = config["dataset_size"] == 0 or config["dataset_size"] >= MULTI_GPU_MIN_PAIRS
+    return gpus_per_run if big else 1
+
+
+def scaled_for(config: dict, processes: int) -> dict:
+    """The configuration as it runs on `processes` GPUs: the recipe's batch on each (see above)."""
+    return config | {"batch_size": config["batch_size"] * processes} if processes > 1 else config
 
 
 def zero_shot_configs(configs: list[dict]) -> list[dict]:
@@ -60,70 +85,124 @@ def zero_shot_configs(configs: list[dict]) -> list[dict]:
     return list({(c["model"], c["dense_out_features"]): c | {"dataset_size": 0} for c in configs}.values())
 
 
-def config_key(config: dict) -> str:
-    """A stable name for a configuration (the output folder does not change what is computed)."""
-    relevant = {k: v for k, v in sorted(config.items()) if k != "out"}
+def config_key(config: dict, processes: int = 1) -> str:
+    """A stable name for a run (the output folder does not change what is computed; the number of
+    processes does, slightly, through the order of floating-point sums)."""
+    relevant = {k: v for k, v in sorted(config.items()) if k != "out"} | ({"processes": processes} if processes > 1 else {})
     return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------- objectives
 
 def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int = 1) -> dict:
-    """The objective: one training run in OUT_ROOT/KEY. Started again after a preemption, it resumes
-    from the checkpoint there. A failure comes back as a result, so the other runs go on."""
+    """The objective: one training run in OUT_ROOT/KEY. A run that already finished there is read
+    back, not trained again; one that was interrupted resumes from its checkpoint. A failure comes
+    back as a result, so the other runs go on."""
     import checkpoint
     import train
-    key, out = config_key(config), Path(out_root) / config_key(config)
-    row = {"kind": "run", "key": key, "config": config}
+    key = config_key(config, processes)
+    out = Path(out_root) / key
+    row = {"kind": "run", "key": key, "config": config, "processes": processes}
     started = time.time()
     try:
-        resume = (out / checkpoint.FILE).is_file()
-        if processes > 1:
-            metrics = torchrun(Config(**config, out=str(out), resume=resume), processes)
-        else:
-            metrics = train.train(Config(**config, out=str(out), resume=resume), on_checkpoint)
-        return row | {k: metrics[k] for k in ("fine_tuned", "training", "environment")} | {
-            "resumed_at_steps": metrics.get("resumed_at_steps", []), "seconds": time.time() - started}
+        finished = read_finished(out)
+        if finished:
+            return row | result_of(finished) | {"recovered": True, "seconds": 0.0}
+        run = Config(**config, out=str(out), resume=checkpoint.exists(out))
+        metrics = torchrun(run, processes, on_checkpoint) if processes > 1 else train.train(run, on_checkpoint)
+        return row | result_of(metrics) | {"seconds": time.time() - started}
     except Exception as e:
         traceback.print_exc()
         return row | {"error": f"{type(e).__name__}: {e}"}
 
 
-def torchrun(config, processes: int) -> dict:
-    """train.py under torchrun, data-parallel over `processes` GPUs; its metrics.json."""
-    flags = []
-    for f in dataclasses.fields(Config):
-        value = getattr(config, f.name)
-        flags += ([f"--{'' if value else 'no-'}{f.name.replace('_', '-')}"] if isinstance(value, bool)
-                  else [f"--{f.name.replace('_', '-')}", str(value)])
-    subprocess.run(["torchrun", "--nproc_per_node", str(processes), str(Path(__file__).with_name("train.py"))] + flags,
-                   check=True)
+def read_finished(out: Path) -> dict | None:
+    """The metrics.json of a run that finished in `out` (one that has a fine-tuned evaluation)."""
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if "fine_tuned" in metrics else None
+
+
+def result_of(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("fine_tuned", "training", "environment")} | {
+        "resumed_at_steps": metrics.get("resumed_at_steps", [])}
+
+
+def torchrun(config: Config, processes: int, on_checkpoint=None, poll_seconds: float = 60.0) -> dict:
+    """train.py under torchrun, data-parallel over `processes` GPUs; its metrics.json.
+
+    A SIGINT or SIGTERM that reaches this process (a preempted container) is passed on to torchrun,
+    which passes it to every rank: they stop at the same step, rank 0 writes its checkpoint, and this
+    ends with KeyboardInterrupt, as a one-process run does. While it runs, each new checkpoint is
+    handed to `on_checkpoint` (Modal commits the volume), checked every `poll_seconds`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               str(Path(__file__).with_name("train.py"))] + to_flags(config)
+    saved = Path(config.out) / "checkpoint.pt"  # checkpoint.FILE (importing it here would pull in torch)
+    process = subprocess.Popen(command)
+    received = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        process.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        last_seen = None
+        while process.poll() is None:
+            try:
+                process.wait(timeout=poll_seconds)
+            except subprocess.TimeoutExpired:
+                pass
+            stamp = saved.stat().st_mtime_ns if saved.exists() else None
+            if on_checkpoint and stamp != last_seen:
+                on_checkpoint()
+                last_seen = stamp
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received or process.returncode == 130:
+        raise KeyboardInterrupt
+    if process.returncode != 0:
+        raise RuntimeError(f"torchrun exited with code {process.returncode} (its output is above)")
     return json.loads((Path(config.out) / "metrics.json").read_text())
 
 
 def evaluate_once(config: dict, baseline: str | None = None, base_url: str | None = None) -> dict:
     """The untrained model of a configuration (its projection drawn from the seed, as training starts
     from it), or a `baseline` encoder as published (a folder, a hub name or openai:MODEL, at the
-    configuration's width), on the configuration's validation and test pairs."""
+    configuration's width), on the configuration's validation and test pairs. A failure comes back
+    as a row with its configuration, so the sweep goes on."""
+    kind = "baseline" if baseline else "zero_shot"
+    try:
+        return {"kind": kind, **evaluation(config, baseline, base_url)}
+    except Exception as e:
+        traceback.print_exc()
+        return {"kind": kind, "model": baseline or config["model"], "config": config, "error": f"{type(e).__name__}: {e}"}
+
+
+def evaluation(config: dict, baseline: str | None, base_url: str | None) -> dict:
     import evaluate
     import train
     config = Config(**config | {"dataset_size": 0})
     if baseline is None:
         _, (_, val, test), model = train.prepare(config)
-        return {"kind": "zero_shot", "model": config.model, "dimensions": config.dense_out_features,
+        return {"model": config.model, "dimensions": config.dense_out_features,
                 **evaluate.evaluate(model, val, test, config.eval_batch_size)}
     _, val, test = train.load_splits(config)
     openai = baseline.startswith("openai:")
-    encoder = evaluate.load_encoder(baseline, config.dense_out_features if openai else None, base_url, device=config.device)
-    return {"kind": "baseline", "model": baseline, "dimensions": config.dense_out_features if openai else encoder.dim,
-            **evaluate.evaluate(encoder, val, test, 512 if openai else config.eval_batch_size)}
+    encoder = evaluate.open_encoder(baseline, config.dense_out_features if openai else None, base_url, device=config.device)
+    return {"model": baseline, "dimensions": config.dense_out_features if openai else encoder.dim,
+            **evaluate.evaluate(encoder, val, test, evaluate.batch_size_for(baseline, None))}
 
 
 # -------------------------------------------------------------------------------------------- Modal
 # The image pins what the containers run; the project's modules travel with it. The volume keeps the
 # Hugging Face downloads (fetched once, before the fan-out) and each run's folder: its checkpoint,
-# so that a preempted run resumes, and its metrics.json.
-# torch 2.13.0 from PyPI is built for CUDA 13.0 and needs an NVIDIA driver of the R580 series or later.
+# so that a preempted run resumes, and its metrics.json, so that a finished run is never trained
+# twice. docs/sweep.md says which CUDA driver the pinned torch needs.
 
 app = modal.App("embed-ft-sweep")
 image = (
@@ -131,36 +210,41 @@ image = (
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0", "numpy==2.4.6",
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "einops==0.8.2")
     .env({"HF_HOME": "/cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("cli", "data", "batching", "model", "losses", "options", "checkpoint", "distributed",
-                             "card", "train", "evaluate", "results")  # sweep.py itself is added by Modal
+    .add_local_python_source("errors", "run_folder", "jsonl", "data", "batching", "model", "losses", "options", "checkpoint", "distributed",
+                             "card", "train", "evaluate", "openai_embeddings")  # Modal adds sweep.py
 )
+# The GPU containers never reach the hub: `fetch` put everything they load in the volume first.
+offline_image = image.env({"HF_HUB_OFFLINE": "1"})
 volume = modal.Volume.from_name("embed-ft-sweep", create_if_missing=True)
+# A Hugging Face token, if you have one, goes to `fetch` alone (anonymous downloads are rate-limited).
+HUB_SECRETS = [modal.Secret.from_dict({"HF_TOKEN": os.environ["HF_TOKEN"]})] if os.environ.get("HF_TOKEN") else []
 GPU = "H100"
+CPUS_PER_GPU = 4.0  # tokenising, batching and the training loop's host work; Modal's default is 0.125 cores
 
 
-@app.function(image=image, volumes={"/cache": volume}, timeout=30 * 60)
+@app.function(image=image, volumes={"/cache": volume}, secrets=HUB_SECRETS, timeout=30 * 60)
 def fetch(models: list[str], dataset: str) -> None:
-    """Download each model and the dataset into the volume once, so that the containers of the
-    fan-out read them instead of all downloading the same files at once."""
-    from datasets import load_dataset
-    from huggingface_hub import snapshot_download
+    """Download each model (as a run loads it: jina's remote code lives in another repository) and
+    the dataset into the volume once, so that the containers of the fan-out read them offline."""
+    import model
     for name in models:
-        snapshot_download(name)
-    load_dataset(dataset, "pair-class")
+        model.load_model(name, 0, trust_remote_code=name in NEEDS_REMOTE_CODE)
+    data.load_pairs(dataset)
     volume.commit()
 
 
-@app.function(gpu=GPU, image=image, volumes={"/cache": volume}, timeout=CONTAINER_HOURS * 60 * 60,
-              retries=modal.Retries(max_retries=3, initial_delay=30.0))
+@app.function(gpu=GPU, cpu=CPUS_PER_GPU, image=offline_image, volumes={"/cache": volume},
+              timeout=CONTAINER_HOURS * 60 * 60, retries=modal.Retries(max_retries=3, initial_delay=30.0))
 def objective(config: dict, out_root: str = "/cache/runs", processes: int = 1) -> dict:
     in_container = not modal.is_local()
-    result = run_config(config, out_root, volume.commit if in_container else None, processes)
-    if in_container:  # persist this run's folder (metrics.json) on the volume
-        volume.commit()
-    return result
+    try:
+        return run_config(config, out_root, volume.commit if in_container else None, processes)
+    finally:  # also when preempted: the checkpoint (or metrics.json) reaches the volume
+        if in_container:
+            volume.commit()
 
 
-@app.function(gpu=GPU, image=image, volumes={"/cache": volume}, timeout=60 * 60)
+@app.function(gpu=GPU, cpu=CPUS_PER_GPU, image=offline_image, volumes={"/cache": volume}, timeout=60 * 60)
 def evaluate_remote(config: dict, baseline: str | None = None) -> dict:
     return evaluate_once(config, baseline)
 
@@ -170,20 +254,23 @@ def modal_main(models: str = ",".join(MODELS), sizes: str = ",".join(map(str, SI
                dims: str = ",".join(map(str, DIMS)), results_path: str = "results/sweep.jsonl",
                baselines: str = "", eval_size: int = 0, max_containers: int = 0, gpus_per_run: int = 1):
     """Shrink the grid with comma-separated --models, --sizes (0 = full split) and --dims.
-    --baselines: comma-separated models to evaluate once (openai:... runs here, with OPENAI_API_KEY)."""
+    --baselines: comma-separated models to evaluate once (openai:... runs here, with OPENAI_API_KEY).
+    --gpus-per-run G: runs of 51,200 pairs or more (and the full split) train on G GPUs, batch G x 32."""
     configs = grid(models.split(","), [int(s) for s in sizes.split(",")], [int(d) for d in dims.split(",")],
                    eval_size=eval_size, device="cuda")  # in a container without a GPU, fail loudly
     path = Path(results_path)
-    todo = pending(configs, path)
-    print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done, running {len(todo)} on Modal")
+    runs = [(scaled_for(c, processes_for(c, gpus_per_run)), processes_for(c, gpus_per_run)) for c in configs]
+    todo = pending(runs, path)
+    print(f"{len(runs)} configurations, {len(runs) - len(todo)} already done, running {len(todo)} on Modal")
     fetch.remote([m for m in models.split(",") if not Path(m).exists()], data.HUB_DEFAULT)
-    for result in evaluate_remote.map(missing_zero_shots(configs, path), return_exceptions=True):
-        record(result, path)
-    options = {"gpu": f"{GPU}:{gpus_per_run}"} | ({"max_containers": max_containers} if max_containers else {})
-    runner = objective.with_options(**options)
-    # Results in input order, so that a container-level failure (a timeout, an out-of-memory kill)
-    # is recorded with the configuration it belongs to; each still lands on disk as it comes.
-    record_all(todo, runner.map(todo, kwargs={"processes": gpus_per_run}, order_outputs=True, return_exceptions=True), path)
+    evaluations = missing_zero_shots(configs, path)
+    record_all(evaluations, evaluate_remote.map(evaluations, order_outputs=True, return_exceptions=True), path)
+    limit = {"max_containers": max_containers} if max_containers else {}
+    runners = {n: objective.with_options(gpu=f"{GPU}:{n}", cpu=CPUS_PER_GPU * n, **limit)
+               for n in {processes for _, processes in todo}}
+    # spawn, not map: each result is recorded the moment its run ends, not behind the longest run
+    calls = [(config, processes, runners[processes].spawn(config, processes=processes)) for config, processes in todo]
+    collect(calls, path)
     for name in filter(None, baselines.split(",")):
         record_baseline(configs, name, path, remote=not name.startswith("openai:"))
     finish(path)
@@ -191,53 +278,79 @@ def modal_main(models: str = ",".join(MODELS), sizes: str = ",".join(map(str, SI
 
 # ---------------------------------------------------------------------------------- results on disk
 
-def pending(configs: list[dict], path: Path) -> list[dict]:
-    """The configurations without a successful result yet (failed ones are tried again)."""
-    done = {r["key"] for r in results.read(path) if "fine_tuned" in r}
-    return [c for c in configs if config_key(c) not in done]
+def pending(runs: list[tuple[dict, int]], path: Path) -> list[tuple[dict, int]]:
+    """The (configuration, processes) without a successful result yet (failed ones are tried again)."""
+    done = {r["key"] for r in jsonl.read(path) if "fine_tuned" in r}
+    return [(c, n) for c, n in runs if config_key(c, n) not in done]
 
 
 def missing_zero_shots(configs: list[dict], path: Path) -> list[dict]:
-    done = {(r["model"], r["dimensions"]) for r in results.read(path) if r.get("kind") == "zero_shot"}
+    done = {(r["model"], r["dimensions"]) for r in jsonl.read(path) if r.get("kind") == "zero_shot" and "test" in r}
     return [c for c in zero_shot_configs(configs) if (c["model"], c["dense_out_features"]) not in done]
 
 
 def record_all(configs: list[dict], outcomes, path: Path) -> None:
-    """Each outcome (a result, or the exception of a container that failed) with its configuration."""
+    """Each evaluation's outcome (a row, or the exception of a container that failed), in input
+    order, with its configuration."""
     for config, outcome in zip(configs, outcomes):
-        record(outcome, path, config)
+        record(outcome, path, config, kind="zero_shot")
 
 
-def record(result, path: Path, config: dict | None = None) -> None:
-    if isinstance(result, BaseException):  # the container itself failed (timeout, out of memory, ...)
-        result = {"kind": "run" if config else "evaluation", "key": config_key(config) if config else None,
-                  "config": config, "error": f"{type(result).__name__}: {result}"}
-    results.append(path, result)
-    if "error" in result:
-        c = result.get("config") or {}
-        print(f"FAILED {c.get('model')} n={c.get('dataset_size')} d={c.get('dense_out_features')} "
-              f"(key {result.get('key')}): {result['error']}")
-    elif result["kind"] == "run":
-        c = result["config"]
-        print(f"done {c['model']} n={c['dataset_size']} d={c['dense_out_features']}: test error "
-              f"{result['fine_tuned']['test']['error_rate']:.2%}")
-    else:
-        print(f"{result['kind']} {result['model']} {result['dimensions']}-d: test error {result['test']['error_rate']:.2%}")
+def collect(calls: list[tuple[dict, int, object]], path: Path, poll_seconds: float = 30.0, sleep=time.sleep) -> None:
+    """Record each run (configuration, processes, a Modal FunctionCall) the moment it ends, in
+    whatever order they end: a short run is on disk while the long ones still train."""
+    waiting = list(calls)
+    while waiting:
+        still_running = []
+        for config, processes, call in waiting:
+            try:
+                outcome = call.get(timeout=0)
+            except TimeoutError:  # not finished yet (a container's own timeout is modal's FunctionTimeoutError)
+                still_running.append((config, processes, call))
+                continue
+            except Exception as e:  # the container itself failed: out of memory, timed out, ...
+                outcome = e
+            record(outcome, path, config, processes=processes)
+        waiting = still_running
+        if waiting:
+            sleep(poll_seconds)
+
+
+def record(result, path: Path, config: dict | None = None, kind: str = "run", processes: int = 1) -> None:
+    """Append a result; the exception of a container that failed becomes an error row of `kind`."""
+    if isinstance(result, BaseException):
+        result = {"kind": kind, "key": config_key(config, processes) if kind == "run" else None,
+                  "config": config, "processes": processes, "error": f"{type(result).__name__}: {result}"}
+    jsonl.append(path, result)
+    print(describe(result))
+
+
+def describe(row: dict) -> str:
+    """One line for the console."""
+    c = row.get("config") or {}
+    where = f"{c.get('model')} n={c.get('dataset_size')} d={c.get('dense_out_features')}"
+    if "error" in row:
+        return f"FAILED {row['kind']} {where} (key {row.get('key')}): {row['error']}"
+    if row["kind"] == "run":
+        how = "recovered from its folder" if row.get("recovered") else f"{row['training']['pairs_per_s']:.0f} pairs/s"
+        return f"done {where}: test error {row['fine_tuned']['test']['error_rate']:.2%} ({how})"
+    return f"{row['kind']} {row['model']} {row['dimensions']}-d: test error {row['test']['error_rate']:.2%}"
 
 
 def record_baseline(configs: list[dict], name: str, path: Path, remote: bool = False, base_url: str | None = None) -> None:
     """A baseline model, once per width for openai:... (its width is a request option), else once."""
-    done = {(r["model"], r["dimensions"]) for r in results.read(path) if r.get("kind") == "baseline"}
+    done = {(r["model"], r["dimensions"]) for r in jsonl.read(path) if r.get("kind") == "baseline" and "test" in r}
     widths = sorted({c["dense_out_features"] for c in configs}) if name.startswith("openai:") else [None]
     for width in widths:
         if not any(model == name and (width is None or dim == width) for model, dim in done):
             config = configs[0] | ({"dense_out_features": width} if width else {})
-            record(evaluate_remote.remote(config, name) if remote else evaluate_once(config, name, base_url), path)
+            outcome = evaluate_remote.remote(config, name) if remote else evaluate_once(config, name, base_url)
+            record(outcome, path, config, kind="baseline")
 
 
 def finish(path: Path, figure: Path | None = None, title: str = "") -> None:
     import figures
-    rows = results.read(path)
+    rows = jsonl.read(path)
     print(figures.sweep_table(rows))
     figure = figure or path.with_suffix(".png")
     figures.sweep_plot(rows, figure, title)
@@ -266,21 +379,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", action="append", default=[], help="also evaluate this model once, as published: "
                         "a folder, a hub name or openai:MODEL (repeat the flag for more)")
     parser.add_argument("--base-url", help="an OpenAI-compatible server for openai: baselines")
-    cli.add_debug_flag(parser)
+    errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
     figure = Path(args.figure) if args.figure else None
     if args.plot:
         return finish(Path(args.plot), figure, args.title)
     if min(args.sizes) < 0 or min(args.dims) < 0:
-        raise cli.InputError("--sizes and --dims must be 0 or more")
+        raise errors.InputError("--sizes and --dims must be 0 or more")
     path = Path(args.results)
     configs = grid(args.models, args.sizes, args.dims, data=args.data, val=args.val, test=args.test,
                    eval_size=args.eval_size, device=args.device)
     for config in missing_zero_shots(configs, path):
         record(evaluate_once(config), path)
-    todo = pending(configs, path)
+    todo = pending([(c, 1) for c in configs], path)
     print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done, running {len(todo)}")
-    for config in todo:
+    for config, _ in todo:
         record(run_config(config, args.runs), path)
     for name in args.baseline:
         record_baseline(configs, name, path, base_url=args.base_url)
@@ -288,4 +401,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    errors.run(main)

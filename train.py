@@ -20,24 +20,30 @@ import os
 import platform
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import batching
 import card
 import checkpoint
-import cli
+import errors
 import data
 import distributed
 import evaluate
-from cli import InputError
 import losses
 import options
+import run_folder
+from errors import InputError
+from jsonl import write_json
 from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum
-from model import cpu_has_bf16, load_model
+from model import cpu_has_bf16, load_model, pick_device
 from options import Config
+
+LOSS_EVERY = 50  # on a GPU, steps between reads of the loss (each read waits for the GPU)
 
 
 # ---------------------------------------------------------------------------------------- set-up
@@ -64,12 +70,6 @@ def load_splits(config: Config) -> tuple[list[data.Pair], list[data.Pair], list[
     return train, val, test
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto" and torch.cuda.is_available() or name == "cuda":  # one GPU per process under torchrun
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu" if name == "auto" else name)
-
-
 def pick_precision(name: str, device: torch.device) -> str:
     """bf16 where the device computes it natively (CUDA since Ampere, CPUs with AVX512-BF16/AMX),
     fp16 with loss scaling on older GPUs, fp32 elsewhere."""
@@ -78,6 +78,12 @@ def pick_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def training_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
 
 
 def build_loss(config: Config, dim: int) -> torch.nn.Module:
@@ -102,21 +108,95 @@ def environment(device: torch.device, processes: int) -> dict:
     import transformers
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpu": cpu,
-            "cpu_bf16": cpu_has_bf16(), "torch": torch.__version__, "transformers": transformers.__version__,
+    gpu = device.type == "cuda"
+    return {"gpu": torch.cuda.get_device_name(device) if gpu else None, "cuda": torch.version.cuda if gpu else None,
+            "driver": nvidia_driver() if gpu else None, "cpu": cpu, "cpu_bf16": cpu_has_bf16(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "processes": processes}
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write through a temporary file, so an interruption never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def nvidia_driver() -> str | None:
+    import subprocess
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
 
 
 def log(message: str, rank: int) -> None:
     if rank == 0:
         tqdm.write(message)
+
+
+# ---------------------------------------------------------------------------------- the run's state
+
+@dataclass
+class Progress:
+    """Where a run stands. Saved in every checkpoint, so that a resumed run goes on from here."""
+    step: int = 0
+    epoch: int = 0
+    seconds: float = 0.0
+    pairs: int = 0
+    val_errors: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+
+@dataclass
+class Run:
+    """Everything a training run carries from step to step: the model and its optimiser, the
+    progress, the best epoch's weights so far (on the CPU) and their validation scores, metrics."""
+    config: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    metrics: dict
+    progress: Progress = field(default_factory=Progress)
+    best_weights: dict | None = None
+    best_val_scores: np.ndarray | None = None
+    stopped_by: str | None = None
+    train_pairs: int = 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    def save_checkpoint(self) -> None:
+        scores = torch.from_numpy(self.best_val_scores) if self.best_val_scores is not None else None
+        checkpoint.save(self.out / checkpoint.FILE, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                        scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                        run=dataclasses.asdict(self.progress), best_weights=self.best_weights,
+                        metrics=json.dumps(self.metrics), best_val_scores=scores)
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint written by `save_checkpoint`."""
+        for part in ("model", "optimizer", "scheduler", "scaler"):
+            getattr(self, part).load_state_dict(state[part])
+        self.progress, self.best_weights = Progress(**state["run"]), state["best_weights"]
+        self.metrics = json.loads(state["metrics"])
+        self.metrics.setdefault("resumed_at_steps", []).append(self.progress.step)
+        scores = state["best_val_scores"]
+        self.best_val_scores = scores.numpy() if scores is not None else None
+
+
+def start_run(config: Config, model, device: torch.device, precision: str, total: int, world_size: int) -> Run:
+    """The optimiser (fused AdamW), the schedule (linear warm-up, then linear decay) and the loss
+    scaler of a new run, or of an interrupted one where --resume continues it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("--freeze-encoder with --dense-out-features 0 leaves nothing to train")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    warmup = max(1, int(config.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, warmup, total))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    metrics = {"config": dataclasses.asdict(config) | {"resolved_precision": precision, "resolved_device": str(device)},
+               "environment": environment(device, world_size)}
+    run = Run(config, model, optimizer, scheduler, scaler, metrics)
+    if config.resume:
+        run.restore(resume_from(Path(config.out) / checkpoint.FILE, config))
+    return run
 
 
 # -------------------------------------------------------------------------------------- training
@@ -137,164 +217,188 @@ def train(config: Config, on_checkpoint=None) -> dict:
     """The whole job: data, zero-shot evaluation, fine-tuning, evaluation, saving. Returns metrics.
     `on_checkpoint()` runs after each checkpoint is written (Modal commits its volume there)."""
     rank, world_size = distributed.setup()
+    options.check(config)
+    pick_device(config.device)  # before the folder is claimed: a bad --device changes nothing
+    with run_folder.claim(Path(config.out), config.resume, config.overwrite, owner=rank == 0) as folder:
+        return fine_tune(config, rank, world_size, folder, on_checkpoint)
+
+
+def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Claim, on_checkpoint=None) -> dict:
     device, (train_pairs, val, test), model = prepare(config)
     precision = pick_precision(config.precision, device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     log(f"pairs: {len(train_pairs)} train, {len(val)} val, {len(test)} test | {device} x{world_size} | {precision}", rank)
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise InputError("--freeze-encoder with --dense-out-features 0 leaves nothing to train")
     batches = batching.TokenizedPairs(train_pairs, model.tokenizer, model.max_length)
     steps_per_epoch = math.ceil(len(batches) / config.batch_size)
     total = config.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    warmup = max(1, int(config.warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, warmup, total))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision in ("bf16", "fp16") else contextlib.nullcontext())
-    loss_fn = build_loss(config, model.dim)
-    val_labels = evaluate.labels_of(val)
-
-    run = {"step": 0, "epoch": 0, "seconds": 0.0, "pairs": 0, "val_errors": [], "best_epoch": 0, "bad_epochs": 0}
-    best_weights, best_val_scores = None, None
+    run = start_run(config, model, device, precision, total, world_size)
+    run.train_pairs = len(train_pairs)
     if config.resume:
-        state = resume_from(out / checkpoint.FILE, config)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        run, best_weights, metrics = state["run"], state["best_weights"], json.loads(state["metrics"])
-        metrics.setdefault("resumed_at_steps", []).append(run["step"])
-        best_val_scores = state["best_val_scores"].numpy() if state["best_val_scores"] is not None else None
-        log(f"resumed at step {run['step']}/{total} (epoch {run['epoch'] + 1})", rank)
-    else:
-        metrics = {"config": dataclasses.asdict(config) | {"resolved_precision": precision, "resolved_device": str(device)},
-                   "environment": environment(device, world_size)}
-        if config.zero_shot and rank == 0:
-            metrics["zero_shot"] = evaluate.evaluate(model, val, test, config.eval_batch_size, config.min_recall, config.min_precision)
-            log(f"zero-shot error: val {metrics['zero_shot']['val']['error_rate']:.2%}, "
-                f"test {metrics['zero_shot']['test']['error_rate']:.2%}", rank)
+        log(f"resumed at step {run.progress.step}/{total} (epoch {run.progress.epoch + 1})", rank)
+    elif config.zero_shot and rank == 0:
+        run.metrics["zero_shot"] = evaluate.evaluate(model, val, test, config.eval_batch_size, config.min_recall,
+                                                     config.min_precision)
+        log(f"zero-shot error: val {run.metrics['zero_shot']['val']['error_rate']:.2%}, "
+            f"test {run.metrics['zero_shot']['test']['error_rate']:.2%}", rank)
     if rank == 0:
-        write_json(out / "metrics.json", metrics)
+        write_json(run.out / "metrics.json", run.metrics)
 
     def save_checkpoint() -> None:
         if rank == 0:
-            checkpoint.save(out / checkpoint.FILE, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), run=run,
-                            best_weights=best_weights, metrics=json.dumps(metrics),
-                            best_val_scores=torch.from_numpy(best_val_scores) if best_val_scores is not None else None)
+            losses_seen.check()  # never a checkpoint of weights that a non-finite loss has touched
+            run.save_checkpoint()
+            folder.refresh()
             if on_checkpoint:
                 on_checkpoint()
 
+    loss_fn, autocast = build_loss(config, model.dim), training_autocast(precision, device)
+    # The host reads the loss every step on a CPU (free there), every LOSS_EVERY steps on a GPU,
+    # where reading it would make the host wait for the step to finish before queueing the next.
+    losses_seen = LossWatch(device, steps_per_epoch, every=1 if device.type == "cpu" else LOSS_EVERY, out=run.out)
+    p = run.progress
     model.train()
-    stopped_by, last_checkpoint = None, time.perf_counter()
-    started = time.perf_counter() - run["seconds"]
-    with tqdm(total=total, initial=run["step"], desc="train", unit="step", disable=rank != 0) as bar, \
+    last_checkpoint, started = time.perf_counter(), time.perf_counter() - p.seconds
+    with tqdm(total=total, initial=p.step, desc="train", unit="step", disable=rank != 0) as bar, \
             checkpoint.StopRequests() as stop:
-        while run["epoch"] < config.epochs and stopped_by is None:
-            order = batches.epoch_order(config.seed, run["epoch"], config.batch_size, config.bucket_by_length)
-            done = run["step"] - run["epoch"] * steps_per_epoch  # steps of this epoch already taken
-            for groups, restore, labels in batches.batches(order[done * config.batch_size:], config.batch_size,
-                                                           config.length_groups, rank, world_size):
-                with autocast:
-                    embeddings = torch.cat([model(**{k: v.to(device) for k, v in g.items()}) for g in groups])
-                first, second = embeddings[restore.to(device)].float().chunk(2)
-                first, second, labels = (distributed.gather(x) for x in (first, second, labels.to(device)))
-                loss = loss_fn(first, second, labels)  # losses run in fp32, outside autocast
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"the loss is {value} at step {run['step'] + 1} (epoch {run['epoch'] + 1}); nothing was saved "
-                        f"from this step on, the last checkpoint (if any) is kept in {out}: lower --lr or try --precision fp32")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                distributed.average_gradients(params)
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                run["step"], run["pairs"] = run["step"] + 1, run["pairs"] + len(labels)
-                run["seconds"] = time.perf_counter() - started
-                bar.set_postfix(loss=f"{value:.4f}", pairs_per_s=f"{run['pairs'] / run['seconds']:.1f}")
+        while p.epoch < config.epochs and run.stopped_by is None:
+            order = batches.epoch_order(config.seed, p.epoch, config.batch_size, config.bucket_by_length)
+            done = p.step - p.epoch * steps_per_epoch  # steps of this epoch already taken
+            for batch in batches.batches(order[done * config.batch_size:], config.batch_size,
+                                         config.length_groups, rank, world_size):
+                loss, pairs = train_step(run, batch, loss_fn, autocast, device)
+                p.step, p.pairs, p.seconds = p.step + 1, p.pairs + pairs, time.perf_counter() - started
+                losses_seen.add(loss, p.step)
+                if losses_seen.due(p.step):
+                    bar.set_postfix(loss=f"{losses_seen.check():.4f}", pairs_per_s=f"{p.pairs / p.seconds:.1f}")
                 bar.update()
-                over_budget = config.max_minutes and run["seconds"] > 60 * config.max_minutes
+                over_budget = config.max_minutes and p.seconds > 60 * config.max_minutes
                 if distributed.any_process(bool(stop.requested or over_budget), device):
-                    stopped_by = stop.requested or ("time_budget" if over_budget else "SIGTERM")
+                    run.stopped_by = stop.requested or ("time_budget" if over_budget else "SIGTERM")
                     break
-                if (config.checkpoint_every and run["step"] % config.checkpoint_every == 0
+                if (config.checkpoint_every and p.step % config.checkpoint_every == 0
                         or not config.checkpoint_every and time.perf_counter() - last_checkpoint > 300):
                     save_checkpoint()
                     last_checkpoint = time.perf_counter()
             else:  # the epoch is complete
-                run["epoch"] += 1
+                p.epoch += 1
+                losses_seen.check()
                 if config.select_best:
-                    best_weights, best_val_scores, stopped_by = end_of_epoch(model, val, val_labels, config, run, rank,
-                                                                             best_weights, best_val_scores)
-                run["seconds"] = time.perf_counter() - started
+                    end_of_epoch(run, val, rank)
+                p.seconds = time.perf_counter() - started
                 save_checkpoint()
                 last_checkpoint = time.perf_counter()
-    if stopped_by in ("SIGINT", "SIGTERM"):
+    losses_seen.check()
+    if run.stopped_by in ("SIGINT", "SIGTERM"):
         save_checkpoint()
         if rank == 0:
-            write_json(out / "metrics.json", metrics | {"stopped_by": stopped_by, "interrupted_at_step": run["step"]})
-        log(f"{stopped_by} at step {run['step']}/{total}: checkpoint in {out}; continue with the same command and --resume", rank)
+            write_json(run.out / "metrics.json", run.metrics | {"stopped_by": run.stopped_by, "interrupted_at_step": p.step})
+        log(f"{run.stopped_by} at step {p.step}/{total}: checkpoint in {run.out}; continue with the same command "
+            f"and --resume", rank)
         raise KeyboardInterrupt
     if rank != 0:
         return {}
-    return finish(model, config, metrics, run, stopped_by or "completed", best_weights, best_val_scores, val, test)
+    return finish(run, val, test)
 
 
-def end_of_epoch(model, val, val_labels, config: Config, run: dict, rank: int, best_weights, best_val_scores):
+def train_step(run: Run, batch: batching.Batch, loss_fn, autocast, device: torch.device) -> tuple[torch.Tensor, int]:
+    """One optimiser step on a batch; the loss stays on the device. Returns (loss, pairs in the step)."""
+    with autocast:
+        embeddings = torch.cat([run.model(**{k: v.to(device, non_blocking=True) for k, v in g.items()})
+                                for g in batch.groups])
+    first, second = embeddings[batch.restore.to(device)].float().chunk(2)
+    first, second, labels = (distributed.gather(x, batch.shares) for x in (first, second, batch.labels.to(device)))
+    loss = loss_fn(first, second, labels)  # losses run in fp32, outside autocast
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    distributed.average_gradients(params)
+    run.scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm, foreach=True)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return loss.detach(), sum(batch.shares)
+
+
+class LossWatch:
+    """The loss, watched without making the host wait for the GPU: the first non-finite loss is
+    noted on the device, and `check()` (every `every` steps, and before each checkpoint) reads it
+    and stops the run there, naming the step."""
+
+    def __init__(self, device: torch.device, steps_per_epoch: int, every: int, out: Path):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)   # the step, -1: none yet
+        self.bad_value = torch.zeros((), device=device)
+        self.last = torch.zeros((), device=device)
+        self.steps_per_epoch, self.every, self.out = steps_per_epoch, every, out
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        new = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.bad_value = torch.where(new, loss, self.bad_value)
+        self.last = loss
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def check(self) -> float:
+        """The last loss; FloatingPointError if any loss so far was not finite."""
+        step = int(self.first_bad)
+        if step >= 0:
+            raise FloatingPointError(
+                f"the loss is {float(self.bad_value)} at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}); "
+                f"nothing was saved from this step on, the last checkpoint (if any) is kept in {self.out}: "
+                f"lower --lr or try --precision fp32")
+        return float(self.last)
+
+
+def end_of_epoch(run: Run, val: list[data.Pair], rank: int) -> None:
     """Validation error after an epoch; the best epoch's weights (on the CPU) and scores are kept,
     and `patience` epochs without improvement stop the run."""
+    config, p = run.config, run.progress
     val_scores, error = None, None
     if rank == 0:
-        val_scores = evaluate.cosine_scores(model, val, config.eval_batch_size)
-        error = evaluate.evaluate_scores(val_scores, val_labels, min_recall=config.min_recall,
+        val_scores = evaluate.cosine_scores(run.model, val, config.eval_batch_size)
+        error = evaluate.evaluate_scores(val_scores, evaluate.labels_of(val), min_recall=config.min_recall,
                                          min_precision=config.min_precision)["val"]["error_rate"]
     error = distributed.from_rank0(error)
-    run["val_errors"].append(error)
-    if error < min(run["val_errors"][:-1], default=math.inf):
-        run["best_epoch"], run["bad_epochs"] = run["epoch"], 0
+    p.val_errors.append(error)
+    if error < min(p.val_errors[:-1], default=math.inf):
+        p.best_epoch, p.bad_epochs = p.epoch, 0
         if rank == 0:
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best_val_scores = val_scores
+            run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+            run.best_val_scores = val_scores
     else:
-        run["bad_epochs"] += 1
-    log(f"epoch {run['epoch']}: val error {error:.2%} (best: epoch {run['best_epoch']})", rank)
-    model.train()
-    stop = "patience" if config.patience and run["bad_epochs"] >= config.patience else None
-    return best_weights, best_val_scores, stop
+        p.bad_epochs += 1
+    log(f"epoch {p.epoch}: val error {error:.2%} (best: epoch {p.best_epoch})", rank)
+    run.model.train()
+    if config.patience and p.bad_epochs >= config.patience:
+        run.stopped_by = "patience"
 
 
-def finish(model, config: Config, metrics: dict, run: dict, stopped_by: str, best_weights, best_val_scores,
-           val, test) -> dict:
+def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     """Restore the best epoch, evaluate, save the model with its threshold and card, and metrics.json."""
-    out = Path(config.out)
-    if best_weights is not None:  # the validation scores of those weights are known already
-        model.load_state_dict(best_weights)
+    config, p, metrics, model = run.config, run.progress, run.metrics, run.model
+    if run.best_weights is not None:  # the validation scores of those weights are known already
+        model.load_state_dict(run.best_weights)
+        val_scores = run.best_val_scores
     else:  # no epoch was evaluated (--no-select-best, or stopped within the first epoch)
-        best_val_scores = evaluate.cosine_scores(model, val, config.eval_batch_size)
-    metrics["training"] = {"steps": run["step"], "pairs": run["pairs"], "seconds": run["seconds"],
-                           "pairs_per_s": run["pairs"] / max(run["seconds"], 1e-9), "epochs": run["epoch"],
-                           "val_errors": run["val_errors"], "best_epoch": run["best_epoch"], "stopped_by": stopped_by}
-    metrics["fine_tuned"] = evaluate.evaluate_scores(best_val_scores, evaluate.labels_of(val),
+        val_scores = evaluate.cosine_scores(model, val, config.eval_batch_size)
+    metrics["training"] = {"train_pairs": run.train_pairs, "steps": p.step, "pairs": p.pairs,
+                           "seconds": p.seconds, "pairs_per_s": p.pairs / max(p.seconds, 1e-9), "epochs": p.epoch,
+                           "val_errors": p.val_errors, "best_epoch": p.best_epoch,
+                           "stopped_by": run.stopped_by or "completed"}
+    metrics["fine_tuned"] = evaluate.evaluate_scores(val_scores, evaluate.labels_of(val),
                                                      evaluate.cosine_scores(model, test, config.eval_batch_size),
                                                      evaluate.labels_of(test), config.min_recall, config.min_precision)
     print(f"fine-tuned error: val {metrics['fine_tuned']['val']['error_rate']:.2%}, "
           f"test {metrics['fine_tuned']['test']['error_rate']:.2%} ({metrics['training']['pairs_per_s']:.1f} pairs/s, "
-          f"stopped: {stopped_by})")
+          f"stopped: {metrics['training']['stopped_by']})")
     if config.save:
-        decision = {"threshold": metrics["fine_tuned"]["val"]["threshold"], **metrics["fine_tuned"]}
-        model.save(out, decision)
-        card.write(out, metrics)
-    write_json(out / "metrics.json", metrics)
-    (out / checkpoint.FILE).unlink(missing_ok=True)  # its work is done
+        model.save(run.out, {"threshold": metrics["fine_tuned"]["val"]["threshold"], **metrics["fine_tuned"]})
+        card.write(run.out, metrics)
+    write_json(run.out / "metrics.json", metrics)
+    checkpoint.remove(run.out)  # its work is done
     return metrics
 
 
@@ -316,4 +420,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    errors.run(main)

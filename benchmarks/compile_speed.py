@@ -29,7 +29,7 @@ def train_steps(model, forward, tokenized, steps: int, bf16: bool) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-8, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     order = tokenized.epoch_order(0, 0, 32, by_length=True)[: 32 * steps]
-    for groups, restore, labels in tokenized.batches(order, 32, 2):
+    for groups, restore, labels, _ in tokenized.batches(order, 32, 2):
         with autocast:
             embeddings = torch.cat([forward(**g) for g in groups])
         first, second = embeddings[restore].float().chunk(2)

@@ -89,7 +89,7 @@ def training_flops_per_pair(model_dir: str, train_file: str, pairs: int, batch: 
     tokenized = batching.TokenizedPairs(data.subsample(data.load_pairs(train_file), pairs, seed=0), model.tokenizer, 256)
     order = tokenized.epoch_order(Config.seed, 0, batch, Config.bucket_by_length)
     total = 0.0
-    for features, _, labels in tokenized.batches(order, batch, Config.length_groups):
+    for features, _, labels, _ in tokenized.batches(order, batch, Config.length_groups):
         lengths = [f["input_ids"].shape[1] for f in features for _ in range(f["input_ids"].shape[0])]
         total += 3 * flops.forward_flops(lengths, *flops.model_shape(model.encoder.config), 256)
     return total / pairs

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import results  # noqa: E402
+import jsonl  # noqa: E402
 import train  # noqa: E402
 from flywheel import write_pairs  # noqa: E402
 from options import Config, parse_overrides  # noqa: E402
@@ -34,7 +34,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         both = write_pairs(data.load_pairs(args.first) + data.load_pairs(args.second), Path(tmp) / "both.tsv.gz")
         for seed in args.seeds:
-            done = {r["mode"] for r in results.read(path) if r["seed"] == seed}
+            done = {r["mode"] for r in jsonl.read(path) if r["seed"] == seed}
             if {"scratch", "continue"} <= done:
                 continue
             round1 = Path(tmp) / f"round1-{seed}"
@@ -42,10 +42,10 @@ def main() -> None:
             for mode, model, pairs in [("scratch", args.base, both), ("continue", str(round1), args.second)]:
                 m = train.train(Config(**common, model=model, data=str(pairs), seed=seed, out=f"{tmp}/{mode}-{seed}",
                                        save=False, zero_shot=False))
-                results.append(path, {"mode": mode, "seed": seed, "val_error": m["fine_tuned"]["val"]["error_rate"],
+                jsonl.append(path, {"mode": mode, "seed": seed, "val_error": m["fine_tuned"]["val"]["error_rate"],
                                       "test_error": m["fine_tuned"]["test"]["error_rate"],
                                       "train_seconds": m["training"]["seconds"], "pairs": m["training"]["pairs"]})
-    rows = results.read(path)
+    rows = jsonl.read(path)
     print(f"{'mode':9} {'val error (median)':>18} {'by seed':>26} {'test (median)':>13} {'train min':>9}")
     for mode in ("scratch", "continue"):
         mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["seed"])

@@ -78,7 +78,7 @@ def throughput(model: Embedder, tokenized: batching.TokenizedPairs, batch: int, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(steps + warmup):
-        groups, restore, labels = next(batches)
+        groups, restore, labels, _ = next(batches)
         groups = bucket(groups) if compiled else groups
         lengths = [g["input_ids"].shape[1] for g in groups for _ in range(g["input_ids"].shape[0])]
         if device.type == "cuda":

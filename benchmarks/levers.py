@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import results  # noqa: E402
+import jsonl  # noqa: E402
 import train  # noqa: E402
 from options import Config, parse_overrides  # noqa: E402
 
@@ -69,12 +69,12 @@ def main() -> None:
         base = parse_overrides(args.base) | {"model": args.model, "data": args.data, "val": args.val, "test": args.test}
         for setting in args.set:
             for seed in args.seeds:
-                done = {(r["setting"], r["seed"]) for r in results.read(path)}
+                done = {(r["setting"], r["seed"]) for r in jsonl.read(path)}
                 if (setting, seed) not in done:
                     print(f"--- {setting or '(base)'}, seed {seed}", flush=True)
                     row = run(base, parse_overrides(setting), seed)
-                    results.append(path, {"setting": setting, "seed": seed, "base": args.base} | row)
-    print(table(results.read(path), args.markdown))
+                    jsonl.append(path, {"setting": setting, "seed": seed, "base": args.base} | row)
+    print(table(jsonl.read(path), args.markdown))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def step_times(model_dir: str, tokenized, groups: int, precision: str, freeze: b
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     loss_fn, times, work = OnlineContrastiveLoss(), [], []
     order = np.resize(np.random.default_rng(0).permutation(len(tokenized)), batch_size * (warmup + steps))
-    for i, (features, restore, labels) in enumerate(tokenized.batches(order, batch_size, groups)):
+    for i, (features, restore, labels, _) in enumerate(tokenized.batches(order, batch_size, groups)):
         start = time.perf_counter()
         with autocast:
             embeddings = torch.cat([model(**f) for f in features])

@@ -79,8 +79,8 @@ def minilm_dir() -> Path:
 
 def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
     """An entry point run as its `if __name__ == "__main__"` does: (exit code, what it printed on stderr)."""
-    import cli
+    import errors
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        cli.run(main, argv)
+        errors.run(main, argv)
     return exit_info.value.code, capsys.readouterr().err

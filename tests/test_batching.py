@@ -13,7 +13,7 @@ def test_batches_cover_every_pair_once_with_dynamic_padding(tiny_model_dir, grou
     tokenized = batching.TokenizedPairs(pairs, tokenizer, max_length=5)
     assert len(tokenized.input_ids) == 9  # distinct texts are tokenised once
     seen = []
-    for features, restore, labels in tokenized.batches(np.random.default_rng(0).permutation(5), 2, groups):
+    for features, restore, labels, _ in tokenized.batches(np.random.default_rng(0).permutation(5), 2, groups):
         texts = []
         for group in features:
             ids, mask = group["input_ids"], group["attention_mask"]

@@ -116,3 +116,23 @@ def test_checkpoint_is_written_atomically_and_restores_the_random_generators(tmp
     state = checkpoint.load(path)  # the first one, intact
     assert state["step"] == 7 and torch.equal(state["weights"], torch.ones(2))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_checkpoint_cut_short_falls_back_to_the_one_before(tiny_model_dir, small_files, tmp_path, monkeypatch, capsys):
+    """A run killed while its checkpoint was written: the latest file is truncated, --resume takes
+    the previous one, and the run still ends exactly as an uninterrupted one."""
+    train.train(small_config(tiny_model_dir, small_files, tmp_path / "whole"))
+    with monkeypatch.context() as m:
+        signal_at_step(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train.train(small_config(tiny_model_dir, small_files, tmp_path / "cut", checkpoint_every=1))
+    latest = tmp_path / "cut" / checkpoint.FILE
+    assert torch.load(tmp_path / "cut" / checkpoint.PREVIOUS, weights_only=True)["run"]["step"] == 2
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])
+    capsys.readouterr()
+    metrics = train.train(small_config(tiny_model_dir, small_files, tmp_path / "cut", checkpoint_every=1, resume=True))
+    assert "checkpoint.pt is damaged" in capsys.readouterr().err
+    assert metrics["resumed_at_steps"] == [2] and metrics["training"]["steps"] == 12
+    expected, resumed = Embedder.load(tmp_path / "whole").state_dict(), Embedder.load(tmp_path / "cut").state_dict()
+    assert all(torch.equal(resumed[k], v) for k, v in expected.items())
+    assert not checkpoint.exists(tmp_path / "cut")  # a finished run leaves no checkpoint behind

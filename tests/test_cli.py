@@ -1,15 +1,18 @@
-"""Bad input gets one line: `error: ...` on stderr, exit code 2, no traceback. Each case here is a
-row of README's table of bad inputs."""
+"""Bad input gets one line: `error: ...` on stderr, exit code 2, no traceback, and no file of an
+earlier run changed. Each case here is a row of docs/reliability.md's table of bad inputs."""
 import gzip
+import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT, run_cli, synthetic_pairs, write_tsv
 
-import cli
+import errors
 import evaluate
 import train
 
@@ -30,7 +33,36 @@ def files(tmp_path, pair_files):
     (no_tokenizer / "config.json").write_text("{}")
     (no_tokenizer / "model.safetensors").write_bytes(b"")
     return dict(pair_files, bad_json=bad_json, latin1=latin1, short_row=short_row, one_class=one_class,
-                no_tokenizer=no_tokenizer, out=tmp_path / "out")
+                no_tokenizer=no_tokenizer, out=tmp_path / "out", **damaged_files(tmp_path, pair_files["train"]),
+                **clashing_folders(tmp_path))
+
+
+def damaged_files(tmp_path, good):
+    """Files cut short, and files whose contents are not what their names say."""
+    cut_gz = tmp_path / "cut.tsv.gz"
+    whole = gzip.compress(good.read_bytes() * 20)
+    cut_gz.write_bytes(whole[: len(whole) // 2])
+    csv_named_parquet = tmp_path / "pairs.parquet"
+    csv_named_parquet.write_text(good.read_text().replace("\t", ","))
+    plain_named_gz = tmp_path / "plain.tsv.gz"
+    plain_named_gz.write_bytes(good.read_bytes())
+    return dict(cut_gz=cut_gz, csv_named_parquet=csv_named_parquet, plain_named_gz=plain_named_gz)
+
+
+def clashing_folders(tmp_path):
+    """--out paths that an earlier run, or a run still going, left as they are."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    finished, interrupted, locked, damaged = (tmp_path / name for name in ("finished", "interrupted", "locked", "damaged"))
+    for folder in (finished, interrupted, locked, damaged):
+        folder.mkdir()
+    (finished / "metrics.json").write_text(json.dumps({"fine_tuned": {"test": {"error_rate": 0.125}}}))
+    (finished / "modules.json").write_text("[]")
+    (interrupted / "checkpoint.pt").write_bytes(b"a checkpoint")
+    (locked / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # alive: us
+    (damaged / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    return dict(a_file=a_file, a_folder=tmp_path, finished=finished, interrupted=interrupted, locked=locked,
+                damaged=damaged)
 
 
 def train_args(files, tiny_model_dir, **changes) -> list[str]:
@@ -49,8 +81,20 @@ TRAIN_CASES = [  # (case, changed options, the message)
     ("--val without --test", {"--test": ""}, r"give both --val and --test, or neither \(to split them off --data\)"),
     ("--dataset-size above the pairs there are", {"--dataset-size": "1000"}, "--dataset-size 1000 is more than the 192 training pairs available"),
     ("--batch-size 0", {"--batch-size": "0"}, "--batch-size must be at least 1"),
-    ("a negative --dense-out-features", {"--dense-out-features": "-5"}, r"--dense-out-features must be 0 \(the encoder's width\) or more"),
-    ("a negative --lr", {"--lr": "-0.001"}, "--lr must be positive"),
+    ("a negative --dense-out-features", {"--dense-out-features": "-5"}, r"--dense-out-features must be at least 0 \(got -5\)"),
+    ("a negative --lr", {"--lr": "-0.001"}, r"--lr must be more than 0 \(got -0.001\)"),
+    ("a negative --dataset-size", {"--dataset-size": "-5"}, r"--dataset-size must be at least 0 \(got -5\)"),
+    ("a negative --eval-size", {"--eval-size": "-1"}, r"--eval-size must be at least 0 \(got -1\)"),
+    ("--warmup-ratio above 1", {"--warmup-ratio": "1.5"}, r"--warmup-ratio must be between 0 and 1 \(got 1.5\)"),
+    ("a compressed file cut short", {"--data": "cut_gz"}, r"cut.tsv.gz is cut short \(the compressed data ends early: a download or copy that stopped\?\); fetch or copy it again"),
+    ("a .parquet file holding CSV", {"--data": "csv_named_parquet"}, r"pairs.parquet is not a Parquet file \(it does not start with PAR1; text, CSV or TSV\?\): name it after its real format"),
+    ("a .gz file that is not compressed", {"--data": "plain_named_gz"}, r"plain.tsv.gz is not gzip-compressed: drop the .gz from its name"),
+    ("a --data that is a folder", {"--data": "a_folder"}, r"is a folder, not a file of pairs: give a CSV, TSV, JSONL or Parquet file \(or a hub dataset name\)"),
+    ("an --out that is a file", {"--out": "a_file"}, r"--out .*a_file is a file, not a folder: give the path of a folder \(new or a run's\)"),
+    ("an --out holding another run's finished model", {"--out": "finished"}, r"finished already holds a finished model \(test error 12.50%\): add --overwrite to replace it, or train from it into another folder \(--model .*finished --out NEW\)"),
+    ("an --out holding an interrupted run", {"--out": "interrupted"}, r"interrupted holds an interrupted run's checkpoint: add --resume to continue it, or --overwrite to start again"),
+    ("an --out another run is writing to", {"--out": "locked"}, r"locked is in use by another run \(process \d+ on .*\); wait for it to end, or give another --out"),
+    ("--resume from a damaged checkpoint", {"--out": "damaged", "--resume": None}, r"damaged: checkpoint.pt is damaged \(.*\), and there is no earlier one to fall back to: start again with --overwrite instead of --resume"),
     ("--max-length 0", {"--max-length": "0"}, "--max-length must be at least 1"),
     ("--epochs 0", {"--epochs": "0"}, "--epochs must be at least 1"),
     ("--device cuda without a GPU", {"--device": "cuda"}, r"--device cuda: no CUDA GPU is visible here; use --device cpu \(or auto\)"),
@@ -66,15 +110,45 @@ def test_train_bad_input_is_one_line(files, tiny_model_dir, capsys, case, change
     changes = {k: str(files.get(v, v)) if v is not None else v for k, v in changes.items()}
     args = train_args(files, tiny_model_dir, **{k: v for k, v in changes.items() if v is not None})
     args += [k for k, v in changes.items() if v is None]  # switches
+    before = snapshot(files["a_folder"])
     code, err = run_cli(train.main, args, capsys)
     last = err.strip().splitlines()[-1]  # after any progress bar
     assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
     assert last.startswith("error: ") and re.search(message, last), err
+    after = snapshot(files["a_folder"])
+    assert {path: after.get(path) for path in before} == before  # nothing there before was changed
+
+
+def snapshot(folder) -> dict:
+    return {str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_damaged_model_weights_are_named_with_what_to_do(files, tiny_model_dir, tmp_path, capsys):
+    cut = tmp_path / "cut_model"
+    shutil.copytree(tiny_model_dir, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for main, args in [(train.main, train_args(files, cut)),
+                       (evaluate.main, ["--model", str(cut), "--val", str(files["val"]), "--test", str(files["test"])])]:
+        code, err = run_cli(main, args, capsys)
+        assert code == 2 and "Traceback" not in err, err
+        assert re.fullmatch(r"error: .*cut_model/model.safetensors is damaged \(.*\): fetch or copy it again "
+                            r"\(a download that stopped\?\)\n", err.splitlines(keepends=True)[-1]), err
+
+
+@pytest.mark.parametrize("name", ["cut_gz", "csv_named_parquet", "a_folder"])
+def test_every_entry_point_names_a_damaged_pairs_file(files, tiny_model_dir, capsys, name):
+    import dedup
+    bad = str(files[name])
+    for main, args in [(evaluate.main, ["--model", str(tiny_model_dir), "--val", bad, "--test", str(files["test"])]),
+                       (dedup.main, [bad, "--model", str(tiny_model_dir)])]:
+        code, err = run_cli(main, args, capsys)
+        assert code == 2 and "Traceback" not in err and err.startswith(f"error: {bad}"), err
 
 
 def test_debug_shows_the_traceback(files, tiny_model_dir, capsys):
-    with pytest.raises(cli.InputError, match="--batch-size must be at least 1"):
-        cli.run(train.main, train_args(files, tiny_model_dir, **{"--batch-size": "0"}) + ["--debug"])
+    with pytest.raises(errors.InputError, match="--batch-size must be at least 1"):
+        errors.run(train.main, train_args(files, tiny_model_dir, **{"--batch-size": "0"}) + ["--debug"])
 
 
 def test_evaluate_bad_input_is_one_line(files, tiny_model_dir, capsys):

@@ -6,7 +6,7 @@ import pytest
 from conftest import synthetic_pairs, write_tsv
 
 import data
-from cli import InputError
+from errors import InputError
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -29,6 +29,24 @@ def test_reads_every_local_format_with_known_columns(tmp_path):
                              "label": [p[2] for p in pairs]}), parquet)
     for path in (tsv, csv_path, jsonl, parquet):
         assert data.load_pairs(str(path)) == pairs, path
+
+
+def test_what_users_actually_have_crlf_bom_labels_and_stray_carriage_returns(tmp_path, capsys):
+    """Windows line ends, a UTF-8 byte order mark, labels written True/False or 1.0/0.0, and (as a
+    well-known public paraphrase corpus has) bare carriage returns inside fields."""
+    path = tmp_path / "windows.tsv"
+    path.write_bytes("\ufeffquestion1\tquestion2\tis_duplicate\r\n".encode()
+                     + b"how do i cook\trice how\tTrue\r\n"
+                     + b"first half\rsecond half\twhy\t0.0\r\n"
+                     + b"a\tb\r c\t1.0\n"
+                     + b"x\ty\tFalse\r\n")
+    assert data.load_pairs(str(path)) == [("how do i cook", "rice how", 1), ("first half second half", "why", 0),
+                                          ("a", "b  c", 1), ("x", "y", 0)]
+    assert "windows.tsv: 2 carriage return(s) inside fields, read as spaces" in capsys.readouterr().err
+    short = tmp_path / "short.tsv"  # a real error after a stray carriage return is named at its real line
+    short.write_bytes(b"question1\tquestion2\tis_duplicate\na\rb\tc\t1\nd\t0\n")
+    with pytest.raises(InputError, match=r"short.tsv line 3: 2 field\(s\) where the header has 3"):
+        data.load_pairs(str(short))
 
 
 def test_explicit_columns_and_label_spellings(tmp_path):
@@ -118,9 +136,9 @@ def test_split_refuses_to_leave_no_training_data():
 
 
 def test_subsample_is_seeded_and_nested():
-    pairs = synthetic_pairs(500, seed=0)
+    pairs = [(f"a{i}", f"b{i}", i % 2) for i in range(500)]  # every pair distinct
     small, large = data.subsample(pairs, 100, seed=3), data.subsample(pairs, 200, seed=3)
-    assert large[:100] == small and len(set(large)) == len(set(pairs[i] for i in range(500)) & set(large))
+    assert large[:100] == small and len(set(large)) == 200 and set(large) <= set(pairs)  # no pair drawn twice
     assert data.subsample(pairs, 100, seed=4) != small
     with pytest.raises(InputError, match="--dataset-size 501 is more than the 500 training pairs"):
         data.subsample(pairs, 501)

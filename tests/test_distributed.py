@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, synthetic_pairs
+from conftest import ROOT, synthetic_pairs, write_tsv
 
 import batching
 import distributed
@@ -24,9 +25,9 @@ def loss_and_gradients(model_dir: str, rank: int, world_size: int) -> tuple[floa
     torch.manual_seed(0)
     model = Embedder.from_pretrained(model_dir, dense_out_features=16).eval()  # eval: no dropout draws to differ
     tokenized = batching.TokenizedPairs(synthetic_pairs(GLOBAL_BATCH, seed=4), model.tokenizer, 64)
-    groups, restore, labels = next(tokenized.batches(np.arange(GLOBAL_BATCH), GLOBAL_BATCH, 2, rank, world_size))
+    groups, restore, labels, shares = next(tokenized.batches(np.arange(GLOBAL_BATCH), GLOBAL_BATCH, 2, rank, world_size))
     first, second = torch.cat([model(**g) for g in groups])[restore].chunk(2)
-    first, second, labels = (distributed.gather(x) for x in (first, second, labels))
+    first, second, labels = (distributed.gather(x, shares) for x in (first, second, labels))
     loss = WeightedSum([(1.0, OnlineContrastiveLoss()), (0.5, InBatchContrastiveLoss())])(first, second, labels)
     loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -60,14 +61,31 @@ def test_two_processes_compute_the_loss_and_gradients_of_one(tiny_model_dir, tmp
             torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_torchrun_trains_with_two_cpu_processes_and_rank_0_writes(tiny_model_dir, pair_files, tmp_path):
+def test_torchrun_takes_every_pair_that_one_process_takes(tiny_model_dir, pair_files, tmp_path):
+    """97 pairs, batch 16: the last batch of each epoch has a single pair, fewer than the processes."""
+    train_file = write_tsv(tmp_path / "train97.tsv", synthetic_pairs(97, seed=1))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(pair_files["train"]),
+               str(ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(train_file),
                "--val", str(pair_files["val"]), "--test", str(pair_files["test"]), "--dense-out-features", "16",
-               "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--out", str(tmp_path / "out")]
+               "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--out", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["environment"]["processes"] == 2 and metrics["training"]["pairs"] == 2 * 192
-    assert metrics["training"]["steps"] == 2 * 12 and Embedder.load(tmp_path / "out").dim == 16
+    assert metrics["environment"]["processes"] == 2
+    assert (metrics["training"]["steps"], metrics["training"]["pairs"]) == (3 * 7, 3 * 97)  # as one process takes
+    assert Embedder.load(tmp_path / "out").dim == 16
+
+
+@pytest.mark.parametrize("n_pairs, world_size", [(1, 2), (5, 2), (7, 4), (16, 3)])
+def test_every_pair_of_a_batch_is_taken_once_over_the_processes(tiny_model_dir, n_pairs, world_size):
+    model = Embedder.from_pretrained(str(tiny_model_dir), dense_out_features=0)
+    tokenized = batching.TokenizedPairs(synthetic_pairs(n_pairs, seed=4), model.tokenizer, 64)
+    tokenized.labels = np.arange(n_pairs)  # labels that name their pair
+    taken = []
+    for rank in range(world_size):
+        batch = next(tokenized.batches(np.arange(n_pairs), 16, 1, rank, world_size))
+        assert len(batch.labels) == max(batch.shares)  # every process the same size, for all_gather
+        taken += list(batch.labels[: batch.shares[rank]])
+    assert sum(batch.shares) == n_pairs and len(taken) == n_pairs
+    assert sorted(taken) == list(range(n_pairs))

@@ -6,6 +6,7 @@ import pytest
 from conftest import run_cli, synthetic_pairs, write_tsv
 
 import evaluate
+import openai_embeddings
 
 SCORES = np.array([0.9, 0.8, 0.8, 0.6, 0.4, 0.3])
 LABELS = np.array([1, 1, 0, 1, 0, 0])
@@ -179,7 +180,7 @@ def openai_env(monkeypatch, tmp_path):
 def test_openai_embedder_batches_retries_and_caches(openai_env):
     texts = ["how do i cook rice", "", "how do i cook rice", "what is rice"] + [f"text {i}" for i in range(7)]
     with FakeOpenAI(failures=[429, 500]) as server:
-        embedder = evaluate.OpenAIEmbedder("text-embedding-3-small", 32, server.base_url, openai_env)
+        embedder = openai_embeddings.OpenAIEmbedder("text-embedding-3-small", 32, server.base_url, openai_env)
         vectors = embedder.encode(texts, batch_size=4)
         assert [r["body"]["dimensions"] for r in server.requests] == [32] * 5  # 2 failed + 3 batches of <= 4
         assert [len(r["body"]["input"]) for r in server.requests[2:]] == [4, 4, 2]  # 10 distinct texts
@@ -188,10 +189,10 @@ def test_openai_embedder_batches_retries_and_caches(openai_env):
         np.testing.assert_array_equal(vectors[0], vectors[2])
         assert vectors[0] @ vectors[3] > vectors[0] @ vectors[4]  # shared words, higher cosine
         n = len(server.requests)
-        again = evaluate.OpenAIEmbedder("text-embedding-3-small", 32, server.base_url, openai_env).encode(texts)
+        again = openai_embeddings.OpenAIEmbedder("text-embedding-3-small", 32, server.base_url, openai_env).encode(texts)
         assert len(server.requests) == n                      # all from the cache
         np.testing.assert_array_equal(again, vectors)
-        evaluate.OpenAIEmbedder("text-embedding-3-small", 16, server.base_url, openai_env).encode(texts[:1])
+        openai_embeddings.OpenAIEmbedder("text-embedding-3-small", 16, server.base_url, openai_env).encode(texts[:1])
         assert len(server.requests) == n + 1                  # another width is another cache key
     assert KEY.encode() not in openai_env.read_bytes() and b"rice" not in openai_env.read_bytes()
 

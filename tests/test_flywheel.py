@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli, synthetic_pairs, write_tsv
 
 import flywheel
-import results
+import jsonl
 from model import Embedder
 
 
@@ -41,7 +41,7 @@ def test_rounds_promote_a_winner_refuse_noise_and_log(flywheel_setup, tmp_path, 
     drops, home, args = flywheel_setup
     write_tsv(drops / "01.tsv", synthetic_pairs(192, 1))
     flywheel.main(args)
-    first = results.read(home / "history.jsonl")[0]
+    first = jsonl.read(home / "history.jsonl")[0]
     assert first["decision"] == "promoted" and first["current"] == "base" and first["trained_on"] == 192
     assert first["candidate_error"] < first["current_error"] and first["p_value"] < 0.05
     assert os.readlink(home / "current") == "rounds/round-001" and Embedder.load(home / "current").dim == 16
@@ -50,7 +50,7 @@ def test_rounds_promote_a_winner_refuse_noise_and_log(flywheel_setup, tmp_path, 
     labels = np.random.default_rng(0).permutation([y for *_, y in noise])
     write_tsv(drops / "02.tsv", [(a, b, int(y)) for (a, b, _), y in zip(noise, labels)])
     flywheel.main(args + ["--mode", "continue"])
-    second = results.read(home / "history.jsonl")[1]
+    second = jsonl.read(home / "history.jsonl")[1]
     assert second["decision"] == "refused" and 180 < second["trained_on"] <= 192 and second["new_files"] == 1
     assert os.readlink(home / "current") == "rounds/round-001"  # unchanged
     assert (home / "rounds" / "round-002" / "model.safetensors").is_file()  # kept for inspection
@@ -80,4 +80,4 @@ def test_a_crash_during_the_switch_leaves_the_old_current_intact(flywheel_setup,
         flywheel.main(args)
     assert os.readlink(home / "current") == "rounds/round-001"
     np.testing.assert_array_equal(Embedder.load(home / "current").encode(["t1a t1b"]), before)
-    assert len(results.read(home / "history.jsonl")) == 1  # the round is not logged as done: rerun it
+    assert len(jsonl.read(home / "history.jsonl")) == 1  # the round is not logged as done: rerun it

@@ -1,19 +1,22 @@
 import ast
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import modal
 import pytest
 from conftest import ROOT, run_cli
 
-import results
+import jsonl
 import sweep
 import train
 from options import Config
 
 
 def test_grid_is_the_product_with_everything_else_fixed():
-    assert sweep.SIZES == [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 102400, 0]
     configs = sweep.grid(sweep.MODELS, sweep.SIZES, sweep.DIMS)
     assert len(configs) == 3 * 12 * 2
     assert len({sweep.config_key(c) for c in configs}) == len(configs)
@@ -25,6 +28,14 @@ def test_grid_is_the_product_with_everything_else_fixed():
         Config(**c)  # every key is a training option
     assert sweep.config_key(configs[0] | {"out": "elsewhere"}) == sweep.config_key(configs[0])
     assert len(sweep.zero_shot_configs(configs)) == 3 * 2  # once per (model, width), not per size
+    assert sweep.grid(sweep.MODELS[:1], [100, 100, 200], [256, 256]) == sweep.grid(sweep.MODELS[:1], [100, 200], [256])
+
+
+def test_multi_gpu_runs_keep_the_batch_per_gpu_and_have_keys_of_their_own():
+    small, full = sweep.grid(sweep.MODELS[:1], [100, 0], [256])
+    assert sweep.processes_for(small, 8) == 1 and sweep.processes_for(full, 8) == 8
+    assert sweep.scaled_for(full, 8)["batch_size"] == 8 * sweep.FIXED["batch_size"] and sweep.scaled_for(small, 1) == small
+    assert sweep.config_key(full, 8) != sweep.config_key(full) == sweep.config_key(full, 1)
 
 
 def test_each_run_has_a_training_budget_below_the_container_timeout():
@@ -60,7 +71,7 @@ def test_the_modal_image_carries_every_module_a_run_imports():
         found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         return found & project
 
-    needed, todo = set(), ["train", "evaluate", "results"]
+    needed, todo = set(), ["train", "evaluate", "jsonl", "openai_embeddings"]
     while todo:
         name = todo.pop()
         if name not in needed:
@@ -103,21 +114,92 @@ def test_a_preempted_run_resumes_from_its_checkpoint(tiny_model_dir, pair_files,
     assert result["resumed_at_steps"] == [4] and result["training"]["steps"] == 3 * 2  # 3 epochs of 64 pairs, batch 32
 
 
-def test_a_container_failure_is_recorded_with_its_configuration(tiny_model_dir, pair_files, tmp_path, capsys):
-    configs = [one_config(tiny_model_dir, pair_files), one_config(tiny_model_dir, pair_files, seed=1)]
-    outcomes = [{"kind": "run", "key": sweep.config_key(configs[0]), "config": configs[0], "error": "ValueError: x"},
-                TimeoutError("Function timed out after 7200 seconds")]
-    sweep.record_all(configs, outcomes, tmp_path / "r.jsonl")
-    rows = results.read(tmp_path / "r.jsonl")
-    assert rows[1] == {"kind": "run", "key": sweep.config_key(configs[1]), "config": configs[1],
-                       "error": "TimeoutError: Function timed out after 7200 seconds"}
-    assert f"(key {sweep.config_key(configs[1])}): TimeoutError" in capsys.readouterr().out
-    assert sweep.pending(configs, tmp_path / "r.jsonl") == configs  # both are tried again
+class FakeCall:
+    """A Modal FunctionCall that finishes after `polls` polls, with `outcome` (raised if an exception)."""
+
+    def __init__(self, outcome, polls: int):
+        self.outcome, self.polls = outcome, polls
+
+    def get(self, timeout=None):
+        self.polls -= 1
+        if self.polls > 0:
+            raise TimeoutError
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+def test_each_result_is_recorded_as_its_run_ends_and_failures_keep_their_configuration(tiny_model_dir, pair_files,
+                                                                                        tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    configs = [one_config(tiny_model_dir, pair_files, seed=s) for s in range(3)]
+    long_run = {"kind": "run", "key": sweep.config_key(configs[0]), "config": configs[0], "error": "ValueError: x"}
+    short_run = {"kind": "run", "key": sweep.config_key(configs[1], 2), "config": configs[1], "error": "KeyError: y"}
+    calls = [(configs[0], 1, FakeCall(long_run, polls=3)), (configs[1], 2, FakeCall(short_run, polls=1)),
+             (configs[2], 1, FakeCall(modal.exception.FunctionTimeoutError("timed out after 7200 s"), polls=2))]
+    seen_while_waiting = []
+    sweep.collect(calls, path, sleep=lambda seconds: seen_while_waiting.append(len(jsonl.read(path))))
+    assert seen_while_waiting == [1, 2]  # the short run was on disk while the long one still ran
+    rows = jsonl.read(path)
+    assert rows[:2] == [short_run, {"kind": "run", "key": sweep.config_key(configs[2]), "config": configs[2],
+                                    "processes": 1, "error": "FunctionTimeoutError: timed out after 7200 s"}]
+    assert rows[2] == long_run
+    assert f"(key {sweep.config_key(configs[2])}): FunctionTimeoutError" in capsys.readouterr().out
+    runs = [(c, n) for c, n, _ in calls]
+    assert sweep.pending(runs, path) == runs  # all three are tried again
+
+
+def test_a_failed_evaluation_is_recorded_with_its_configuration(tiny_model_dir, pair_files, tmp_path):
+    config = one_config(tiny_model_dir, pair_files)
+    sweep.record_all([config], [MemoryError("out of memory")], tmp_path / "r.jsonl")
+    broken = one_config(tiny_model_dir, pair_files, model=str(tmp_path / "no-such-model"))
+    sweep.record(sweep.evaluate_once(broken), tmp_path / "r.jsonl")
+    rows = jsonl.read(tmp_path / "r.jsonl")
+    assert rows[0]["config"] == config and rows[0]["kind"] == "zero_shot" and "MemoryError" in rows[0]["error"]
+    assert rows[1]["config"]["model"] == broken["model"] and "model folder not found" in rows[1]["error"]
+    assert sweep.missing_zero_shots([config], tmp_path / "r.jsonl") == sweep.zero_shot_configs([config])
+
+
+def test_a_finished_run_is_read_back_from_its_folder_not_trained_again(tiny_model_dir, pair_files, tmp_path,
+                                                                      monkeypatch):
+    """The local client died after the container finished: the rerun finds metrics.json on the volume."""
+    config = one_config(tiny_model_dir, pair_files)
+    with pytest.warns(UserWarning):
+        first = sweep.objective.local(config, str(tmp_path))
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    with pytest.warns(UserWarning):
+        again = sweep.objective.local(config, str(tmp_path))
+    assert again["recovered"] and again["fine_tuned"] == first["fine_tuned"] and again["key"] == first["key"]
+
+
+def test_a_signal_reaches_every_rank_of_a_multi_process_run_and_leaves_a_checkpoint(tiny_model_dir, pair_files,
+                                                                                   tmp_path):
+    """torchrun inside the objective: SIGTERM to the container's process (a preemption) is passed on;
+    rank 0 checkpoints, and the objective's retry resumes from it."""
+    config = one_config(tiny_model_dir, pair_files, dataset_size=0, epochs=1000, batch_size=16, select_best=False)
+    out = tmp_path / sweep.config_key(config, 2)
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sweep\n"
+              f"sweep.run_config({config!r}, {str(tmp_path)!r}, processes=2)")
+    process = subprocess.Popen([sys.executable, "-c", script], env=os.environ | {"OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.json").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(2)  # into the training loop
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0, err[-2000:]
+    stopped = json.loads((out / "metrics.json").read_text())
+    assert stopped["stopped_by"] == "SIGTERM" and stopped["interrupted_at_step"] > 0, err[-2000:]
+    assert (out / "checkpoint.pt").is_file()
+    step = stopped["interrupted_at_step"]  # the retry resumes there (and, given a tiny budget, stops one step on)
+    resumed = sweep.torchrun(sweep.Config(**config | {"max_minutes": 1e-9}, out=str(out), resume=True), 2)
+    assert resumed["resumed_at_steps"] == [step] and resumed["training"]["steps"] == step + 1
 
 
 def test_local_sweep_writes_results_and_figure_and_skips_what_is_done(sweep_args, tmp_path, monkeypatch, capsys):
     sweep.main(["--local"] + sweep_args)
-    rows = results.read(tmp_path / "r.jsonl")
+    rows = jsonl.read(tmp_path / "r.jsonl")
     runs = [r for r in rows if r["kind"] == "run"]
     assert sorted((r["config"]["dataset_size"], r["config"]["dense_out_features"]) for r in runs) == [
         (32, 8), (32, 16), (96, 8), (96, 16)]
@@ -128,7 +210,7 @@ def test_local_sweep_writes_results_and_figure_and_skips_what_is_done(sweep_args
     monkeypatch.setattr(train, "train", lambda config, on_checkpoint=None: pytest.fail("a finished configuration ran again"))
     sweep.main(["--local"] + sweep_args)
     assert "4 configurations, 4 already done, running 0" in capsys.readouterr().out
-    assert len(results.read(tmp_path / "r.jsonl")) == 6
+    assert len(jsonl.read(tmp_path / "r.jsonl")) == 6
 
 
 def test_the_zero_shot_row_is_what_training_starts_from(tiny_model_dir, pair_files, tmp_path):
@@ -139,6 +221,7 @@ def test_the_zero_shot_row_is_what_training_starts_from(tiny_model_dir, pair_fil
 
 
 def test_interrupted_sweep_resumes_and_failures_are_retried(sweep_args, tmp_path, monkeypatch, capsys):
+    """Killed mid-sweep, even mid-write (a torn last line); the rerun, given a point twice, runs it once."""
     real_train, calls = train.train, []
 
     def flaky(config, on_checkpoint=None):
@@ -152,12 +235,17 @@ def test_interrupted_sweep_resumes_and_failures_are_retried(sweep_args, tmp_path
     monkeypatch.setattr(train, "train", flaky)
     with pytest.raises(KeyboardInterrupt):
         sweep.main(["--local"] + sweep_args)
-    runs = [r for r in results.read(tmp_path / "r.jsonl") if r["kind"] == "run"]
+    runs = [r for r in jsonl.read(tmp_path / "r.jsonl") if r["kind"] == "run"]
     assert ["fine_tuned" in r for r in runs] == [True, False] and "out of memory" in runs[1]["error"]
+    with (tmp_path / "r.jsonl").open("a") as f:
+        f.write('{"kind": "run", "key": "0123')  # the crash came mid-write
     monkeypatch.setattr(train, "train", real_train)
-    sweep.main(["--local"] + sweep_args)
-    assert "4 configurations, 1 already done, running 3" in capsys.readouterr().out
-    assert sum("fine_tuned" in r for r in results.read(tmp_path / "r.jsonl")) == 4
+    sweep.main(["--local"] + sweep_args + ["--sizes", "32", "96", "32"])
+    captured = capsys.readouterr()
+    assert "4 configurations, 1 already done, running 3" in captured.out
+    assert "r.jsonl:5 is not a complete JSON line (cut short by a crash?): skipped" in captured.err
+    rows = jsonl.read(tmp_path / "r.jsonl")
+    assert sum("fine_tuned" in r for r in rows) == 4 and len({r["key"] for r in rows if "fine_tuned" in r}) == 4
 
 
 def test_baselines_and_plot_from_the_jsonl_alone(sweep_args, tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -168,7 +256,7 @@ def test_baselines_and_plot_from_the_jsonl_alone(sweep_args, tiny_model_dir, tmp
         sweep.main(["--local", "--baseline", "openai:text-embedding-3-small", "--baseline", str(tiny_model_dir),
                     "--base-url", server.base_url, "--sizes", "32", "--dims", "8"] + sweep_args[:2] + sweep_args[8:])
         assert {r["body"]["dimensions"] for r in server.embedding_requests} == {8}
-    rows = results.read(tmp_path / "r.jsonl")
+    rows = jsonl.read(tmp_path / "r.jsonl")
     assert [(r["kind"], r.get("model"), r.get("dimensions")) for r in rows if r["kind"] != "run"] == [
         ("zero_shot", str(tiny_model_dir), 8), ("baseline", "openai:text-embedding-3-small", 8),
         ("baseline", str(tiny_model_dir), 32)]  # a published encoder at its own width

@@ -7,7 +7,7 @@ from conftest import SHARED, TEST_DEVICE, needs_shared
 
 import data
 import train
-from cli import InputError
+from errors import InputError
 from model import Embedder
 
 METRIC_KEYS = {"error_rate", "accuracy", "precision", "recall", "f1", "average_precision", "roc_auc",
@@ -72,9 +72,9 @@ def test_best_epoch_selection_restores_the_best_weights_and_patience_stops(tiny_
             result["val"]["error_rate"] = next(scripted)
         return result
 
-    def recording_end(model, *args):
-        weights_after.append({k: v.clone() for k, v in model.state_dict().items()})
-        return real_end(model, *args)
+    def recording_end(run, *args):
+        weights_after.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        return real_end(run, *args)
 
     monkeypatch.setattr(train.evaluate, "evaluate_scores", scripted_scores)
     monkeypatch.setattr(train, "end_of_epoch", recording_end)
@@ -121,8 +121,8 @@ def test_length_groups_give_the_same_embeddings_as_one_padded_batch(tiny_model_d
     words = "how do i cook t1a t2b t3c what is the best way of".split()
     pairs = [(" ".join(words[: 1 + i % 12]), " ".join(words[i % 5:]), i % 2) for i in range(8)]  # many lengths
     tokenized = train.batching.TokenizedPairs(pairs, model.tokenizer, 64)
-    (one,), restore_one, _ = next(tokenized.batches(np.arange(8), 8, length_groups=1))
-    groups, restore, _ = next(tokenized.batches(np.arange(8), 8, length_groups=4))
+    (one,), restore_one, *_ = next(tokenized.batches(np.arange(8), 8, length_groups=1))
+    groups, restore, *_ = next(tokenized.batches(np.arange(8), 8, length_groups=4))
     with torch.no_grad():
         grouped = torch.cat([model(**g) for g in groups])[restore]
         assert torch.allclose(model(**one)[restore_one], grouped, atol=1e-5)
@@ -142,15 +142,6 @@ def test_split_off_data_file_when_no_val_and_test(tiny_model_dir, pair_files, tm
                         dataset_size=50, epochs=1)
     train_pairs, val, test = train.load_splits(config)
     assert len(train_pairs) == 50 and 0 < len(val) <= 48 and 0 < len(test) <= 40
-
-
-def test_help_lists_every_option(capsys):
-    with pytest.raises(SystemExit):
-        train.options.parse_args(["--help"])
-    text = capsys.readouterr().out
-    for field in train.dataclasses.fields(train.Config):
-        assert "--" + field.name.replace("_", "-") in text
-    assert train.options.parse_args(["--freeze-encoder", "--lr", "1e-4"]) == train.Config(freeze_encoder=True, lr=1e-4)
 
 
 @needs_shared

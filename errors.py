@@ -29,5 +29,11 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
         sys.exit(130)
 
 
+def first_line(error: Exception) -> str:
+    """An exception's message, cut to its first line: enough to say what went wrong in one line."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 def add_debug_flag(parser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
