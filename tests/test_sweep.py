@@ -192,8 +192,8 @@ def test_a_signal_reaches_every_rank_of_a_multi_process_run_and_leaves_a_checkpo
     stopped = json.loads((out / "metrics.json").read_text())
     assert stopped["stopped_by"] == "SIGTERM" and stopped["interrupted_at_step"] > 0, err[-2000:]
     assert (out / "checkpoint.pt").is_file()
-    step = stopped["interrupted_at_step"]  # the retry resumes there (and, given a tiny budget, stops one step on)
-    resumed = sweep.torchrun(sweep.Config(**config | {"max_minutes": 1e-9}, out=str(out), resume=True), 2)
+    step = stopped["interrupted_at_step"]  # a retry resumes there (given a tiny budget, it stops a step on)
+    resumed = train.train(sweep.Config(**config | {"max_minutes": 1e-9}, out=str(out), resume=True))
     assert resumed["resumed_at_steps"] == [step] and resumed["training"]["steps"] == step + 1
 
 

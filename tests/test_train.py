@@ -146,23 +146,25 @@ def test_split_off_data_file_when_no_val_and_test(tiny_model_dir, pair_files, tm
 
 @needs_shared
 def test_real_minilm_on_quora_beats_zero_shot(minilm_dir, tmp_path):
-    """The real thing, small: 2,000 Quora pairs, one epoch on CPU, the shared leakage-free splits."""
+    """The real thing, small enough for the suite: 800 Quora pairs, one epoch on a CPU, the shared
+    leakage-free splits (500 validation and test pairs each, the same subset every time)."""
     splits = SHARED / "data" / "quora" / "splits"
     config = train.Config(model=str(minilm_dir), data=str(splits / "train.tsv.gz"), val=str(splits / "val.tsv.gz"),
-                          test=str(splits / "test.tsv.gz"), dataset_size=2000, device="cpu", out=str(tmp_path))
+                          test=str(splits / "test.tsv.gz"), dataset_size=800, epochs=1, eval_size=500, max_length=64,
+                          device="cpu", out=str(tmp_path))
     metrics = train.train(config)
     zero_shot, fine_tuned = metrics["zero_shot"]["test"], metrics["fine_tuned"]["test"]
-    assert zero_shot["n_pairs"] == 10002  # 10,003 less one pair of a question with itself
-    assert fine_tuned["error_rate"] < zero_shot["error_rate"] - 0.005, (zero_shot, fine_tuned)
-    # The saved model is the trained one: evaluated again from disk, it gives the same numbers ...
-    val, test = train.load_splits(config)[1:]
+    assert zero_shot["n_pairs"] == fine_tuned["n_pairs"] == 500
+    assert fine_tuned["roc_auc"] > zero_shot["roc_auc"] + 0.005, (zero_shot, fine_tuned)
+    assert fine_tuned["error_rate"] < zero_shot["error_rate"], (zero_shot, fine_tuned)
+    # The saved model is the trained one: its stored threshold classifies the test pairs as the
+    # evaluation did ...
+    test = train.data.subsample(train.data.load_pairs(config.test), config.eval_size, seed=0)  # as load_splits does
     model = Embedder.load(tmp_path)
-    assert train.evaluate.evaluate(model, val, test) == metrics["fine_tuned"]
-    # ... its stored threshold classifies the test pairs as the evaluation did ...
     predicted = model.is_duplicate([a for a, _, _ in test], [b for _, b, _ in test])
     assert np.mean(predicted != np.array([y for *_, y in test])) == pytest.approx(fine_tuned["error_rate"], abs=1e-12)
     # ... and sentence-transformers, loading the folder as it is, gives the same embeddings.
     from sentence_transformers import SentenceTransformer
-    texts = [t for a, b, _ in test[:300] for t in (a, b)]
+    texts = [t for a, b, _ in test[:50] for t in (a, b)]
     np.testing.assert_allclose(SentenceTransformer(str(tmp_path), device="cpu").encode(texts),
                                model.encode(texts, bf16=False), atol=1e-5)
