@@ -234,31 +234,13 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
     total = config.epochs * steps_per_epoch
     run = start_run(config, model, device, precision, total, world_size)
     run.train_pairs = len(train_pairs)
-    if config.resume:
-        log(f"resumed at step {run.progress.step}/{total} (epoch {run.progress.epoch + 1})", rank)
-    elif config.zero_shot and rank == 0:
-        run.metrics["zero_shot"] = evaluate.evaluate(model, val, test, config.eval_batch_size, config.min_recall,
-                                                     config.min_precision)
-        log(f"zero-shot error: val {run.metrics['zero_shot']['val']['error_rate']:.2%}, "
-            f"test {run.metrics['zero_shot']['test']['error_rate']:.2%}", rank)
-    if rank == 0:
-        write_json(run.out / "metrics.json", run.metrics)
-
-    def save_checkpoint() -> None:
-        if rank == 0:
-            losses_seen.check()  # never a checkpoint of weights that a non-finite loss has touched
-            run.save_checkpoint()
-            folder.refresh()
-            if on_checkpoint:
-                on_checkpoint()
-
+    begin(run, val, test, rank)
     loss_fn, autocast = build_loss(config, model.dim), training_autocast(precision, device)
-    # The host reads the loss every step on a CPU (free there), every LOSS_EVERY steps on a GPU,
-    # where reading it would make the host wait for the step to finish before queueing the next.
-    losses_seen = LossWatch(device, steps_per_epoch, every=1 if device.type == "cpu" else LOSS_EVERY, out=run.out)
+    losses_seen = LossWatch(device, steps_per_epoch, out=run.out)
+    saver = Checkpointer(run, losses_seen, folder, on_checkpoint, rank)
     p = run.progress
     model.train()
-    last_checkpoint, started = time.perf_counter(), time.perf_counter() - p.seconds
+    started = time.perf_counter() - p.seconds
     with tqdm(total=total, initial=p.step, desc="train", unit="step", disable=rank != 0) as bar, \
             checkpoint.StopRequests() as stop:
         while p.epoch < config.epochs and run.stopped_by is None:
@@ -272,42 +254,84 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
                 if losses_seen.due(p.step):
                     bar.set_postfix(loss=f"{losses_seen.check():.4f}", pairs_per_s=f"{p.pairs / p.seconds:.1f}")
                 bar.update()
-                over_budget = config.max_minutes and p.seconds > 60 * config.max_minutes
-                if distributed.any_process(bool(stop.requested or over_budget), device):
-                    run.stopped_by = stop.requested or ("time_budget" if over_budget else "SIGTERM")
+                if stop_requested(run, stop, device):
                     break
-                if (config.checkpoint_every and p.step % config.checkpoint_every == 0
-                        or not config.checkpoint_every and time.perf_counter() - last_checkpoint > 300):
-                    save_checkpoint()
-                    last_checkpoint = time.perf_counter()
+                if saver.due(p.step):
+                    saver.save()
             else:  # the epoch is complete
                 p.epoch += 1
                 losses_seen.check()
                 if config.select_best:
                     end_of_epoch(run, val, rank)
                 p.seconds = time.perf_counter() - started
-                save_checkpoint()
-                last_checkpoint = time.perf_counter()
+                saver.save()
     losses_seen.check()
     if run.stopped_by in ("SIGINT", "SIGTERM"):
-        save_checkpoint()
-        if rank == 0:
-            write_json(run.out / "metrics.json", run.metrics | {"stopped_by": run.stopped_by, "interrupted_at_step": p.step})
-        log(f"{run.stopped_by} at step {p.step}/{total}: checkpoint in {run.out}; continue with the same command "
-            f"and --resume", rank)
-        raise KeyboardInterrupt
-    if rank != 0:
-        return {}
-    return finish(run, val, test)
+        interrupted(run, saver, rank, total)
+    return finish(run, val, test) if rank == 0 else {}
+
+
+def begin(run: Run, val: list[data.Pair], test: list[data.Pair], rank: int) -> None:
+    """Say where a resumed run goes on, or evaluate the untrained model (zero-shot); write metrics.json."""
+    config = run.config
+    if config.resume:
+        log(f"resumed at step {run.progress.step} (epoch {run.progress.epoch + 1})", rank)
+    elif config.zero_shot and rank == 0:
+        zero_shot = evaluate.evaluate(run.model, val, test, config.eval_batch_size, config.min_recall, config.min_precision)
+        run.metrics["zero_shot"] = zero_shot
+        log(f"zero-shot error: val {zero_shot['val']['error_rate']:.2%}, test {zero_shot['test']['error_rate']:.2%}", rank)
+    if rank == 0:
+        write_json(run.out / "metrics.json", run.metrics)
+
+
+def stop_requested(run: Run, stop: checkpoint.StopRequests, device: torch.device) -> bool:
+    """A signal or the time budget ends training at this step, on every process at once."""
+    over_budget = run.config.max_minutes and run.progress.seconds > 60 * run.config.max_minutes
+    if distributed.any_process(bool(stop.requested or over_budget), device):
+        run.stopped_by = stop.requested or ("time_budget" if over_budget else "SIGTERM")
+    return run.stopped_by is not None
+
+
+def interrupted(run: Run, saver: "Checkpointer", rank: int, total: int) -> None:
+    """SIGINT or SIGTERM: checkpoint, say how to go on, and leave with KeyboardInterrupt (exit code 130)."""
+    saver.save()
+    step = run.progress.step
+    if rank == 0:
+        write_json(run.out / "metrics.json", run.metrics | {"stopped_by": run.stopped_by, "interrupted_at_step": step})
+    log(f"{run.stopped_by} at step {step}/{total}: checkpoint in {run.out}; continue with the same command and --resume",
+        rank)
+    raise KeyboardInterrupt
+
+
+class Checkpointer:
+    """When and how a run's checkpoint is written: every `--checkpoint-every` steps (else about every
+    5 minutes), at the end of each epoch and on a stop; by rank 0 only, and never of weights that a
+    non-finite loss has touched. `on_checkpoint()` follows each one (Modal commits its volume)."""
+
+    def __init__(self, run: Run, losses_seen: "LossWatch", folder: run_folder.Claim, on_checkpoint, rank: int):
+        self.run, self.losses_seen, self.folder, self.on_checkpoint, self.rank = run, losses_seen, folder, on_checkpoint, rank
+        self.last = time.perf_counter()
+
+    def due(self, step: int) -> bool:
+        every = self.run.config.checkpoint_every
+        return step % every == 0 if every else time.perf_counter() - self.last > 300
+
+    def save(self) -> None:
+        if self.rank == 0:
+            self.losses_seen.check()
+            self.run.save_checkpoint()
+            self.folder.refresh()
+            if self.on_checkpoint:
+                self.on_checkpoint()
+        self.last = time.perf_counter()
 
 
 def train_step(run: Run, batch: batching.Batch, loss_fn, autocast, device: torch.device) -> tuple[torch.Tensor, int]:
     """One optimiser step on a batch; the loss stays on the device. Returns (loss, pairs in the step)."""
     with autocast:
-        embeddings = torch.cat([run.model(**{k: v.to(device, non_blocking=True) for k, v in g.items()})
-                                for g in batch.groups])
-    first, second = embeddings[batch.restore.to(device)].float().chunk(2)
-    first, second, labels = (distributed.gather(x, batch.shares) for x in (first, second, batch.labels.to(device)))
+        embeddings = torch.cat([run.model(**{k: to_device(v, device) for k, v in g.items()}) for g in batch.groups])
+    first, second = embeddings[to_device(batch.restore, device)].float().chunk(2)
+    first, second, labels = (distributed.gather(x, batch.shares) for x in (first, second, to_device(batch.labels, device)))
     loss = loss_fn(first, second, labels)  # losses run in fp32, outside autocast
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -321,16 +345,25 @@ def train_step(run: Run, batch: batching.Batch, loss_fn, autocast, device: torch
     return loss.detach(), sum(batch.shares)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy to a GPU from pinned memory, so that the host queues it and goes on: a copy from
+    ordinary memory makes the host wait until the GPU has reached it."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 class LossWatch:
     """The loss, watched without making the host wait for the GPU: the first non-finite loss is
-    noted on the device, and `check()` (every `every` steps, and before each checkpoint) reads it
-    and stops the run there, naming the step."""
+    noted on the device, and `check()` (every few steps, and before each checkpoint) reads it and
+    stops the run there, naming the step."""
 
-    def __init__(self, device: torch.device, steps_per_epoch: int, every: int, out: Path):
+    def __init__(self, device: torch.device, steps_per_epoch: int, out: Path):
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)   # the step, -1: none yet
         self.bad_value = torch.zeros((), device=device)
         self.last = torch.zeros((), device=device)
-        self.steps_per_epoch, self.every, self.out = steps_per_epoch, every, out
+        # Read every step on a CPU (free there), every LOSS_EVERY steps on a GPU, where a read makes
+        # the host wait for the step to finish before it can queue the next.
+        self.every = 1 if device.type == "cpu" else LOSS_EVERY
+        self.steps_per_epoch, self.out = steps_per_epoch, out
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         new = ~torch.isfinite(loss) & (self.first_bad < 0)

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 import torch
-from conftest import synthetic_pairs, write_tsv
+from conftest import TEST_DEVICE, synthetic_pairs, write_tsv
 
 import checkpoint
 import train
@@ -20,7 +20,7 @@ def small_files(tmp_path):
 
 def small_config(tiny_model_dir, files, out, **overrides) -> train.Config:
     settings = dict(model=str(tiny_model_dir), data=str(files["train"]), val=str(files["val"]), test=str(files["test"]),
-                    dense_out_features=16, epochs=3, batch_size=16, lr=1e-3, device="cpu", zero_shot=False, out=str(out))
+                    dense_out_features=16, epochs=3, batch_size=16, lr=1e-3, device=TEST_DEVICE, zero_shot=False, out=str(out))
     return train.Config(**settings | overrides)
 
 

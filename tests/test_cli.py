@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_cli, synthetic_pairs, write_tsv
+from conftest import ROOT, TEST_DEVICE, run_cli, synthetic_pairs, write_tsv
 
 import errors
 import evaluate
@@ -67,7 +67,7 @@ def clashing_folders(tmp_path):
 
 def train_args(files, tiny_model_dir, **changes) -> list[str]:
     args = {"--model": str(tiny_model_dir), "--data": str(files["train"]), "--val": str(files["val"]),
-            "--test": str(files["test"]), "--device": "cpu", "--out": str(files["out"])} | changes
+            "--test": str(files["test"]), "--device": TEST_DEVICE, "--out": str(files["out"])} | changes
     return [x for k, v in args.items() for x in (k, v)]
 
 

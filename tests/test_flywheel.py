@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_cli, synthetic_pairs, write_tsv
+from conftest import TEST_DEVICE, run_cli, synthetic_pairs, write_tsv
 
 import flywheel
 import jsonl
@@ -31,7 +31,7 @@ def flywheel_setup(tiny_model_dir, tmp_path):
     drops.mkdir()
     val = write_tsv(tmp_path / "val.tsv", synthetic_pairs(96, 2))
     test = write_tsv(tmp_path / "test.tsv", synthetic_pairs(400, 3))
-    settings = "epochs=6 batch_size=16 lr=1e-3 dense_out_features=16 device=cpu"
+    settings = f"epochs=6 batch_size=16 lr=1e-3 dense_out_features=16 device={TEST_DEVICE}"
     args = ["--home", str(tmp_path / "fw"), "--base", str(tiny_model_dir), "--pairs", str(drops),
             "--val", str(val), "--test", str(test), "--set", settings]
     return drops, tmp_path / "fw", args

@@ -20,8 +20,12 @@ def test_gpu_check_dry_runs_on_cpu(tiny_model_dir, tmp_path):
                              "--out", str(tmp_path / "check.json")], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "check.json").read_text())
-    assert report["tests"]["passed"] and report["dry_run"]
-    assert [r["batch"] for r in report["bge_base_shapes"]] == [4, 8]
-    assert all(r["pairs_per_s"] > 0 and r["tflop_per_s"] > 0 for r in report["bge_base_shapes"])
-    assert 0 <= report["finetune_minilm"]["test_error"] <= 1
+    assert report["tests"]["passed"] and report["dry_run"] and report["skipped"] == []
+    assert report["host"]["us_per_op"] > 0 and report["host"]["measured_peak_tflop_per_s"] > 0
+    assert [r["variant"] for r in report["profile"]] == ["today", "no-sync, 1 group"]
+    assert all(r["host_ms_per_step"] > 0 and r["host_syncs_per_step"] == 0 for r in report["profile"])  # no GPU here
+    assert [(r["variant"], r["batch"]) for r in report["steps"]] == [
+        (v, b) for b in (4, 8) for v in ("today", "no-sync, 1 group", "no-sync, 2 groups")]
+    assert all(r["pairs_per_s"] > 0 and r["tflop_per_s"] > 0 for r in report["steps"])
+    assert 0 <= report["finetune"][0]["test_error"] <= 1
     assert "bge-base shapes" in result.stdout and "all-MiniLM-L6-v2" in result.stdout

@@ -8,7 +8,7 @@ import time
 
 import modal
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, TEST_DEVICE, run_cli
 
 import jsonl
 import sweep
@@ -54,12 +54,12 @@ def test_modal_app_declares_functions_gpu_image_and_volume():
 def sweep_args(tiny_model_dir, pair_files, tmp_path):
     return ["--models", str(tiny_model_dir), "--sizes", "32", "96", "--dims", "8", "16",
             "--data", str(pair_files["train"]), "--val", str(pair_files["val"]), "--test", str(pair_files["test"]),
-            "--device", "cpu", "--results", str(tmp_path / "r.jsonl"), "--runs", str(tmp_path / "runs")]
+            "--device", TEST_DEVICE, "--results", str(tmp_path / "r.jsonl"), "--runs", str(tmp_path / "runs")]
 
 
 def one_config(tiny_model_dir, pair_files, **changes) -> dict:
     return sweep.grid([str(tiny_model_dir)], [32], [8], data=str(pair_files["train"]), val=str(pair_files["val"]),
-                      test=str(pair_files["test"]), device="cpu", **changes)[0]
+                      test=str(pair_files["test"]), **{"device": TEST_DEVICE} | changes)[0]
 
 
 def test_the_modal_image_carries_every_module_a_run_imports():
@@ -176,7 +176,8 @@ def test_a_signal_reaches_every_rank_of_a_multi_process_run_and_leaves_a_checkpo
                                                                                    tmp_path):
     """torchrun inside the objective: SIGTERM to the container's process (a preemption) is passed on;
     rank 0 checkpoints, and the objective's retry resumes from it."""
-    config = one_config(tiny_model_dir, pair_files, dataset_size=0, epochs=1000, batch_size=16, select_best=False)
+    config = one_config(tiny_model_dir, pair_files, dataset_size=0, epochs=1000, batch_size=16, select_best=False,
+                        device="cpu")  # two processes: one GPU would not do
     out = tmp_path / sweep.config_key(config, 2)
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sweep\n"
               f"sweep.run_config({config!r}, {str(tmp_path)!r}, processes=2)")

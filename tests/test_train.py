@@ -42,7 +42,7 @@ def test_training_beats_zero_shot_and_writes_everything(tiny_model_dir, pair_fil
 
 def test_is_duplicate_agrees_with_the_evaluation_at_the_stored_threshold(tiny_model_dir, pair_files, tmp_path):
     metrics = train.train(config_for(tiny_model_dir, pair_files, tmp_path, epochs=2))
-    model = Embedder.load(tmp_path)
+    model = Embedder.load(tmp_path).to(TEST_DEVICE)  # where the evaluation ran: a GPU's bf16 is not a CPU's fp32
     test = data.load_pairs(str(pair_files["test"]))
     predicted = model.is_duplicate([a for a, _, _ in test], [b for _, b, _ in test])
     labels = np.array([y for _, _, y in test])
@@ -73,7 +73,7 @@ def test_best_epoch_selection_restores_the_best_weights_and_patience_stops(tiny_
         return result
 
     def recording_end(run, *args):
-        weights_after.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        weights_after.append({k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()})
         return real_end(run, *args)
 
     monkeypatch.setattr(train.evaluate, "evaluate_scores", scripted_scores)
@@ -109,7 +109,7 @@ def test_every_loss_learns(tiny_model_dir, pair_files, tmp_path, loss):
 
 
 def test_same_seed_same_result_on_cpu(tiny_model_dir, pair_files, tmp_path):
-    runs = [train.train(config_for(tiny_model_dir, pair_files, tmp_path / str(i), epochs=1, seed=s))
+    runs = [train.train(config_for(tiny_model_dir, pair_files, tmp_path / str(i), epochs=1, seed=s, device="cpu"))
             for i, s in enumerate([7, 7, 8])]
     assert runs[0]["fine_tuned"] == runs[1]["fine_tuned"]
     weights = [Embedder.load(tmp_path / str(i)).projection.weight for i in range(3)]
