@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data import _looks_like_hub_id
+from sources import is_hub_id
 
 TRANSFORMERS_SNIPPET = '''import json, torch, torch.nn.functional as F
 from pathlib import Path
@@ -32,8 +32,8 @@ def render(metrics: dict, directory: Path) -> str:
     config, training = metrics["config"], metrics["training"]
     decision = metrics["fine_tuned"]["val"]
     dim = config["dense_out_features"] or "the encoder's"
-    base = config["model"] if _looks_like_hub_id(config["model"]) and not Path(config["model"]).exists() else None
-    dataset = config["data"] if _looks_like_hub_id(config["data"]) and not Path(config["data"]).exists() else None
+    base = config["model"] if is_hub_id(config["model"]) else None
+    dataset = config["data"] if is_hub_id(config["data"]) else None
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "embed-ft"]
     tags += ["matryoshka"] if config.get("matryoshka_dims") else []
     front = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity"]

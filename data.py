@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from errors import InputError
+from sources import is_hub_id
 
 Pair = tuple[str, str, int]
 
@@ -45,15 +46,11 @@ def load_pairs(source: str, columns: tuple[str, str, str] | None = None,
                          f"(or a hub dataset name)")
     if path.is_file():
         rows, label_column = read_file(path, columns)
-    elif path.suffix in LOCAL_SUFFIXES or ("/" in source and not _looks_like_hub_id(source)):
+    elif path.suffix in LOCAL_SUFFIXES or ("/" in source and not is_hub_id(source)):
         raise InputError(f"file not found: {source}")
     else:
         rows, label_column = read_hub(source, columns, hub_config, hub_split)
     return drop_useless(to_pairs(rows, label_column, source), source)
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not source.startswith(".")
 
 
 def read_file(path: Path, columns: tuple[str, str, str] | None) -> tuple[list[tuple], str]:

@@ -21,6 +21,7 @@ import numpy as np
 import errors
 import data
 from errors import InputError
+from sources import OPENAI, model_kind
 
 
 class Encoder(Protocol):
@@ -191,10 +192,10 @@ def open_encoder(model: str, dimensions: int | None = None, base_url: str | None
     """Any encoder a command evaluates: `openai:MODEL` for the API baseline, else `model.load_model`
     (a sentence-transformers folder, a run's output, whole; or a pretrained encoder). `dimensions`
     truncates (Matryoshka) either."""
-    if model.startswith("openai:"):
+    if model_kind(model) == "openai":
         from openai_embeddings import OpenAIEmbedder
         extra = {"cache_path": cache_path} if cache_path else {}
-        return OpenAIEmbedder(model.removeprefix("openai:"), dimensions, base_url, **extra)
+        return OpenAIEmbedder(model.removeprefix(OPENAI), dimensions, base_url, **extra)
     from model import load_model, pick_device
     encoder = load_model(model).to(pick_device(device))
     return Truncated(encoder, dimensions) if dimensions else encoder
@@ -203,7 +204,7 @@ def open_encoder(model: str, dimensions: int | None = None, base_url: str | None
 def batch_size_for(model: str, batch_size: int | None) -> int:
     """Texts per forward pass, or per request for openai: models, unless given."""
     from openai_embeddings import BATCH_SIZE
-    return batch_size or (BATCH_SIZE if model.startswith("openai:") else 128)
+    return batch_size or (BATCH_SIZE if model_kind(model) == "openai" else 128)
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -101,7 +101,7 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
     number = len(history) + 1
     current = home / "current"
     before = os.readlink(current) if current.is_symlink() else "base"
-    files = {str(p): fingerprint(p) for p in pair_files(sources)}
+    files = {os.path.relpath(p): fingerprint(p) for p in pair_files(sources)}  # no absolute path in the history
     seen = {digest for row in history for digest in row["files"].values()}
     new = [f for f, digest in files.items() if digest not in seen]
     chosen = list(files) if mode == "scratch" or before == "base" else new

@@ -27,6 +27,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from errors import InputError, first_line
 from jsonl import write_json
+from sources import model_kind
 
 CONFIG_FILE = "embedder.json"  # ours: trust_remote_code and the decision (threshold, metrics)
 IDENTITY = "torch.nn.modules.linear.Identity"
@@ -188,7 +189,7 @@ def load_model(name_or_path: str, dense_out_features: int | None = None, max_len
     """What --model names: a sentence-transformers folder (a run's output, say) is loaded whole, with
     its projection; anything else is a pretrained encoder with our head on it. `dense_out_features`
     None keeps the folder's width; a width that contradicts the folder's projection is an error."""
-    if not (Path(name_or_path) / "modules.json").is_file():
+    if model_kind(name_or_path) != "saved":
         return Embedder.from_pretrained(name_or_path, dense_out_features or None, max_length, trust_remote_code)
     embedder = Embedder.load(name_or_path)
     embedder.max_length = min(embedder.max_length, max_length)
@@ -204,7 +205,7 @@ def load_model(name_or_path: str, dense_out_features: int | None = None, max_len
 def load_encoder(name_or_path: str | Path, trust_remote_code: bool, safetensors_only: bool = False):
     """Tokenizer and AutoModel (fp32 weights, whatever the checkpoint's dtype), with PyTorch's fused
     SDPA attention where the architecture supports it. A bad folder or name is one line."""
-    check_model_folder(Path(name_or_path))
+    check_model_folder(name_or_path)
     kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32,
                   use_safetensors=True if safetensors_only else None)
     try:
@@ -231,12 +232,13 @@ def damaged_weights(folder: Path, error: Exception) -> InputError:
 
 
 
-def check_model_folder(path: Path) -> None:
+def check_model_folder(name: str | Path) -> None:
     """A local model folder needs a config, a tokenizer and weights; say which is missing."""
+    if model_kind(str(name)) == "hub":
+        return
+    path = Path(name)
     if not path.is_dir():
-        if path.is_absolute() or str(path).startswith("."):
-            raise InputError(f"model folder not found: {path}")
-        return  # a hub name
+        raise InputError(f"model folder not found: {path}")
     for what, names in [("config.json", ("config.json",)), ("tokenizer", TOKENIZER_FILES), ("weights", WEIGHT_FILES)]:
         if not any((path / name).is_file() for name in names):
             raise InputError(f"{path} has no {what} ({', '.join(names)}); copy it from the base model's folder")

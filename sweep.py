@@ -37,6 +37,7 @@ import errors
 import data
 import jsonl
 from options import Config, to_flags
+from sources import model_kind
 
 MODELS = ["BAAI/bge-base-en-v1.5", "sentence-transformers/all-mpnet-base-v2", "jinaai/jina-embeddings-v2-small-en"]
 SIZES = [100 * 2**i for i in range(11)] + [0]      # 100, 200, ..., 102,400, and 0 = the full training split
@@ -192,7 +193,7 @@ def evaluation(config: dict, baseline: str | None, base_url: str | None) -> dict
         return {"model": config.model, "dimensions": config.dense_out_features,
                 **evaluate.evaluate(model, val, test, config.eval_batch_size)}
     _, val, test = train.load_splits(config)
-    openai = baseline.startswith("openai:")
+    openai = model_kind(baseline) == "openai"
     encoder = evaluate.open_encoder(baseline, config.dense_out_features if openai else None, base_url, device=config.device)
     return {"model": baseline, "dimensions": config.dense_out_features if openai else encoder.dim,
             **evaluate.evaluate(encoder, val, test, evaluate.batch_size_for(baseline, None))}
@@ -210,7 +211,7 @@ image = (
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0", "numpy==2.4.6",
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "einops==0.8.2")
     .env({"HF_HOME": "/cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("errors", "run_folder", "jsonl", "data", "batching", "model", "losses", "options", "checkpoint", "distributed",
+    .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses", "options", "checkpoint", "distributed",
                              "card", "train", "evaluate", "openai_embeddings")  # Modal adds sweep.py
 )
 # The GPU containers never reach the hub: `fetch` put everything they load in the volume first.
@@ -262,7 +263,7 @@ def modal_main(models: str = ",".join(MODELS), sizes: str = ",".join(map(str, SI
     runs = [(scaled_for(c, processes_for(c, gpus_per_run)), processes_for(c, gpus_per_run)) for c in configs]
     todo = pending(runs, path)
     print(f"{len(runs)} configurations, {len(runs) - len(todo)} already done, running {len(todo)} on Modal")
-    fetch.remote([m for m in models.split(",") if not Path(m).exists()], data.HUB_DEFAULT)
+    fetch.remote([m for m in models.split(",") if model_kind(m) == "hub"], data.HUB_DEFAULT)
     evaluations = missing_zero_shots(configs, path)
     record_all(evaluations, evaluate_remote.map(evaluations, order_outputs=True, return_exceptions=True), path)
     limit = {"max_containers": max_containers} if max_containers else {}
@@ -272,7 +273,7 @@ def modal_main(models: str = ",".join(MODELS), sizes: str = ",".join(map(str, SI
     calls = [(config, processes, runners[processes].spawn(config, processes=processes)) for config, processes in todo]
     collect(calls, path)
     for name in filter(None, baselines.split(",")):
-        record_baseline(configs, name, path, remote=not name.startswith("openai:"))
+        record_baseline(configs, name, path, remote=model_kind(name) != "openai")
     finish(path)
 
 
@@ -340,7 +341,7 @@ def describe(row: dict) -> str:
 def record_baseline(configs: list[dict], name: str, path: Path, remote: bool = False, base_url: str | None = None) -> None:
     """A baseline model, once per width for openai:... (its width is a request option), else once."""
     done = {(r["model"], r["dimensions"]) for r in jsonl.read(path) if r.get("kind") == "baseline" and "test" in r}
-    widths = sorted({c["dense_out_features"] for c in configs}) if name.startswith("openai:") else [None]
+    widths = sorted({c["dense_out_features"] for c in configs}) if model_kind(name) == "openai" else [None]
     for width in widths:
         if not any(model == name and (width is None or dim == width) for model, dim in done):
             config = configs[0] | ({"dense_out_features": width} if width else {})

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random BERT encoder written to disk, synthetic pairs, the real shared data."""
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,38 @@ def minilm_dir() -> Path:
     subprocess.run([str(SHARED / "fetch-models"), str(cache), "minilm-l6"], check=True,
                    env=os.environ | {"PYTHON": sys.executable})
     return cache / "sentence-transformers-all-MiniLM-L6-v2"
+
+
+def tiny_config(model_dir, files: dict, out, **overrides):
+    """A training run of the tiny BERT on synthetic pair files: fast, and it learns."""
+    from options import Config
+    settings = dict(model=str(model_dir), data=str(files["train"]), val=str(files["val"]), test=str(files["test"]),
+                    dense_out_features=16, epochs=3, batch_size=16, lr=1e-3, device=TEST_DEVICE, out=str(out))
+    return Config(**settings | overrides)
+
+
+def fault_at_step(monkeypatch, step: int, fault) -> None:
+    """Inject a fault into training: at the `step`-th loss computed, `fault(loss)` runs (it may send a
+    signal) and its return value is the loss the step goes on with."""
+    import losses
+    calls = []
+
+    class Faulty(losses.OnlineContrastiveLoss):
+        def forward(self, a, b, labels):
+            calls.append(1)
+            loss = super().forward(a, b, labels)
+            return fault(loss) if len(calls) == step else loss
+
+    monkeypatch.setitem(losses.BY_NAME, "ocl", lambda config: Faulty(config.margin))
+
+
+def signal_at_step(monkeypatch, step: int, *signals: int) -> None:
+    """A real signal (SIGTERM unless given) to this process while the loss of `step` is computed."""
+    def send(loss):
+        for signum in signals or (signal.SIGTERM,):
+            os.kill(os.getpid(), signum)
+        return loss
+    fault_at_step(monkeypatch, step, send)
 
 
 def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:

@@ -1,10 +1,9 @@
 import json
-import os
 import signal
 
 import pytest
 import torch
-from conftest import TEST_DEVICE, synthetic_pairs, write_tsv
+from conftest import fault_at_step, signal_at_step, synthetic_pairs, tiny_config, write_tsv
 
 import checkpoint
 import train
@@ -19,23 +18,7 @@ def small_files(tmp_path):
 
 
 def small_config(tiny_model_dir, files, out, **overrides) -> train.Config:
-    settings = dict(model=str(tiny_model_dir), data=str(files["train"]), val=str(files["val"]), test=str(files["test"]),
-                    dense_out_features=16, epochs=3, batch_size=16, lr=1e-3, device=TEST_DEVICE, zero_shot=False, out=str(out))
-    return train.Config(**settings | overrides)
-
-
-def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM) -> None:
-    """Send a real signal to this process while the loss of `step` is computed (mid-step)."""
-    calls = []
-
-    class Signalling(train.losses.OnlineContrastiveLoss):
-        def forward(self, a, b, labels):
-            calls.append(1)
-            if len(calls) == step:
-                os.kill(os.getpid(), signum)
-            return super().forward(a, b, labels)
-
-    monkeypatch.setitem(train.losses.BY_NAME, "ocl", lambda config: Signalling(config.margin))
+    return tiny_config(tiny_model_dir, files, out, **{"zero_shot": False} | overrides)
 
 
 @pytest.mark.parametrize("bucket", [False, True])
@@ -59,17 +42,7 @@ def test_interrupted_at_any_step_and_resumed_ends_with_identical_weights(tiny_mo
 
 
 def test_ctrl_c_twice_stops_at_once(tiny_model_dir, small_files, tmp_path, monkeypatch):
-    calls = []
-
-    class Impatient(train.losses.OnlineContrastiveLoss):
-        def forward(self, a, b, labels):
-            calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-                os.kill(os.getpid(), signal.SIGINT)
-            return super().forward(a, b, labels)
-
-    monkeypatch.setitem(train.losses.BY_NAME, "ocl", lambda config: Impatient(config.margin))
+    signal_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train.train(small_config(tiny_model_dir, small_files, tmp_path, checkpoint_every=1))
     assert torch.load(tmp_path / checkpoint.FILE, weights_only=True)["run"]["step"] == 1  # the last full step
@@ -86,15 +59,7 @@ def test_periodic_checkpoints_and_resume_needs_the_same_settings(tiny_model_dir,
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, small_files, tmp_path, monkeypatch):
-    calls = []
-
-    class Exploding(train.losses.OnlineContrastiveLoss):
-        def forward(self, a, b, labels):
-            calls.append(1)
-            loss = super().forward(a, b, labels)
-            return loss * float("nan") if len(calls) == 5 else loss
-
-    monkeypatch.setitem(train.losses.BY_NAME, "ocl", lambda config: Exploding(config.margin))
+    fault_at_step(monkeypatch, 5, lambda loss: loss * float("nan"))
     with pytest.raises(FloatingPointError, match=r"the loss is nan at step 5 \(epoch 2\)"):
         train.train(small_config(tiny_model_dir, small_files, tmp_path, checkpoint_every=2))
     state = torch.load(tmp_path / checkpoint.FILE, weights_only=True)

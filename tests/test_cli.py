@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TEST_DEVICE, run_cli, synthetic_pairs, write_tsv
+from conftest import ROOT, TEST_DEVICE, fault_at_step, run_cli, synthetic_pairs, write_tsv
 
 import errors
 import evaluate
@@ -172,7 +172,7 @@ def test_an_unknown_hub_model_offline_is_one_line_from_the_real_command(files, t
 
 
 def test_a_nan_loss_exits_with_one_line_and_code_1(files, tiny_model_dir, capsys, monkeypatch):
-    monkeypatch.setitem(train.losses.BY_NAME, "ocl", lambda config: lambda a, b, labels: (a * b).sum() * float("nan"))
+    fault_at_step(monkeypatch, 1, lambda loss: loss * float("nan"))
     code, err = run_cli(train.main, train_args(files, tiny_model_dir), capsys)
     last = err.strip().splitlines()[-1]  # after the progress bars
     assert code == 1 and last.startswith("error: the loss is nan at step 1 (epoch 1)") and "Traceback" not in err, err

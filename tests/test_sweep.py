@@ -8,7 +8,7 @@ import time
 
 import modal
 import pytest
-from conftest import ROOT, TEST_DEVICE, run_cli
+from conftest import ROOT, TEST_DEVICE, run_cli, signal_at_step
 
 import jsonl
 import sweep
@@ -95,17 +95,8 @@ def test_objective_runs_locally_and_records_where_it_ran(tiny_model_dir, pair_fi
 def test_a_preempted_run_resumes_from_its_checkpoint(tiny_model_dir, pair_files, tmp_path, monkeypatch):
     """Preemption, simulated: Modal sends the container a signal, then runs the same input again."""
     config = one_config(tiny_model_dir, pair_files, epochs=3, dataset_size=64)
-    calls = []
-
-    class Preempted(train.losses.OnlineContrastiveLoss):
-        def forward(self, a, b, labels):
-            calls.append(1)
-            if len(calls) == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return super().forward(a, b, labels)
-
     with monkeypatch.context() as m:
-        m.setitem(train.losses.BY_NAME, "ocl", lambda c: Preempted(c.margin))
+        signal_at_step(m, 4)
         with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):  # the container goes down
             sweep.objective.local(config, str(tmp_path))
     assert (tmp_path / sweep.config_key(config) / "checkpoint.pt").is_file()

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, TEST_DEVICE, needs_shared
+from conftest import SHARED, TEST_DEVICE, needs_shared, tiny_config
 
 import data
 import train
@@ -15,10 +15,7 @@ METRIC_KEYS = {"error_rate", "accuracy", "precision", "recall", "f1", "average_p
 
 
 def config_for(tiny_model_dir, pair_files, out, **overrides) -> train.Config:
-    settings = dict(model=str(tiny_model_dir), data=str(pair_files["train"]), val=str(pair_files["val"]),
-                    test=str(pair_files["test"]), dense_out_features=16, epochs=6, batch_size=16, lr=1e-3,
-                    device=TEST_DEVICE, out=str(out))
-    return train.Config(**settings | overrides)
+    return tiny_config(tiny_model_dir, pair_files, out, **{"epochs": 6} | overrides)
 
 
 def test_training_beats_zero_shot_and_writes_everything(tiny_model_dir, pair_files, tmp_path):
