@@ -37,8 +37,8 @@ class TokenizedPairs:
     def epoch_order(self, seed: int, epoch: int, batch_size: int, by_length: bool = False) -> np.ndarray:
         """The pairs' order in an epoch, drawn from (seed, epoch) alone, so a resumed run redraws it.
         `by_length`: shuffled, then sorted by length within chunks of 50 batches and the batches
-        shuffled again, so that a batch holds pairs of similar length and pads little (1.17x the
-        real tokens with 2 length groups on Quora, where random batches pad 1.38x with 4)."""
+        shuffled again, so that a batch holds pairs of similar length and pads little (measured in
+        docs/quality.md)."""
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(self))
         if not by_length:
@@ -56,8 +56,8 @@ class TokenizedPairs:
         """Batches of B pairs, in `order`: every pair of `order` is in exactly one batch.
 
         The batch's 2B texts (all first texts, then all second texts) are sorted by length and cut
-        into `length_groups` groups, each padded only to its own longest text: Quora questions vary
-        in length, and one group pads about 2.8x the real tokens where four groups pad 1.4x.
+        into `length_groups` groups, each padded only to its own longest text, so that a few long
+        texts do not make the whole batch pad to their length.
         `torch.cat(embeddings of the groups)[restore]` puts the embeddings back in batch order.
         Data-parallel: process r takes the r-th of `world_size` contiguous parts of each batch. Parts
         differ by at most one pair, and a shorter part is topped up with copies of a pair so that all

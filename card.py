@@ -51,7 +51,9 @@ def render(metrics: dict, directory: Path) -> str:
         f"labelled pairs of `{config['data']}` (pairs seen over {training['epochs']} epoch(s); the weights of epoch "
         f"{training['best_epoch'] or training['epochs']} were kept, the best on validation). Mean pooling, a linear "
         f"projection to {dim} dimensions, unit-length embeddings: compare them by cosine (a dot product).", "",
-        f"Training: loss `{config['loss']}`, learning rate {config['lr']}, batch {config['batch_size']}, max length "
+        f"Training: objective `{config.get('objective', 'classification')}` (epochs chosen by validation "
+        f"{'MRR' if config.get('objective') == 'retrieval' else 'error'}), loss "
+        f"`{'contrastive' if config.get('objective') == 'retrieval' else config['loss']}`, learning rate {config['lr']}, batch {config['batch_size']}, max length "
         f"{config['max_length']} tokens, precision {config['resolved_precision']}, seed {config['seed']}; "
         f"stopped: {training['stopped_by']}.", "",
         "## Results", "",
@@ -62,6 +64,11 @@ def render(metrics: dict, directory: Path) -> str:
     ] + [row(name, metrics[key]) for name, key in [("zero-shot", "zero_shot"), ("fine-tuned", "fine_tuned")] if key in metrics] + [
         "", f"Decision threshold: cosine > {decision['threshold']:.4f} (best accuracy on validation{rule}); stored in "
         "`embedder.json`.", "",
+        "Retrieval: each test text that has a duplicate searches every other text of the split.", "",
+        "| model | recall@1 | recall@10 | MRR |", "| --- | ---: | ---: | ---: |",
+    ] + [retrieval_row(name, metrics[key]) for name, key in [("zero-shot", "zero_shot"), ("fine-tuned", "fine_tuned")]
+         if "retrieval" in metrics.get(key, {})] + [
+        "",
         "## Use it", "", "embed-ft (`Embedder.load`; `is_duplicate` applies the stored threshold):", "", "```python",
         "from model import Embedder", f'embedder = Embedder.load("{directory.name}")',
         'print(embedder.is_duplicate(["How do I learn Python?"], ["What is the best way to learn Python?"]))',
@@ -78,6 +85,11 @@ def render(metrics: dict, directory: Path) -> str:
         TRANSFORMERS_SNIPPET.format(folder=directory.name, max_length=config["max_length"], dense=dense), "```", "",
         "## Upload", "", "```bash", f"hf upload YOUR-NAME/{directory.resolve().name} {directory.name}", "```", ""]
     return "\n".join(lines)
+
+
+def retrieval_row(name: str, result: dict) -> str:
+    test = result["retrieval"]["test"]
+    return f"| {name} | {test['recall@1']:.4f} | {test['recall@10']:.4f} | {test['mrr']:.4f} |"
 
 
 def row(name: str, result: dict) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -147,12 +148,13 @@ def evaluate_scores(val_scores: np.ndarray, val_labels: np.ndarray, test_scores:
 # ------------------------------------------------------------------------------------ retrieval view
 
 def retrieval_metrics(encoder: Encoder, pairs: list[data.Pair], ks: tuple[int, ...] = (1, 5, 10),
-                      batch_size: int = 128, chunk: int = 1024) -> dict:
+                      batch_size: int = 128, chunk: int = 1024, per_query: bool = False) -> dict:
     """Each text that has a duplicate searches every other distinct text of the split.
 
     Relevant: the other members of its duplicate cluster (duplicates are transitive). recall@k is the
     share of them in the top k, MRR the mean of 1 / the rank of the first one, both averaged over
     queries and computed exactly, chunk by chunk of queries, so memory stays chunk x corpus.
+    `per_query` adds each query's reciprocal rank, in a fixed query order (for paired tests).
     """
     corpus = list(dict.fromkeys(data.normalise(t) for a, b, _ in pairs for t in (a, b)))
     spelling = {}
@@ -167,22 +169,55 @@ def retrieval_metrics(encoder: Encoder, pairs: list[data.Pair], ks: tuple[int, .
             relevant[m] = [x for x in members if x != m]
     vectors = encoder.encode([spelling[t] for t in corpus], batch_size=batch_size)
     queries = np.array(sorted(relevant))
-    recall, reciprocal = {k: 0.0 for k in ks}, 0.0
+    recall, reciprocal = {k: 0.0 for k in ks}, []
     for start in range(0, len(queries), chunk):
         rows = queries[start:start + chunk]
         scores = vectors[rows] @ vectors.T
         scores[np.arange(len(rows)), rows] = -np.inf               # a text does not retrieve itself
-        top = np.argpartition(-scores, max(ks) - 1, axis=1)[:, : max(ks)]   # the k best, unordered ...
+        deepest = min(max(ks), len(corpus) - 1)                       # a tiny corpus has fewer than k others
+        top = np.argpartition(-scores, deepest - 1, axis=1)[:, :deepest]   # the k best, unordered ...
         top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)  # ... ordered
         for r, q in enumerate(rows):
             wanted = relevant[q]
             for k in ks:
                 recall[k] += np.isin(top[r, :k], wanted).sum() / len(wanted)
             best = scores[r, wanted].max()                          # rank of the first relevant text
-            reciprocal += 1.0 / (1 + np.sum(scores[r] > best))
+            reciprocal.append(1.0 / (1 + np.sum(scores[r] > best)))
     n = max(1, len(queries))
-    return {**{f"recall@{k}": recall[k] / n for k in ks}, "mrr": reciprocal / n,
-            "queries": len(queries), "corpus": len(corpus)}
+    result = {**{f"recall@{k}": recall[k] / n for k in ks}, "mrr": sum(reciprocal) / n,
+              "queries": len(queries), "corpus": len(corpus)}
+    return result | ({"reciprocal_ranks": [float(x) for x in reciprocal]} if per_query else {})
+
+
+class Remembered:
+    """An encoder that embeds each text once, however many evaluations ask: both views of a split
+    (pairs and retrieval) then cost one pass over its texts."""
+
+    def __init__(self, encoder: Encoder):
+        self.encoder, self.vectors = encoder, {}
+
+    def encode(self, texts: list[str], batch_size: int = 128) -> np.ndarray:
+        new = [t for t in dict.fromkeys(texts) if t not in self.vectors]
+        if new:
+            self.vectors.update(zip(new, self.encoder.encode(new, batch_size=batch_size)))
+        return np.stack([self.vectors[t] for t in texts])
+
+
+def both_views(encoder: Encoder, val: list[data.Pair], test: list[data.Pair], batch_size: int = 128,
+               min_recall: float = 0.0, min_precision: float = 0.0) -> dict:
+    """`evaluate` (pairs, at the threshold tuned on val), plus "retrieval": the retrieval view of
+    val and test. Each text is embedded once."""
+    remembered = Remembered(encoder)
+    result = evaluate(remembered, val, test, batch_size, min_recall, min_precision)
+    return result | {"retrieval": {split: retrieval_metrics(remembered, pairs, batch_size=batch_size)
+                                   for split, pairs in [("val", val), ("test", test)]}}
+
+
+def sign_test(better: int, worse: int) -> float:
+    """One-sided exact sign test: P(X >= better) for X ~ Binomial(better + worse, 1/2). On pairs, the
+    discordant ones, it is McNemar's exact test; on queries, those whose reciprocal rank differs."""
+    n = better + worse
+    return sum(math.comb(n, k) for k in range(better, n + 1)) / 2 ** n
 
 
 # ------------------------------------------------------------------------- what --model names

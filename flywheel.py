@@ -5,11 +5,12 @@
 
 One call is one round. The pairs collected so far are every file in --pairs (a folder that files are
 dropped into, or files). The round trains a candidate, from the base model on all the pairs
-(`--mode scratch`, the default: measured better, see README) or from the current model on the files
-no earlier round has seen (`--mode continue`), evaluates it and the current model on the same fixed
-validation and test pairs, and promotes it only if it classifies significantly more test pairs
-correctly: McNemar's exact test, one-sided, at --alpha. Each model's threshold is its own, tuned on
-validation. Promotion writes nothing into the current model: the candidate's folder is complete
+(`--mode scratch`, the default: measured better, see docs/flywheel.md) or from the current model on
+the files no earlier round has seen (`--mode continue`), evaluates it and the current model on the
+same fixed validation and test pairs, and promotes it only if it classifies significantly more test
+pairs correctly: McNemar's exact test, one-sided, at --alpha. Each model's threshold is its own,
+tuned on validation. With `--set objective=retrieval` it promotes on ranking instead: significantly
+more test queries whose first duplicate the candidate ranks higher (a sign test, same shape). Promotion writes nothing into the current model: the candidate's folder is complete
 before `home/current`, a symbolic link, is switched to it by an atomic rename, so a crash leaves
 the old current model in place. A refused candidate stays in home/rounds/ for inspection. Each
 round appends a line to home/history.jsonl. Interrupted, a round resumes its training from the
@@ -22,7 +23,6 @@ import csv
 import dataclasses
 import gzip
 import hashlib
-import math
 import os
 import time
 from pathlib import Path
@@ -47,8 +47,22 @@ def mcnemar_exact(candidate_right: np.ndarray, current_right: np.ndarray) -> dic
     Under "no difference" b ~ Binomial(b + c, 1/2); the one-sided p-value is P(X >= b)."""
     b = int(np.sum(candidate_right & ~current_right))
     c = int(np.sum(~candidate_right & current_right))
-    p = sum(math.comb(b + c, k) for k in range(b, b + c + 1)) / 2 ** (b + c)
-    return {"test": "McNemar exact, one-sided", "candidate_only_right": b, "current_only_right": c, "p_value": p}
+    return {"test": "McNemar exact, one-sided", "candidate_only_right": b, "current_only_right": c,
+            "p_value": evaluate.sign_test(b, c)}
+
+
+def sign_test_on_queries(candidate_ranks: np.ndarray, current_ranks: np.ndarray) -> dict:
+    """Does the candidate rank the first duplicate of more queries higher than the current model,
+    beyond chance? The sign test over the queries whose reciprocal rank differs: McNemar's shape for
+    a ranking. A sign test rather than Wilcoxon's signed-rank test: reciprocal ranks take few values
+    (1, 1/2, 1/3, ...), so most differences tie in size, and a gain from rank 2 to 1 is not "worth"
+    ten from rank 20 to 19 in any sense the ranks of the differences would capture; the sign test
+    needs no such weighting, and it is exact."""
+    better = int(np.sum(candidate_ranks > current_ranks))
+    worse = int(np.sum(candidate_ranks < current_ranks))
+    return {"test": "sign test on per-query reciprocal ranks, one-sided", "candidate_better_queries": better,
+            "current_better_queries": worse, "p_value": evaluate.sign_test(better, worse),
+            "current_mrr": float(current_ranks.mean()), "candidate_mrr": float(candidate_ranks.mean())}
 
 
 def pair_files(sources: list[str]) -> list[Path]:
@@ -127,8 +141,16 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
         incumbent_threshold = evaluate.evaluate(incumbent, val)["val"]["threshold"]
     candidate_right = correct(candidate, test, candidate.decision["threshold"])
     current_right = correct(incumbent, test, incumbent_threshold)
-    verdict = mcnemar_exact(candidate_right, current_right) | {"alpha": alpha}
-    promoted = verdict["p_value"] < alpha and verdict["candidate_only_right"] > verdict["current_only_right"]
+    if config.objective == "retrieval":
+        ranks = [np.array(evaluate.retrieval_metrics(m, test, per_query=True)["reciprocal_ranks"])
+                 for m in (candidate, incumbent)]
+        verdict = sign_test_on_queries(*ranks)
+        wins, losses = verdict["candidate_better_queries"], verdict["current_better_queries"]
+    else:
+        verdict = mcnemar_exact(candidate_right, current_right)
+        wins, losses = verdict["candidate_only_right"], verdict["current_only_right"]
+    verdict |= {"objective": config.objective, "alpha": alpha}
+    promoted = verdict["p_value"] < alpha and wins > losses
     if promoted:
         switch_current(home, folder)
     row = {"round": number, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, "files": files,
@@ -138,9 +160,9 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
            **verdict, "decision": "promoted" if promoted else "refused",
            "current_after": str(folder.relative_to(home)) if promoted else before}
     jsonl.append(home / "history.jsonl", row)
+    units = "queries one ranked higher" if config.objective == "retrieval" else "pairs only one got right"
     print(f"round {number}: current {row['current_error']:.2%}, candidate {row['candidate_error']:.2%} test error; "
-          f"{verdict['candidate_only_right']} vs {verdict['current_only_right']} pairs only one got right, "
-          f"p = {verdict['p_value']:.2g}: {row['decision']}")
+          f"{wins} vs {losses} {units}, p = {verdict['p_value']:.2g}: {row['decision']}")
     return row
 
 

@@ -35,7 +35,9 @@ class Config:
     implied_pairs: str = field(default="none", metadata={"help": "none | duplicates | all: add the pairs the training labels imply"})
     eval_size: int = field(default=0, metadata={"help": "evaluate on this many val and test pairs; 0 = all"})
     # optimisation
-    loss: str = field(default="ocl", metadata={"help": "see losses.py"})
+    objective: str = field(default="classification", metadata={"help": "classification: the duplicate decision (OCL, "
+                           "epochs chosen by val error) | retrieval: ranking a corpus (in-batch InfoNCE, by val MRR)"})
+    loss: str = field(default="ocl", metadata={"help": "see losses.py (retrieval trains with contrastive)"})
     margin: float = field(default=0.5, metadata={"help": "ocl: cosine-distance margin for non-duplicates"})
     scale: float = field(default=20.0, metadata={"help": "cosent, contrastive: inverse temperature"})
     in_batch_weight: float = field(default=0.0, metadata={"help": "add the in-batch InfoNCE loss with this weight"})
@@ -77,7 +79,8 @@ RANGES = {"dense_out_features": ">= 0", "max_length": ">= 1", "val_size": "> 0",
           "warmup_ratio": "0..1", "max_grad_norm": "> 0", "patience": ">= 0", "max_minutes": ">= 0",
           "min_recall": "0..1", "min_precision": "0..1", "seed": ">= 0", "eval_batch_size": ">= 1",
           "checkpoint_every": ">= 0"}
-CHOICES = {"implied_pairs": ("none", "duplicates", "all"), "loss": LOSSES, "precision": ("auto", "bf16", "fp16", "fp32")}
+CHOICES = {"implied_pairs": ("none", "duplicates", "all"), "loss": LOSSES, "precision": ("auto", "bf16", "fp16", "fp32"),
+           "objective": ("classification", "retrieval")}
 
 
 def out_of_range(value: float, rule: str) -> str | None:
@@ -101,6 +104,8 @@ def check(config: Config) -> None:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {getattr(config, name)})")
+    if config.objective == "retrieval" and config.loss not in ("ocl", "contrastive"):
+        raise InputError(f"--objective retrieval trains with in-batch InfoNCE (--loss contrastive); drop --loss {config.loss}")
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> Config:

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -87,7 +86,9 @@ def training_autocast(precision: str, device: torch.device) -> contextlib.Abstra
 
 
 def build_loss(config: Config, dim: int) -> torch.nn.Module:
-    loss = losses.BY_NAME[config.loss](config)
+    """The objective's loss: --loss for classification, in-batch InfoNCE for retrieval (it ranks each
+    text's duplicate above every other text of the batch, what a search needs)."""
+    loss = losses.BY_NAME["contrastive" if config.objective == "retrieval" else config.loss](config)
     if config.in_batch_weight:
         loss = WeightedSum([(1.0, loss), (config.in_batch_weight, InBatchContrastiveLoss(config.scale))])
     if config.matryoshka_dims:
@@ -138,7 +139,7 @@ class Progress:
     epoch: int = 0
     seconds: float = 0.0
     pairs: int = 0
-    val_errors: list[float] = field(default_factory=list)
+    val_history: list[float] = field(default_factory=list)  # the objective's validation metric, by epoch
     best_epoch: int = 0
     bad_epochs: int = 0
 
@@ -146,7 +147,7 @@ class Progress:
 @dataclass
 class Run:
     """Everything a training run carries from step to step: the model and its optimiser, the
-    progress, the best epoch's weights so far (on the CPU) and their validation scores, metrics."""
+    progress, the best epoch's weights so far (on the CPU), and the metrics."""
     config: Config
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -155,7 +156,6 @@ class Run:
     metrics: dict
     progress: Progress = field(default_factory=Progress)
     best_weights: dict | None = None
-    best_val_scores: np.ndarray | None = None
     stopped_by: str | None = None
     train_pairs: int = 0
 
@@ -164,11 +164,10 @@ class Run:
         return Path(self.config.out)
 
     def save_checkpoint(self) -> None:
-        scores = torch.from_numpy(self.best_val_scores) if self.best_val_scores is not None else None
         checkpoint.save(self.out / checkpoint.FILE, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                         scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
                         run=dataclasses.asdict(self.progress), best_weights=self.best_weights,
-                        metrics=json.dumps(self.metrics), best_val_scores=scores)
+                        metrics=json.dumps(self.metrics))
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint written by `save_checkpoint`."""
@@ -177,8 +176,6 @@ class Run:
         self.progress, self.best_weights = Progress(**state["run"]), state["best_weights"]
         self.metrics = json.loads(state["metrics"])
         self.metrics.setdefault("resumed_at_steps", []).append(self.progress.step)
-        scores = state["best_val_scores"]
-        self.best_val_scores = scores.numpy() if scores is not None else None
 
 
 def start_run(config: Config, model, device: torch.device, precision: str, total: int, world_size: int) -> Run:
@@ -277,7 +274,8 @@ def begin(run: Run, val: list[data.Pair], test: list[data.Pair], rank: int) -> N
     if config.resume:
         log(f"resumed at step {run.progress.step} (epoch {run.progress.epoch + 1})", rank)
     elif config.zero_shot and rank == 0:
-        zero_shot = evaluate.evaluate(run.model, val, test, config.eval_batch_size, config.min_recall, config.min_precision)
+        zero_shot = evaluate.both_views(run.model, val, test, config.eval_batch_size, config.min_recall,
+                                        config.min_precision)
         run.metrics["zero_shot"] = zero_shot
         log(f"zero-shot error: val {zero_shot['val']['error_rate']:.2%}, test {zero_shot['test']['error_rate']:.2%}", rank)
     if rank == 0:
@@ -386,46 +384,52 @@ class LossWatch:
 
 
 def end_of_epoch(run: Run, val: list[data.Pair], rank: int) -> None:
-    """Validation error after an epoch; the best epoch's weights (on the CPU) and scores are kept,
-    and `patience` epochs without improvement stop the run."""
+    """The objective's validation metric after an epoch (error rate, or MRR for retrieval); the best
+    epoch's weights (on the CPU) are kept, and `patience` epochs without improvement stop the run."""
     config, p = run.config, run.progress
-    val_scores, error = None, None
-    if rank == 0:
-        val_scores = evaluate.cosine_scores(run.model, val, config.eval_batch_size)
-        error = evaluate.evaluate_scores(val_scores, evaluate.labels_of(val), min_recall=config.min_recall,
-                                         min_precision=config.min_precision)["val"]["error_rate"]
-    error = distributed.from_rank0(error)
-    p.val_errors.append(error)
-    if error < min(p.val_errors[:-1], default=math.inf):
+    value = validation(run, val) if rank == 0 else None
+    value = distributed.from_rank0(value)
+    p.val_history.append(value)
+    earlier = p.val_history[:-1]
+    better = value > max(earlier, default=-math.inf) if config.objective == "retrieval" else value < min(earlier, default=math.inf)
+    if better:
         p.best_epoch, p.bad_epochs = p.epoch, 0
         if rank == 0:
             run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
-            run.best_val_scores = val_scores
     else:
         p.bad_epochs += 1
-    log(f"epoch {p.epoch}: val error {error:.2%} (best: epoch {p.best_epoch})", rank)
+    name = "MRR" if config.objective == "retrieval" else "error"
+    log(f"epoch {p.epoch}: val {name} {value:.2%} (best: epoch {p.best_epoch})", rank)
     run.model.train()
     if config.patience and p.bad_epochs >= config.patience:
         run.stopped_by = "patience"
 
 
+def validation(run: Run, val: list[data.Pair]) -> float:
+    """The objective's validation metric: the error rate at the tuned threshold, or the MRR."""
+    config = run.config
+    if config.objective == "retrieval":
+        return evaluate.retrieval_metrics(run.model, val, batch_size=config.eval_batch_size)["mrr"]
+    scores = evaluate.cosine_scores(run.model, val, config.eval_batch_size)
+    return evaluate.evaluate_scores(scores, evaluate.labels_of(val), min_recall=config.min_recall,
+                                    min_precision=config.min_precision)["val"]["error_rate"]
+
+
 def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     """Restore the best epoch, evaluate, save the model with its threshold and card, and metrics.json."""
     config, p, metrics, model = run.config, run.progress, run.metrics, run.model
-    if run.best_weights is not None:  # the validation scores of those weights are known already
+    if run.best_weights is not None:  # else no epoch was evaluated (--no-select-best, or stopped within the first)
         model.load_state_dict(run.best_weights)
-        val_scores = run.best_val_scores
-    else:  # no epoch was evaluated (--no-select-best, or stopped within the first epoch)
-        val_scores = evaluate.cosine_scores(model, val, config.eval_batch_size)
+    history = "val_mrr" if config.objective == "retrieval" else "val_errors"
     metrics["training"] = {"train_pairs": run.train_pairs, "steps": p.step, "pairs": p.pairs,
                            "seconds": p.seconds, "pairs_per_s": p.pairs / max(p.seconds, 1e-9), "epochs": p.epoch,
-                           "val_errors": p.val_errors, "best_epoch": p.best_epoch,
+                           history: p.val_history, "best_epoch": p.best_epoch,
                            "stopped_by": run.stopped_by or "completed"}
-    metrics["fine_tuned"] = evaluate.evaluate_scores(val_scores, evaluate.labels_of(val),
-                                                     evaluate.cosine_scores(model, test, config.eval_batch_size),
-                                                     evaluate.labels_of(test), config.min_recall, config.min_precision)
-    print(f"fine-tuned error: val {metrics['fine_tuned']['val']['error_rate']:.2%}, "
-          f"test {metrics['fine_tuned']['test']['error_rate']:.2%} ({metrics['training']['pairs_per_s']:.1f} pairs/s, "
+    metrics["fine_tuned"] = evaluate.both_views(model, val, test, config.eval_batch_size, config.min_recall,
+                                                config.min_precision)
+    tuned = metrics["fine_tuned"]
+    print(f"fine-tuned error: val {tuned['val']['error_rate']:.2%}, test {tuned['test']['error_rate']:.2%}; "
+          f"test MRR {tuned['retrieval']['test']['mrr']:.4f} ({metrics['training']['pairs_per_s']:.1f} pairs/s, "
           f"stopped: {metrics['training']['stopped_by']})")
     if config.save:
         model.save(run.out, {"threshold": metrics["fine_tuned"]["val"]["threshold"], **metrics["fine_tuned"]})

@@ -26,8 +26,10 @@ def run(base: dict, changes: dict, seed: int) -> dict:
         started = time.perf_counter()
         m = train.train(Config(**base | changes | {"seed": seed, "out": out, "save": False, "zero_shot": False}))
     t = m["training"]
-    return {"val_error": m["fine_tuned"]["val"]["error_rate"], "test_error": m["fine_tuned"]["test"]["error_rate"],
-            "val_errors": t["val_errors"], "best_epoch": t["best_epoch"], "train_seconds": t["seconds"],
+    tuned = m["fine_tuned"]
+    return {"val_error": tuned["val"]["error_rate"], "test_error": tuned["test"]["error_rate"],
+            "val_mrr": tuned["retrieval"]["val"]["mrr"], "test_mrr": tuned["retrieval"]["test"]["mrr"],
+            "val_history": t.get("val_errors") or t.get("val_mrr"), "best_epoch": t["best_epoch"], "train_seconds": t["seconds"],
             "pairs_per_s": t["pairs_per_s"], "wall_seconds": time.perf_counter() - started,
             "environment": m["environment"]}
 

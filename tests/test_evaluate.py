@@ -139,8 +139,31 @@ def test_retrieval_by_hand():
         def encode(self, texts, batch_size=0):
             return np.array([vectors[t] for t in texts])
 
-    result = evaluate.retrieval_metrics(Fixed(), [("x", "y", 1), ("y", "z", 0)], ks=(1, 2))
+    result = evaluate.retrieval_metrics(Fixed(), [("x", "y", 1), ("y", "z", 0)], ks=(1, 2), per_query=True)
     assert result["recall@1"] == 0.5 and result["recall@2"] == 1.0 and result["mrr"] == pytest.approx(0.75)
+    assert result["reciprocal_ranks"] == [0.5, 1.0]  # queries in corpus order: x, then y
+
+
+def test_sign_test_by_hand():
+    # 4 better, 1 worse: P(X >= 4 | Bin(5, 1/2)) = (5 + 1) / 32; no difference at all is no evidence.
+    assert evaluate.sign_test(4, 1) == pytest.approx(6 / 32)
+    assert evaluate.sign_test(0, 0) == 1.0 and evaluate.sign_test(0, 3) == 1.0
+
+
+def test_both_views_embed_each_text_once_and_agree_with_each_view_alone():
+    class Counting(FixedEncoder):
+        seen = []
+
+        def encode(self, texts, batch_size=0):
+            self.seen += list(texts)
+            return super().encode(texts, batch_size)
+
+    pairs = [("x", "y", 0), ("x", "z", 1), ("y", "z", 0)]
+    counting = Counting()
+    result = evaluate.both_views(counting, pairs, pairs)
+    assert sorted(counting.seen) == ["x", "y", "z"]  # val and test are the same pairs here: one pass
+    assert {k: result[k] for k in ("val", "test")} == evaluate.evaluate(FixedEncoder(), pairs, pairs)
+    assert result["retrieval"]["test"] == evaluate.retrieval_metrics(FixedEncoder(), pairs)
 
 
 def test_truncated_encoder_keeps_a_prefix_at_unit_length():

@@ -60,6 +60,23 @@ def test_rounds_promote_a_winner_refuse_noise_and_log(flywheel_setup, tmp_path, 
     assert code == 2 and "no new pair files since the last round" in err
 
 
+def test_a_retrieval_round_promotes_on_ranking_and_refuses_noise(flywheel_setup):
+    drops, home, args = flywheel_setup
+    args = args[:-1] + [args[-1] + " objective=retrieval"]
+    write_tsv(drops / "01.tsv", synthetic_pairs(192, 1))
+    flywheel.main(args)
+    first = jsonl.read(home / "history.jsonl")[0]
+    assert first["objective"] == "retrieval" and first["test"].startswith("sign test on per-query reciprocal ranks")
+    assert first["decision"] == "promoted" and first["candidate_mrr"] > first["current_mrr"] and first["p_value"] < 0.05
+    assert first["candidate_better_queries"] > first["current_better_queries"]
+    noise = synthetic_pairs(192, 9)
+    labels = np.random.default_rng(0).permutation([y for *_, y in noise])
+    write_tsv(drops / "02.tsv", [(a, b, int(y)) for (a, b, _), y in zip(noise, labels)])
+    flywheel.main(args + ["--mode", "continue"])
+    second = jsonl.read(home / "history.jsonl")[1]
+    assert second["decision"] == "refused" and os.readlink(home / "current") == "rounds/round-001"
+
+
 def test_a_crash_during_the_switch_leaves_the_old_current_intact(flywheel_setup, monkeypatch):
     drops, home, args = flywheel_setup
     write_tsv(drops / "01.tsv", synthetic_pairs(192, 1))

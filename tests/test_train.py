@@ -99,6 +99,21 @@ def test_satisficing_threshold_is_recorded(tiny_model_dir, pair_files, tmp_path)
     assert metrics["fine_tuned"]["val"]["constraint"] == metrics["fine_tuned"]["test"]["constraint"] == {"min_recall": 0.95}
 
 
+def test_the_retrieval_objective_chooses_epochs_by_validation_mrr_and_reports_both_views(tiny_model_dir, pair_files,
+                                                                                         tmp_path):
+    metrics = train.train(config_for(tiny_model_dir, pair_files, tmp_path, objective="retrieval", epochs=3))
+    history = metrics["training"]["val_mrr"]
+    assert len(history) == 3 and metrics["training"]["best_epoch"] == 1 + int(np.argmax(history))
+    for stage in ("zero_shot", "fine_tuned"):
+        assert set(metrics[stage]) == {"val", "test", "retrieval"} and set(metrics[stage]["retrieval"]) == {"val", "test"}
+    assert metrics["fine_tuned"]["retrieval"]["val"]["mrr"] == pytest.approx(max(history))  # the kept epoch's
+    assert metrics["fine_tuned"]["retrieval"]["test"]["mrr"] > metrics["zero_shot"]["retrieval"]["test"]["mrr"]
+    assert "objective `retrieval` (epochs chosen by validation MRR)" in (tmp_path / "README.md").read_text()
+    assert Embedder.load(tmp_path).decision["threshold"] == metrics["fine_tuned"]["val"]["threshold"]  # still carried
+    with pytest.raises(InputError, match="--objective retrieval trains with in-batch InfoNCE"):
+        train.train(config_for(tiny_model_dir, pair_files, tmp_path / "other", objective="retrieval", loss="cosent"))
+
+
 @pytest.mark.parametrize("loss", ["cosent", "contrastive", "cosine"])
 def test_every_loss_learns(tiny_model_dir, pair_files, tmp_path, loss):
     metrics = train.train(config_for(tiny_model_dir, pair_files, tmp_path, loss=loss))
