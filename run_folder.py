@@ -2,8 +2,9 @@
 
 A run holds OUT/.lock, which names its machine and process, from start to end, and refreshes it
 while it trains. A second run into the same folder refuses at start. A lock is stale, and taken
-over with a note, when its process is gone (a crash on this machine) or when it has not been
-refreshed for STALE_AFTER seconds (a machine that went away). A folder holding another run's
+over with a note, when its process is gone (a crash on this machine), when it has not been
+refreshed for STALE_AFTER seconds (a machine that went away), or when it names the same attempt tag
+(EMBED_FT_RUN_OWNER) as this run: a sweep's retry of an input whose container was preempted. A folder holding another run's
 finished model, or an interrupted run's checkpoint, is only written again when asked:
 --overwrite to replace it, --resume to continue the interrupted run.
 """
@@ -22,6 +23,7 @@ import checkpoint
 from errors import InputError
 
 LOCK = ".lock"
+OWNER = "EMBED_FT_RUN_OWNER"  # set by the sweep's container to its Modal input: a retry is the same owner
 REFRESH_EVERY = 60.0   # seconds
 STALE_AFTER = 600.0    # seconds without a refresh after which another machine's lock is stale
 
@@ -85,7 +87,7 @@ def finished_metrics(out: Path) -> dict | None:
 
 
 def take(lock: Path) -> None:
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "owner": os.environ.get(OWNER)}
     for _ in range(2):
         try:
             with open(lock, "x") as f:
@@ -119,6 +121,8 @@ def holder_is_alive(holder: dict, lock: Path) -> bool:
         return False
     if not holder:
         return age < 5.0
+    if holder.get("owner") and holder["owner"] == os.environ.get(OWNER):
+        return False  # an earlier attempt of this same input, which Modal retries only once it is gone
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         try:
             os.kill(holder["pid"], 0)

@@ -238,6 +238,8 @@ def fetch(models: list[str], dataset: str) -> None:
               timeout=CONTAINER_HOURS * 60 * 60, retries=modal.Retries(max_retries=3, initial_delay=30.0))
 def objective(config: dict, out_root: str = "/cache/runs", processes: int = 1) -> dict:
     in_container = not modal.is_local()
+    if in_container:  # a retry after a preemption is the same input: its predecessor's lock is stale
+        os.environ["EMBED_FT_RUN_OWNER"] = modal.current_input_id() or ""
     try:
         return run_config(config, out_root, volume.commit if in_container else None, processes)
     finally:  # also when preempted: the checkpoint (or metrics.json) reaches the volume

@@ -79,7 +79,8 @@ def test_the_modal_image_carries_every_module_a_run_imports():
             todo += imports(name)
     source = (ROOT / "sweep.py").read_text()
     call = source[source.index(".add_local_python_source("):].split(")", 1)[0]
-    assert needed <= set(ast.literal_eval("(" + call.split("(", 1)[1] + ",)")), needed
+    listed = set(ast.literal_eval("(" + call.split("(", 1)[1] + ",)"))
+    assert needed <= listed <= project, (needed - listed, listed - project)
 
 
 def test_objective_runs_locally_and_records_where_it_ran(tiny_model_dir, pair_files, tmp_path):
