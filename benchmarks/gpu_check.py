@@ -266,9 +266,9 @@ def main() -> None:
 
     small, large = (4, 8) if dry else (32, 256)
     for variant in ["today", "no-sync, 1 group"]:
-        stage("profile", 0.5, variant, lambda: profile(model, tokenized, small, 3 if dry else 5, device, variant))
+        stage("profile", 0.5, variant, lambda: profile(model, tokenized, small, 2 if dry else 5, device, variant))
     steps, warmup = (2, 1) if dry else (20, 5)
-    for batch in (small, large):
+    for batch in (small,) if dry else (small, large):
         for variant in ["today", "no-sync, 1 group", "no-sync, 2 groups"]:
             stage("steps", 0.5, f"{variant} at {batch}",
                   lambda: throughput(model, tokenized, batch, steps, warmup, device, variant))

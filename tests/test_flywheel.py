@@ -31,7 +31,7 @@ def flywheel_setup(tiny_model_dir, tmp_path):
     drops.mkdir()
     val = write_tsv(tmp_path / "val.tsv", synthetic_pairs(96, 2))
     test = write_tsv(tmp_path / "test.tsv", synthetic_pairs(400, 3))
-    settings = f"epochs=6 batch_size=16 lr=1e-3 dense_out_features=16 device={TEST_DEVICE}"
+    settings = f"epochs=4 batch_size=16 lr=1e-3 dense_out_features=16 device={TEST_DEVICE}"
     args = ["--home", str(tmp_path / "fw"), "--base", str(tiny_model_dir), "--pairs", str(drops),
             "--val", str(val), "--test", str(test), "--set", settings]
     return drops, tmp_path / "fw", args
@@ -62,7 +62,7 @@ def test_rounds_promote_a_winner_refuse_noise_and_log(flywheel_setup, tmp_path, 
 
 def test_a_retrieval_round_promotes_on_ranking_and_refuses_noise(flywheel_setup):
     drops, home, args = flywheel_setup
-    args = args[:-1] + [args[-1] + " objective=retrieval"]
+    args = args[:-1] + [args[-1] + " objective=retrieval epochs=6"]
     write_tsv(drops / "01.tsv", synthetic_pairs(192, 1))
     flywheel.main(args)
     first = jsonl.read(home / "history.jsonl")[0]

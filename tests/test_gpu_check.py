@@ -25,7 +25,7 @@ def test_gpu_check_dry_runs_on_cpu(tiny_model_dir, tmp_path):
     assert [r["variant"] for r in report["profile"]] == ["today", "no-sync, 1 group"]
     assert all(r["host_ms_per_step"] > 0 and r["host_syncs_per_step"] == 0 for r in report["profile"])  # no GPU here
     assert [(r["variant"], r["batch"]) for r in report["steps"]] == [
-        (v, b) for b in (4, 8) for v in ("today", "no-sync, 1 group", "no-sync, 2 groups")]
+        (v, 4) for v in ("today", "no-sync, 1 group", "no-sync, 2 groups")]
     assert all(r["pairs_per_s"] > 0 and r["tflop_per_s"] > 0 for r in report["steps"])
     assert 0 <= report["finetune"][0]["test_error"] <= 1
     assert "bge-base shapes" in result.stdout and "all-MiniLM-L6-v2" in result.stdout

@@ -178,7 +178,7 @@ def test_a_signal_reaches_every_rank_of_a_multi_process_run_and_leaves_a_checkpo
     deadline = time.time() + 120
     while not (out / "metrics.json").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
-    time.sleep(2)  # into the training loop
+    time.sleep(1)  # into the training loop
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode != 0, err[-2000:]
