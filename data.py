@@ -12,7 +12,6 @@ import gzip
 import itertools
 import json
 import random
-import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator

@@ -191,10 +191,11 @@ def retrieval_metrics(encoder: Encoder, pairs: list[data.Pair], ks: tuple[int, .
 
 class Remembered:
     """An encoder that embeds each text once, however many evaluations ask: both views of a split
-    (pairs and retrieval) then cost one pass over its texts."""
+    (pairs and retrieval) then cost one pass over its texts. `vectors` seeds it with texts already
+    embedded by the same model."""
 
-    def __init__(self, encoder: Encoder):
-        self.encoder, self.vectors = encoder, {}
+    def __init__(self, encoder: Encoder, vectors: dict | None = None):
+        self.encoder, self.vectors = encoder, dict(vectors or {})
 
     def encode(self, texts: list[str], batch_size: int = 128) -> np.ndarray:
         new = [t for t in dict.fromkeys(texts) if t not in self.vectors]
@@ -207,7 +208,7 @@ def both_views(encoder: Encoder, val: list[data.Pair], test: list[data.Pair], ba
                min_recall: float = 0.0, min_precision: float = 0.0) -> dict:
     """`evaluate` (pairs, at the threshold tuned on val), plus "retrieval": the retrieval view of
     val and test. Each text is embedded once."""
-    remembered = Remembered(encoder)
+    remembered = encoder if isinstance(encoder, Remembered) else Remembered(encoder)
     result = evaluate(remembered, val, test, batch_size, min_recall, min_precision)
     return result | {"retrieval": {split: retrieval_metrics(remembered, pairs, batch_size=batch_size)
                                    for split, pairs in [("val", val), ("test", test)]}}

@@ -77,12 +77,17 @@ def check_writable(out: Path, resume: bool, overwrite: bool) -> None:
                          f"--overwrite to start again")
 
 
+def read_metrics(out: Path) -> dict:
+    """OUT/metrics.json, or {} where there is none (or only a torn one)."""
+    try:
+        return json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def finished_metrics(out: Path) -> dict | None:
     """A finished run's metrics.json in `out` (a saved model counts too, metrics or not)."""
-    try:
-        metrics = json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        metrics = {}
+    metrics = read_metrics(out)
     return metrics if "fine_tuned" in metrics or (out / "modules.json").is_file() else None
 
 

@@ -100,14 +100,15 @@ def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int =
     back, not trained again; one that was interrupted resumes from its checkpoint. A failure comes
     back as a result, so the other runs go on."""
     import checkpoint
+    import run_folder
     import train
     key = config_key(config, processes)
     out = Path(out_root) / key
     row = {"kind": "run", "key": key, "config": config, "processes": processes}
     started = time.time()
     try:
-        finished = read_finished(out)
-        if finished:
+        finished = run_folder.read_metrics(out)
+        if "fine_tuned" in finished:  # the run ended here before; its result was never recorded
             return row | result_of(finished) | {"recovered": True, "seconds": 0.0}
         run = Config(**config, out=str(out), resume=checkpoint.exists(out))
         metrics = torchrun(run, processes, on_checkpoint) if processes > 1 else train.train(run, on_checkpoint)
@@ -115,15 +116,6 @@ def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int =
     except Exception as e:
         traceback.print_exc()
         return row | {"error": f"{type(e).__name__}: {e}"}
-
-
-def read_finished(out: Path) -> dict | None:
-    """The metrics.json of a run that finished in `out` (one that has a fine-tuned evaluation)."""
-    try:
-        metrics = json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics if "fine_tuned" in metrics else None
 
 
 def result_of(metrics: dict) -> dict:

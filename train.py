@@ -156,6 +156,7 @@ class Run:
     metrics: dict
     progress: Progress = field(default_factory=Progress)
     best_weights: dict | None = None
+    best_val_vectors: dict | None = None  # the best epoch's validation embeddings (not checkpointed)
     stopped_by: str | None = None
     train_pairs: int = 0
 
@@ -387,7 +388,7 @@ def end_of_epoch(run: Run, val: list[data.Pair], rank: int) -> None:
     """The objective's validation metric after an epoch (error rate, or MRR for retrieval); the best
     epoch's weights (on the CPU) are kept, and `patience` epochs without improvement stop the run."""
     config, p = run.config, run.progress
-    value = validation(run, val) if rank == 0 else None
+    value, vectors = validation(run, val) if rank == 0 else (None, None)
     value = distributed.from_rank0(value)
     p.val_history.append(value)
     earlier = p.val_history[:-1]
@@ -396,6 +397,7 @@ def end_of_epoch(run: Run, val: list[data.Pair], rank: int) -> None:
         p.best_epoch, p.bad_epochs = p.epoch, 0
         if rank == 0:
             run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+            run.best_val_vectors = vectors
     else:
         p.bad_epochs += 1
     name = "MRR" if config.objective == "retrieval" else "error"
@@ -405,14 +407,15 @@ def end_of_epoch(run: Run, val: list[data.Pair], rank: int) -> None:
         run.stopped_by = "patience"
 
 
-def validation(run: Run, val: list[data.Pair]) -> float:
-    """The objective's validation metric: the error rate at the tuned threshold, or the MRR."""
-    config = run.config
+def validation(run: Run, val: list[data.Pair]) -> tuple[float, dict]:
+    """The objective's validation metric (the error rate at the tuned threshold, or the MRR), and the
+    embeddings it was computed from, so that the final evaluation need not embed them again."""
+    config, remembered = run.config, evaluate.Remembered(run.model)
     if config.objective == "retrieval":
-        return evaluate.retrieval_metrics(run.model, val, batch_size=config.eval_batch_size)["mrr"]
-    scores = evaluate.cosine_scores(run.model, val, config.eval_batch_size)
+        return evaluate.retrieval_metrics(remembered, val, batch_size=config.eval_batch_size)["mrr"], remembered.vectors
+    scores = evaluate.cosine_scores(remembered, val, config.eval_batch_size)
     return evaluate.evaluate_scores(scores, evaluate.labels_of(val), min_recall=config.min_recall,
-                                    min_precision=config.min_precision)["val"]["error_rate"]
+                                    min_precision=config.min_precision)["val"]["error_rate"], remembered.vectors
 
 
 def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
@@ -425,7 +428,8 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
                            "seconds": p.seconds, "pairs_per_s": p.pairs / max(p.seconds, 1e-9), "epochs": p.epoch,
                            history: p.val_history, "best_epoch": p.best_epoch,
                            "stopped_by": run.stopped_by or "completed"}
-    metrics["fine_tuned"] = evaluate.both_views(model, val, test, config.eval_batch_size, config.min_recall,
+    remembered = evaluate.Remembered(model, run.best_val_vectors)  # none after a resume: val is embedded again
+    metrics["fine_tuned"] = evaluate.both_views(remembered, val, test, config.eval_batch_size, config.min_recall,
                                                 config.min_precision)
     tuned = metrics["fine_tuned"]
     print(f"fine-tuned error: val {tuned['val']['error_rate']:.2%}, test {tuned['test']['error_rate']:.2%}; "
