@@ -6,14 +6,24 @@ pairs within a batch (OCL mines the hardest pairs, InfoNCE ranks against the oth
 whole global batch exactly as one process would. After the backward pass the gradients are
 averaged across processes, which is what DistributedDataParallel does (here in one flat
 all-reduce, since a step runs several forward passes, one per length group). Only rank 0
-evaluates, logs and saves. Started without torchrun, every function here is a no-op.
+evaluates, logs and saves. Started without torchrun, every function here but `launch` is a
+no-op; `launch` starts torchrun from another program (the sweep's container) and stays with it.
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+import checkpoint
+from options import Config, to_flags
 
 
 def setup() -> tuple[int, int]:
@@ -79,3 +89,44 @@ def from_rank0(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def launch(config: Config, processes: int, on_checkpoint=None, poll_seconds: float = 60.0) -> dict:
+    """`train.py` under torchrun, data-parallel over `processes` GPUs, from a parent process (the
+    sweep's container); its metrics.json.
+
+    A SIGINT or SIGTERM that reaches this process (a preempted container) is passed on to torchrun,
+    which passes it to every rank: they stop at the same step, rank 0 writes its checkpoint, and this
+    ends with KeyboardInterrupt, as a one-process run does. While it runs, each new checkpoint is
+    handed to `on_checkpoint` (Modal commits the volume), checked every `poll_seconds`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               str(Path(__file__).with_name("train.py"))] + to_flags(config)
+    saved = Path(config.out) / checkpoint.FILE
+    process = subprocess.Popen(command)
+    received = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        process.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        last_seen = None
+        while process.poll() is None:
+            try:
+                process.wait(timeout=poll_seconds)
+            except subprocess.TimeoutExpired:
+                pass
+            stamp = saved.stat().st_mtime_ns if saved.exists() else None
+            if on_checkpoint and stamp != last_seen:
+                on_checkpoint()
+                last_seen = stamp
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received or process.returncode == 130:
+        raise KeyboardInterrupt
+    if process.returncode != 0:
+        raise RuntimeError(f"torchrun exited with code {process.returncode} (its output is above)")
+    return json.loads((Path(config.out) / "metrics.json").read_text())

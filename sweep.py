@@ -23,10 +23,6 @@ import hashlib
 import itertools
 import json
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -36,7 +32,7 @@ import modal
 import errors
 import data
 import jsonl
-from options import Config, to_flags
+from options import Config
 from sources import model_kind
 
 MODELS = ["BAAI/bge-base-en-v1.5", "sentence-transformers/all-mpnet-base-v2", "jinaai/jina-embeddings-v2-small-en"]
@@ -100,6 +96,7 @@ def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int =
     back, not trained again; one that was interrupted resumes from its checkpoint. A failure comes
     back as a result, so the other runs go on."""
     import checkpoint
+    import distributed
     import run_folder
     import train
     key = config_key(config, processes)
@@ -111,7 +108,8 @@ def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int =
         if "fine_tuned" in finished:  # the run ended here before; its result was never recorded
             return row | result_of(finished) | {"recovered": True, "seconds": 0.0}
         run = Config(**config, out=str(out), resume=checkpoint.exists(out))
-        metrics = torchrun(run, processes, on_checkpoint) if processes > 1 else train.train(run, on_checkpoint)
+        metrics = (distributed.launch(run, processes, on_checkpoint) if processes > 1
+                   else train.train(run, on_checkpoint))
         return row | result_of(metrics) | {"seconds": time.time() - started}
     except Exception as e:
         traceback.print_exc()
@@ -121,46 +119,6 @@ def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int =
 def result_of(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("fine_tuned", "training", "environment")} | {
         "resumed_at_steps": metrics.get("resumed_at_steps", [])}
-
-
-def torchrun(config: Config, processes: int, on_checkpoint=None, poll_seconds: float = 60.0) -> dict:
-    """train.py under torchrun, data-parallel over `processes` GPUs; its metrics.json.
-
-    A SIGINT or SIGTERM that reaches this process (a preempted container) is passed on to torchrun,
-    which passes it to every rank: they stop at the same step, rank 0 writes its checkpoint, and this
-    ends with KeyboardInterrupt, as a one-process run does. While it runs, each new checkpoint is
-    handed to `on_checkpoint` (Modal commits the volume), checked every `poll_seconds`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               str(Path(__file__).with_name("train.py"))] + to_flags(config)
-    saved = Path(config.out) / "checkpoint.pt"  # checkpoint.FILE (importing it here would pull in torch)
-    process = subprocess.Popen(command)
-    received = []
-
-    def forward(signum, frame) -> None:
-        received.append(signum)
-        process.send_signal(signum)
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
-    try:
-        last_seen = None
-        while process.poll() is None:
-            try:
-                process.wait(timeout=poll_seconds)
-            except subprocess.TimeoutExpired:
-                pass
-            stamp = saved.stat().st_mtime_ns if saved.exists() else None
-            if on_checkpoint and stamp != last_seen:
-                on_checkpoint()
-                last_seen = stamp
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if received or process.returncode == 130:
-        raise KeyboardInterrupt
-    if process.returncode != 0:
-        raise RuntimeError(f"torchrun exited with code {process.returncode} (its output is above)")
-    return json.loads((Path(config.out) / "metrics.json").read_text())
 
 
 def evaluate_once(config: dict, baseline: str | None = None, base_url: str | None = None) -> dict:
