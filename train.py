@@ -174,6 +174,10 @@ class Run:
         """Continue from a checkpoint written by `save_checkpoint`."""
         for part in ("model", "optimizer", "scheduler", "scaler"):
             getattr(self, part).load_state_dict(state[part])
+        fields = {f.name for f in dataclasses.fields(Progress)}
+        if set(state["run"]) != fields:
+            raise InputError(f"{self.out / checkpoint.FILE} was written by another version of train.py: start again "
+                             f"with --overwrite instead of --resume")
         self.progress, self.best_weights = Progress(**state["run"]), state["best_weights"]
         self.metrics = json.loads(state["metrics"])
         self.metrics.setdefault("resumed_at_steps", []).append(self.progress.step)
