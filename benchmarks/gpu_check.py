@@ -9,7 +9,8 @@ checkout and its inputs fit in 64 MiB.
 
 The stages, in order, each written to --out as soon as it ends (a check cut short keeps what ran),
 and each skipped, and said so, when the time left is too short:
-1. tests: the whole suite with EMBED_FT_TEST_DEVICE=cuda, each failure by name.
+1. tests: the whole suite with EMBED_FT_TEST_DEVICE=cuda, each failure by name (8 processes when
+   pytest-xdist is there; the whole log is written beside --out).
 2. host: the time of 10,000 tiny in-place ops (this host's cost per launched op) and a measured bf16
    matrix-product peak.
 3. profile: torch.profiler over a few steps of bge-base-en-v1.5's shapes (a random 12-layer, 768-wide
@@ -23,6 +24,7 @@ and each skipped, and said so, when the time left is too short:
    time left: pairs/s and test error.
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -49,17 +51,22 @@ DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12} 
 BUCKETS = [16, 32, 64, 128, 256]  # static lengths for CUDA graphs
 
 
-def run_tests(device: str, quick: bool, timeout: float) -> dict:
-    """The whole suite with EMBED_FT_TEST_DEVICE=cuda (the real-data test skips: no ../shared there)."""
+def run_tests(device: str, quick: bool, timeout: float, log: Path) -> dict:
+    """The whole suite with EMBED_FT_TEST_DEVICE=cuda (the real-data test skips: no ../shared there),
+    spread over 8 processes when pytest-xdist is installed, so that it leaves the lend time to measure.
+    The whole output goes to `log`."""
     files = ["tests/test_losses.py"] if quick else ["tests"]
+    workers = [] if quick or importlib.util.find_spec("xdist") is None else ["-n", "8"]
     started = time.perf_counter()
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-rfE", "-p", "no:cacheprovider", *files], cwd=ROOT,
-                                env=os.environ | {"EMBED_FT_TEST_DEVICE": device}, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run([sys.executable, "-m", "pytest", "-rfE", "-p", "no:cacheprovider", *workers, *files],
+                                cwd=ROOT, env=os.environ | {"EMBED_FT_TEST_DEVICE": device}, capture_output=True,
+                                text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        return {"passed": False, "summary": f"cut at {timeout:.0f} s", "seconds": timeout,
-                "output_tail": (e.stdout or b"")[-3000:].decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout)[-3000:]}
+        output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout or "")
+        log.write_text(output)
+        return {"passed": False, "summary": f"cut at {timeout:.0f} s", "seconds": timeout, "output_tail": output[-3000:]}
+    log.write_text(result.stdout + result.stderr)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR")) or " passed" in line
              or " failed" in line]  # the short summary: each failure by name, then the count
     return {"passed": result.returncode == 0, "summary": "; ".join(lines) or f"pytest exited {result.returncode}",
@@ -237,7 +244,8 @@ def main() -> None:
     out = Path(args.out)
     save = lambda: out.write_text(json.dumps(report, indent=2) + "\n")  # after each stage: a timeout keeps what ran
 
-    report["tests"] = run_tests(device.type, quick=dry, timeout=60 * min(3.0, deadline.left() / 3))
+    report["tests"] = run_tests(device.type, quick=dry, timeout=60 * min(3.0, deadline.left() / 3),
+                                log=out.with_suffix(".tests.log"))
     print(f"tests on {device.type}: {report['tests']['summary']}", flush=True)
     save()
 
