@@ -26,15 +26,17 @@ import checkpoint
 from options import Config, to_flags
 
 
-def setup() -> tuple[int, int]:
-    """(rank, world size): (0, 1) unless started by torchrun. One GPU per process."""
+def setup(device: str = "auto") -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless started by torchrun. On GPUs, one per process and NCCL; on
+    CPUs gloo, also for `--device cpu` on a machine with GPUs (NCCL cannot gather CPU tensors)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
+    on_gpus = torch.cuda.is_available() and device != "cpu"
+    if on_gpus:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpus else "gloo")
     return dist.get_rank(), world_size
 
 

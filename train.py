@@ -218,7 +218,7 @@ def prepare(config: Config):
 def train(config: Config, on_checkpoint=None) -> dict:
     """The whole job: data, zero-shot evaluation, fine-tuning, evaluation, saving. Returns metrics.
     `on_checkpoint()` runs after each checkpoint is written (Modal commits its volume there)."""
-    rank, world_size = distributed.setup()
+    rank, world_size = distributed.setup(config.device)
     options.check(config)
     pick_device(config.device)  # before the folder is claimed: a bad --device changes nothing
     with run_folder.claim(Path(config.out), config.resume, config.overwrite, owner=rank == 0) as folder:

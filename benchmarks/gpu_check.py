@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ from options import Config  # noqa: E402
 
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense TFLOP/s, SXM parts
 BUCKETS = [16, 32, 64, 128, 256]  # static lengths for CUDA graphs
+STAGES = ["tests", "host", "profile", "steps", "finetune"]
 
 
 def run_tests(device: str, quick: bool, timeout: float, log: Path) -> dict:
@@ -175,7 +177,26 @@ def profile(model: Embedder, tokenized: batching.TokenizedPairs, batch: int, ste
             "graph_launches_per_step": count({"cudaGraphLaunch"}) / steps,
             "host_syncs_per_step": count({"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}) / steps,
             "host_ms_per_step": 1000 * statistics.median(issue), "wall_ms_per_step": 1000 * wall / steps,
-            "gpu_ms_per_step": gpu_us / 1000 / steps}
+            "gpu_ms_per_step": gpu_us / 1000 / steps,
+            "ops_cpu_ms_per_step": sum(e.self_cpu_time_total for e in events) / 1000 / steps,  # the rest is Python
+            "top_host_ops": [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps}
+                             for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]],
+            "sync_sites": sync_sites(step, device)}
+
+
+def sync_sites(step, device: torch.device) -> dict:
+    """Where one step makes the host wait for the GPU: file:line of each synchronizing call, counted."""
+    if device.type != "cuda":
+        return {}
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sites = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return {site: sites.count(site) for site in sorted(set(sites))}
 
 
 def tiny_ops(device: torch.device, n: int = 10_000) -> dict:
@@ -236,7 +257,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=9.0, help="the whole check's time box")
     parser.add_argument("--pairs", type=int, default=0, help="pairs for the all-MiniLM-L6-v2 fine-tune (0: all the pack has)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of that fine-tune (the recipe's; the time box may cut it)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="which stages to run, comma-separated (a rerun of a few)")
     args = parser.parse_args()
+    stages = args.stages.split(",")
     pack, dry, deadline = Path(args.pack), args.dry_run, Deadline(args.minutes)
     device = torch.device("cpu" if dry else "cuda")
     name = "CPU (dry run)" if dry else torch.cuda.get_device_name(device)
@@ -244,10 +267,11 @@ def main() -> None:
     out = Path(args.out)
     save = lambda: out.write_text(json.dumps(report, indent=2) + "\n")  # after each stage: a timeout keeps what ran
 
-    report["tests"] = run_tests(device.type, quick=dry, timeout=60 * min(3.0, deadline.left() / 3),
-                                log=out.with_suffix(".tests.log"))
-    print(f"tests on {device.type}: {report['tests']['summary']}", flush=True)
-    save()
+    if "tests" in stages:  # at most 3 minutes, and a minute left for each later stage
+        report["tests"] = run_tests(device.type, quick=dry, timeout=60 * min(3.0, deadline.left() - len(stages) + 1),
+                                    log=out.with_suffix(".tests.log"))
+        print(f"tests on {device.type}: {report['tests']['summary']}", flush=True)
+        save()
 
     tokenizer = Embedder.from_pretrained(str(pack / "sentence-transformers-all-MiniLM-L6-v2-bf16")).tokenizer
     pool = data.load_pairs(str(pack / "quora" / "train.tsv.gz"))  # length distribution of real Quora pairs
@@ -262,6 +286,8 @@ def main() -> None:
 
     def stage(key: str, minutes: float, what: str, run) -> None:
         """Run one measurement into report[key] if `minutes` are left; a failure is recorded, not fatal."""
+        if key not in stages:
+            return
         if not deadline.allows(minutes):
             report["skipped"].append(f"{key}: {what} ({deadline.left():.1f} min left, {minutes} needed)")
         else:
@@ -292,13 +318,15 @@ def main() -> None:
 
 def table(report: dict) -> str:
     host = report["host"]
-    lines = [f"device: {report['device']}, torch {report['torch']}; tests: {report['tests']['summary']}",
+    tests = report.get("tests", {"summary": "not run"})
+    lines = [f"device: {report['device']}, torch {report['torch']}; tests: {tests['summary']}",
              f"host: {host['us_per_op']:.1f} us a tiny op; peak {host['measured_peak_tflop_per_s']:.0f} TFLOP/s "
              f"measured (datasheet {host['datasheet_peak_tflop_per_s'] or '-'})"]
     for r in report.get("profile", []):
         lines.append(f"profile {r.get('variant', r.get('what'))}: " + (r["error"] if "error" in r else
                      f"{r['kernels_per_step']:.0f} kernels, {r['host_syncs_per_step']:.1f} syncs, host {r['host_ms_per_step']:.1f} ms, "
-                     f"GPU {r['gpu_ms_per_step']:.1f} ms, wall {r['wall_ms_per_step']:.1f} ms a step"))
+                     f"GPU {r['gpu_ms_per_step']:.1f} ms, wall {r['wall_ms_per_step']:.1f} ms a step; "
+                     f"{r['ops_cpu_ms_per_step']:.1f} ms of it in ops; syncs at {r['sync_sites'] or '-'}"))
     lines.append(f"{'bge-base shapes, bf16':32} {'batch':>5} {'ms/step':>8} {'pairs/s':>8} {'TFLOP/s':>8} {'of peak':>8} {'GiB':>5}")
     for r in report.get("steps", []):
         if "error" in r:

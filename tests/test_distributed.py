@@ -61,6 +61,22 @@ def test_two_processes_compute_the_loss_and_gradients_of_one(tiny_model_dir, tmp
             torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("device, expected", [("cpu", {"backend": "gloo"}), ("auto", {"backend": "nccl", "gpu": 1}),
+                                              ("cuda", {"backend": "nccl", "gpu": 1})])
+def test_a_cpu_run_under_torchrun_uses_gloo_on_a_machine_with_gpus(monkeypatch, device, expected):
+    """NCCL cannot gather CPU tensors: `--device cpu` on a GPU machine failed at the first all_gather."""
+    chosen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: chosen.update(gpu=index))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda name: chosen.update(backend=name))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    assert distributed.setup(device) == (1, 2)
+    assert chosen == expected
+
+
 def test_torchrun_takes_every_pair_that_one_process_takes(tiny_model_dir, pair_files, tmp_path):
     """97 pairs, batch 16: the last batch of each epoch has a single pair, fewer than the processes."""
     train_file = write_tsv(tmp_path / "train97.tsv", synthetic_pairs(97, seed=1))

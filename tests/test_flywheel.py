@@ -69,9 +69,12 @@ def test_a_retrieval_round_promotes_on_ranking_and_refuses_noise(flywheel_setup)
     assert first["objective"] == "retrieval" and first["test"].startswith("sign test on per-query reciprocal ranks")
     assert first["decision"] == "promoted" and first["candidate_mrr"] > first["current_mrr"] and first["p_value"] < 0.05
     assert first["candidate_better_queries"] > first["current_better_queries"]
+    # Round 2: texts paired at random. Shuffled labels alone are not noise for ranking: half of the
+    # pairs labelled duplicates still are, and on a GPU six more epochs of them won a round.
     noise = synthetic_pairs(192, 9)
-    labels = np.random.default_rng(0).permutation([y for *_, y in noise])
-    write_tsv(drops / "02.tsv", [(a, b, int(y)) for (a, b, _), y in zip(noise, labels)])
+    rng = np.random.default_rng(0)
+    seconds, labels = rng.permutation([b for _, b, _ in noise]), rng.permutation([y for *_, y in noise])
+    write_tsv(drops / "02.tsv", [(a, b, int(y)) for (a, _, _), b, y in zip(noise, seconds, labels)])
     flywheel.main(args + ["--mode", "continue"])
     second = jsonl.read(home / "history.jsonl")[1]
     assert second["decision"] == "refused" and os.readlink(home / "current") == "rounds/round-001"
