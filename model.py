@@ -179,9 +179,15 @@ def pick_device(name: str = "auto") -> torch.device:
     """"auto": the GPU if there is one (under torchrun, this process's), else the CPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
-    if name == "auto" and torch.cuda.is_available() or name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu" if name == "auto" else name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        # cuDNN's attention builds a plan for each new (batch, length) shape: 5 to 6 ms of host time
+        # a call on an H200, so with texts of every length a training step took 3x longer than with
+        # the memory-efficient kernel that PyTorch picks instead (docs/speed.md).
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return device
 
 
 def load_model(name_or_path: str, dense_out_features: int | None = None, max_length: int = 256,

@@ -44,7 +44,8 @@ class Config:
     matryoshka_dims: str = field(default="", metadata={"help": "e.g. 64,128,256: also train these prefix widths"})
     epochs: int = field(default=3, metadata={"help": "passes over the training pairs (chosen on validation, see README)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (over all processes)"})
-    length_groups: int = field(default=2, metadata={"help": "forward passes per step, texts grouped by length to pad less"})
+    length_groups: int = field(default=0, metadata={"help": "forward passes per step, texts grouped by length to pad "
+                                                    "less (0: 1 on a GPU, 2 on a CPU)"})
     bucket_by_length: bool = field(default=True, metadata={"help": "batches of pairs of similar length (less padding)"})
     lr: float = field(default=5e-5, metadata={"help": "peak learning rate (chosen on validation, see README)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW's decoupled weight decay"})
@@ -75,7 +76,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "max_minutes", "checkpoint_every", "
 # The range of every numeric option: ">= a", "> a" or "a..b" (both ends included).
 RANGES = {"dense_out_features": ">= 0", "max_length": ">= 1", "val_size": "> 0", "test_size": "> 0",
           "dataset_size": ">= 0", "eval_size": ">= 0", "margin": ">= 0", "scale": "> 0", "in_batch_weight": ">= 0",
-          "epochs": ">= 1", "batch_size": ">= 1", "length_groups": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
+          "epochs": ">= 1", "batch_size": ">= 1", "length_groups": ">= 0", "lr": "> 0", "weight_decay": ">= 0",
           "warmup_ratio": "0..1", "max_grad_norm": "> 0", "patience": ">= 0", "max_minutes": ">= 0",
           "min_recall": "0..1", "min_precision": "0..1", "seed": ">= 0", "eval_batch_size": ">= 1",
           "checkpoint_every": ">= 0"}

@@ -14,12 +14,13 @@ and each skipped, and said so, when the time left is too short:
 2. host: the time of 10,000 tiny in-place ops (this host's cost per launched op) and a measured bf16
    matrix-product peak.
 3. profile: torch.profiler over a few steps of bge-base-en-v1.5's shapes (a random 12-layer, 768-wide
-   BERT: no download) on real Quora lengths, today's step and the new one: kernels launched and
-   host syncs per step, host and GPU time per step.
-4. steps: pairs/s and share of the measured peak at batch 32 and 256, for each step variant:
-   today's (4 length groups, the loss read every step), the new one (no host sync; 1 or 2 length
-   groups) and the new one under CUDA graphs (torch.compile mode="reduce-overhead", dynamic=False,
-   texts padded to a few static lengths; its compile time is recorded).
+   BERT: no download) on real Quora lengths, the step before the GPU work and today's: kernels
+   launched and host syncs per step, host and GPU time per step, the slowest host ops, and the
+   file:line of each sync.
+4. steps: pairs/s and share of the measured peak at batch 32 and 256, for each step variant (VARIANTS:
+   length groups, the loss read every step or not, cuDNN attention or not) and today's under CUDA
+   graphs (torch.compile mode="reduce-overhead", dynamic=False, texts padded to a few static
+   lengths; its compile time is recorded).
 5. finetune: train.py's default recipe on all-MiniLM-L6-v2 and all of the pack's pairs, within the
    time left: pairs/s and test error.
 """
@@ -85,22 +86,25 @@ def bucket(groups: list[dict]) -> list[dict]:
     return padded
 
 
-# A step variant: (length groups, read the loss every step, CUDA graphs).
-VARIANTS = {"today": (4, True, False), "no-sync, 1 group": (1, False, False), "no-sync, 2 groups": (2, False, False),
-            "no-sync, 1 group, CUDA graphs": (1, False, True)}
+# A step variant: (length groups, read the loss every step, cuDNN attention, CUDA graphs). "before" is
+# train.py's step before the GPU work; "no sync, 1 group" is what train.py does on a GPU now.
+VARIANTS = {"before": (4, True, True, False), "no sync, 1 group, cuDNN attention": (1, False, True, False),
+            "no sync, 2 groups": (2, False, False, False), "no sync, 1 group": (1, False, False, False),
+            "no sync, 1 group, CUDA graphs": (1, False, False, True)}
 
 
 def step_runner(model: Embedder, tokenized: batching.TokenizedPairs, batch: int, device: torch.device, variant: str):
     """A function that takes one training step of `variant` (bf16 autocast on CUDA, OCL, fused AdamW,
     gradient clipping as train.py does) and returns the FLOPs it computed, padding included."""
-    groups_per_step, read_loss, graphs = VARIANTS[variant]
+    groups_per_step, read_loss, cudnn_attention, graphs = VARIANTS[variant]
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-8, fused=device.type == "cuda")
     loss_fn = OnlineContrastiveLoss()
     forward = torch.compile(model, mode="reduce-overhead", dynamic=False) if graphs else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    order = np.random.default_rng(0).permutation(len(tokenized))
+    order = tokenized.epoch_order(0, 0, batch, by_length=True)  # train.py's batches: pairs of similar length
     batches = tokenized.batches(np.resize(order, batch * 10_000), batch, groups_per_step)
     shape = flops.model_shape(model.encoder.config)
 
@@ -116,7 +120,7 @@ def step_runner(model: Embedder, tokenized: batching.TokenizedPairs, batch: int,
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
         if read_loss:
-            loss.item()  # today's train.py: the progress bar read the loss, and the host waited for the GPU
+            loss.item()  # train.py before: the progress bar read the loss, and the host waited for the GPU
         lengths = [g["input_ids"].shape[1] for g in groups for _ in range(g["input_ids"].shape[0])]
         return 3 * flops.forward_flops(lengths, *shape, model.dim)
 
@@ -299,17 +303,17 @@ def main() -> None:
         save()
 
     small, large = (4, 8) if dry else (32, 256)
-    for variant in ["today", "no-sync, 1 group"]:
+    for variant in ["before", "no sync, 1 group"]:
         stage("profile", 0.5, variant, lambda: profile(model, tokenized, small, 2 if dry else 5, device, variant))
     steps, warmup = (2, 1) if dry else (20, 5)
     for batch in (small,) if dry else (small, large):
-        for variant in ["today", "no-sync, 1 group", "no-sync, 2 groups"]:
+        for variant in ["before", "no sync, 1 group, cuDNN attention", "no sync, 2 groups", "no sync, 1 group"]:
             stage("steps", 0.5, f"{variant} at {batch}",
                   lambda: throughput(model, tokenized, batch, steps, warmup, device, variant))
     fine_tune_minutes = 0.2 if dry else 3.0
     for batch in [] if dry else (small, large):  # CUDA graphs: the compile is the slowest, least certain part
         stage("steps", 1.5 + fine_tune_minutes, f"CUDA graphs at {batch}",
-              lambda: throughput(model, tokenized, batch, steps, warmup, device, "no-sync, 1 group, CUDA graphs"))
+              lambda: throughput(model, tokenized, batch, steps, warmup, device, "no sync, 1 group, CUDA graphs"))
     pairs = 32 if dry else args.pairs or len(pool)
     stage("finetune", fine_tune_minutes, "all-MiniLM-L6-v2, the default recipe",
           lambda: finetune(pack, pairs, device.type, 1 if dry else args.epochs, max(0.1, deadline.left() - 1.5)))

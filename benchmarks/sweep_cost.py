@@ -25,6 +25,7 @@ import sweep  # noqa: E402
 HUB_PAIRS = 404_290
 H100_PER_HOUR = 3.9492          # Modal's list price, May 2026 (per second: $0.001097)
 CPU_CORE_PER_HOUR = 0.0472      # Modal's $0.0000131 per physical core and second
+MEASURED = "results/gpu/steps-without-cudnn-attention-h200.json"
 OVERHEAD_MINUTES = 2.0          # start, model load, tokenising, 3 validations and the test: assumed, not measured
 
 
@@ -49,8 +50,8 @@ def estimate(rate: float, gpus_per_run: int, overhead_minutes: float) -> dict:
 
 
 def main() -> None:
-    measured = json.loads((ROOT / "results" / "gpu" / "gpu_check-h200.json").read_text())
-    batch32 = next(r for r in measured["bge_base_shapes"] if r["batch"] == 32 and not r["compiled"])
+    measured = json.loads((ROOT / MEASURED).read_text())  # train.py's step on a GPU: no sync, 1 group, no cuDNN attention
+    batch32 = next(r for r in measured["steps"] if r["batch"] == 32 and r["variant"] == "no-sync, 1 group")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs-per-s", type=float, default=batch32["pairs_per_s"],
                         help="training rate of one GPU at the recipe's batch (default: the GPU check's)")
@@ -64,8 +65,8 @@ def main() -> None:
         ("full training split", f"{e['full_split']:,} pairs", f"pair-class's {HUB_PAIRS:,} rows less val and test"),
         ("epochs", f"{sweep.FIXED['epochs']}", "train.py's recipe (sweep.FIXED)"),
         ("time budget a run", f"{sweep.FIXED['max_minutes']} min", "sweep.FIXED['max_minutes']"),
-        ("training rate", f"{args.pairs_per_s:,.0f} pairs/s", "bge-base shapes, batch 32, bf16, on an H200 "
-         "(results/gpu/gpu_check-h200.json), priced as an H100" if args.pairs_per_s == batch32["pairs_per_s"]
+        ("training rate", f"{args.pairs_per_s:,.0f} pairs/s", f"train.py's step, bge-base shapes, batch 32, bf16, on an "
+         f"H200 ({MEASURED}), priced as an H100" if args.pairs_per_s == batch32["pairs_per_s"]
          else "given with --pairs-per-s"),
         ("GPUs a large run", f"{args.gpus_per_run}", "--gpus-per-run (runs of 51,200 pairs or more)"),
         ("overhead a container", f"{args.overhead_minutes:g} min", "assumed, not measured"),

@@ -22,10 +22,11 @@ def test_gpu_check_dry_runs_on_cpu(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["tests"]["passed"] and report["dry_run"] and report["skipped"] == []
     assert report["host"]["us_per_op"] > 0 and report["host"]["measured_peak_tflop_per_s"] > 0
-    assert [r["variant"] for r in report["profile"]] == ["today", "no-sync, 1 group"]
+    assert [r["variant"] for r in report["profile"]] == ["before", "no sync, 1 group"]
     assert all(r["host_ms_per_step"] > 0 and r["host_syncs_per_step"] == 0 for r in report["profile"])  # no GPU here
+    assert all(0 < r["ops_cpu_ms_per_step"] and len(r["top_host_ops"]) == 15 for r in report["profile"])
     assert [(r["variant"], r["batch"]) for r in report["steps"]] == [
-        (v, 4) for v in ("today", "no-sync, 1 group", "no-sync, 2 groups")]
+        (v, 4) for v in ("before", "no sync, 1 group, cuDNN attention", "no sync, 2 groups", "no sync, 1 group")]
     assert all(r["pairs_per_s"] > 0 and r["tflop_per_s"] > 0 for r in report["steps"])
     assert 0 <= report["finetune"][0]["test_error"] <= 1
     assert "bge-base shapes" in result.stdout and "all-MiniLM-L6-v2" in result.stdout

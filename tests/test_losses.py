@@ -38,6 +38,26 @@ def test_online_contrastive_loss_with_one_class_uses_every_pair():
     assert OnlineContrastiveLoss()(A, B, labels).item() == pytest.approx(distances.pow(2).sum().item())
 
 
+def test_online_contrastive_loss_with_only_non_duplicates_pushes_every_close_pair():
+    labels = torch.tensor([0, 0, 0])  # distances 0, 1, 2: only the first is inside the 0.5 margin
+    assert OnlineContrastiveLoss(margin=0.5)(A, B, labels).item() == pytest.approx(0.5 ** 2)
+
+
+def test_online_contrastive_loss_masks_give_the_gradients_of_selecting_pairs():
+    """The masked form (no host sync on a GPU) against sentence-transformers' form, which selects."""
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+    labels = torch.randint(0, 2, (16,))
+    unit_a, unit_b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    distance = 1 - (unit_a * unit_b).sum(-1)
+    pos, neg = distance[labels == 1], distance[labels == 0]
+    selected = pos[pos > neg.min()].pow(2).sum() + F.relu(0.5 - neg[neg < pos.max()]).pow(2).sum()
+    expected = torch.autograd.grad(selected, a)[0]
+    masked = OnlineContrastiveLoss(margin=0.5)(F.normalize(a, dim=-1), unit_b.detach(), labels)
+    assert masked.item() == pytest.approx(selected.item(), rel=1e-6)
+    assert torch.allclose(torch.autograd.grad(masked, a)[0], expected, atol=1e-7)
+
+
 def test_in_batch_contrastive_loss_matches_an_explicit_softmax():
     torch.manual_seed(0)
     a, b = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)

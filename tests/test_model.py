@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from errors import InputError
-from model import Embedder, load_model, mean_pool
+from model import Embedder, load_model, mean_pool, pick_device
 
 TEXTS = ["how do i cook t1a", "t1b t1c", "what is the best way of t2a t2b t2c how do i", "", "t1b t1c"]
 
@@ -189,3 +189,15 @@ def test_load_reads_no_pickles(embedder, tmp_path):
     torch.save(weights, tmp_path / "pytorch_model.bin")  # what an old or foreign folder may hold
     with pytest.raises(InputError, match=f"could not load the model in {tmp_path}: .*model.safetensors"):
         Embedder.load(tmp_path)
+
+
+def test_on_a_gpu_attention_leaves_cudnn_whose_plans_cost_the_host_per_shape(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        assert pick_device("cpu") == torch.device("cpu") and torch.backends.cuda.cudnn_sdp_enabled() == enabled
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert pick_device("auto") == torch.device("cuda", 0) and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)

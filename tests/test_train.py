@@ -9,6 +9,7 @@ import data
 import train
 from errors import InputError
 from model import Embedder
+from options import Config
 
 METRIC_KEYS = {"error_rate", "accuracy", "precision", "recall", "f1", "average_precision", "roc_auc",
                "threshold", "n_pairs", "constraint"}
@@ -180,3 +181,8 @@ def test_real_minilm_on_quora_beats_zero_shot(minilm_dir, tmp_path):
     texts = [t for a, b, _ in test[:50] for t in (a, b)]
     np.testing.assert_allclose(SentenceTransformer(str(tmp_path), device="cpu").encode(texts),
                                model.encode(texts, bf16=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("asked, device, groups", [(0, "cuda", 1), (0, "cpu", 2), (3, "cuda", 3), (3, "cpu", 3)])
+def test_length_groups_default_to_one_call_on_a_gpu_and_two_on_a_cpu(asked, device, groups):
+    assert train.length_groups_for(Config(length_groups=asked), torch.device(device)) == groups
