@@ -100,9 +100,9 @@ def fault_at_step(monkeypatch, step: int, fault) -> None:
     calls = []
 
     class Faulty(losses.OnlineContrastiveLoss):
-        def forward(self, a, b, labels):
+        def forward(self, a, b, labels, negatives=None):
             calls.append(1)
-            loss = super().forward(a, b, labels)
+            loss = super().forward(a, b, labels, negatives)
             return fault(loss) if len(calls) == step else loss
 
     monkeypatch.setitem(losses.BY_NAME, "ocl", lambda config: Faulty(config.margin))
