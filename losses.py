@@ -27,17 +27,17 @@ class InBatchContrastiveLoss(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
                 negatives: torch.Tensor | None = None) -> torch.Tensor:
-        positives = labels.bool()
-        if not positives.any():
-            return a.sum() * 0.0  # nothing to rank in this batch; keeps the graph for backward()
         n = len(a)
-        texts = torch.cat([a, b])                                       # (2B, d)
+        texts = torch.cat([a, b])                                       # (2B, d): every text is a row
         candidates = texts if negatives is None else torch.cat([texts, negatives.flatten(0, 1)])  # (2B + BK, d)
-        anchors = torch.cat([positives, positives]).nonzero().squeeze(1)  # both texts of each duplicate
-        logits = self.scale * texts[anchors] @ candidates.T             # (2P, 2B + BK)
-        logits[torch.arange(len(anchors)), anchors] = float("-inf")     # a text is not its own candidate
-        targets = (anchors + n) % (2 * n)                               # a_i -> b_i and b_i -> a_i
-        return F.cross_entropy(logits, targets)
+        logits = self.scale * texts @ candidates.T                      # (2B, 2B + BK)
+        rows = torch.arange(2 * n, device=a.device)
+        logits[rows, rows] = float("-inf")                              # a text is not its own candidate
+        per_text = F.cross_entropy(logits, (rows + n) % (2 * n), reduction="none")  # a_i -> b_i, b_i -> a_i
+        # Only the texts of duplicate pairs are anchors. Masking rather than selecting them keeps the
+        # host from waiting for the GPU; a batch without duplicates gives 0, and a graph for backward().
+        anchors = torch.cat([labels, labels]).float()
+        return (per_text * anchors).sum() / anchors.sum().clamp(min=1)
 
 
 class CosineSimilarityLoss(nn.Module):
