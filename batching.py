@@ -58,8 +58,9 @@ class TokenizedPairs:
         """Batches of B pairs, in `order`: every pair of `order` is in exactly one batch.
 
         The batch's 2B texts (all first texts, then all second texts, then the K hard negatives of
-        each pair in turn, if any) are sorted by length and cut into `length_groups` groups, each padded only to its own longest text, so that a few long
-        texts do not make the whole batch pad to their length.
+        each pair in turn, if any) are sorted by length and cut into `length_groups` groups, each
+        padded only to its own longest text, so that a few long texts do not make the whole batch
+        pad to their length.
         `torch.cat(embeddings of the groups)[restore]` puts the embeddings back in batch order.
         Data-parallel: process r takes the r-th of `world_size` contiguous parts of each batch. Parts
         differ by at most one pair, and a shorter part is topped up with copies of a pair so that all
