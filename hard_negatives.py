@@ -41,7 +41,7 @@ def mine(model, texts: list[str], pairs: np.ndarray, labels: np.ndarray, k: int,
          batch_size: int = 128) -> np.ndarray:
     """(n pairs, k) indices into `texts`: for each pair, the k texts most similar to its first text
     under `model`, leaving out its duplicate cluster and anything above SIMILARITY_CEILING."""
-    device = next(model.parameters()).device
+    device = model.device
     vectors = torch.from_numpy(model.encode(texts, batch_size)).to(device)
     clusters = torch.from_numpy(cluster_ids(texts, pairs, labels)).to(device)
     anchors = torch.from_numpy(pairs[:, 0]).to(device)

@@ -355,10 +355,11 @@ def train_step(run: Run, batch: batching.Batch, loss_fn, autocast, device: torch
     with autocast:
         embeddings = torch.cat([run.model(**{k: to_device(v, device) for k, v in g.items()}) for g in batch.groups])
     ordered, n = embeddings[to_device(batch.restore, device)].float(), len(batch.labels)
-    first, second, negatives = ordered[:n], ordered[n:2 * n], ordered[2 * n:].unflatten(0, (n, -1))  # K = 0 if none
-    first, second, negatives, labels = (distributed.gather(x, batch.shares)
-                                        for x in (first, second, negatives, to_device(batch.labels, device)))
-    loss = loss_fn(first, second, labels, negatives if negatives.shape[1] else None)  # in fp32, outside autocast
+    parts = [ordered[:n], ordered[n:2 * n], to_device(batch.labels, device)]
+    if len(ordered) > 2 * n:  # hard negatives, K a pair: gathered only when there are some
+        parts.append(ordered[2 * n:].unflatten(0, (n, -1)))
+    first, second, labels, *negatives = (distributed.gather(x, batch.shares) for x in parts)
+    loss = loss_fn(first, second, labels, *negatives)  # losses run in fp32, outside autocast
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     params = [p for p in run.model.parameters() if p.requires_grad]

@@ -23,6 +23,7 @@ class FixedEncoder(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.tensor([turn]))
         self.max_length = 8
+        self.device = torch.device("cpu")
 
     def encode(self, texts, batch_size=128):
         angles = np.radians([ANGLES[t] + (self.weight.item() if t == "d" else 0.0) for t in texts])
