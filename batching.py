@@ -21,17 +21,15 @@ class Batch(NamedTuple):
 
 
 class TokenizedPairs:
-    """Pairs tokenised once: each distinct text is tokenised a single time, pairs point at them.
-    `negatives` (pairs x K indices into `texts`), if set, adds each pair's hard negatives to its batch."""
+    """Pairs tokenised once: each distinct text is tokenised a single time, pairs point at them."""
 
     def __init__(self, pairs: list[data.Pair], tokenizer, max_length: int):
-        self.texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
-        index = {t: i for i, t in enumerate(self.texts)}
-        self.input_ids: list[list[int]] = tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"]
+        texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
+        index = {t: i for i, t in enumerate(texts)}
+        self.input_ids: list[list[int]] = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.pairs = np.array([(index[a], index[b]) for a, b, _ in pairs], dtype=np.int64).reshape(-1, 2)
         self.labels = np.array([y for _, _, y in pairs], dtype=np.int64)
         self.tokenizer = tokenizer
-        self.negatives: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,10 +55,9 @@ class TokenizedPairs:
                 world_size: int = 1) -> Iterator[Batch]:
         """Batches of B pairs, in `order`: every pair of `order` is in exactly one batch.
 
-        The batch's 2B texts (all first texts, then all second texts, then the K hard negatives of
-        each pair in turn, if any) are sorted by length and cut into `length_groups` groups, each
-        padded only to its own longest text, so that a few long texts do not make the whole batch
-        pad to their length.
+        The batch's 2B texts (all first texts, then all second texts) are sorted by length and cut
+        into `length_groups` groups, each padded only to its own longest text, so that a few long
+        texts do not make the whole batch pad to their length.
         `torch.cat(embeddings of the groups)[restore]` puts the embeddings back in batch order.
         Data-parallel: process r takes the r-th of `world_size` contiguous parts of each batch. Parts
         differ by at most one pair, and a shorter part is topped up with copies of a pair so that all
@@ -71,8 +68,7 @@ class TokenizedPairs:
             parts = np.array_split(order[start:start + batch_size], world_size)
             mine = parts[rank] if len(parts[rank]) else parts[0]  # fewer pairs than processes: a copy
             chosen = np.resize(mine, len(parts[0]))  # a short part repeats its own pairs
-            text_ids = np.concatenate([self.pairs[chosen, 0], self.pairs[chosen, 1]] +
-                                      ([] if self.negatives is None else [self.negatives[chosen].ravel()]))
+            text_ids = np.concatenate([self.pairs[chosen, 0], self.pairs[chosen, 1]])
             by_length = np.argsort([len(self.input_ids[i]) for i in text_ids], kind="stable")
             groups = [self.tokenizer.pad({"input_ids": [self.input_ids[i] for i in text_ids[group]]},
                                          return_tensors="pt")

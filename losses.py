@@ -1,7 +1,5 @@
 """Training objectives for labelled pairs. Each takes the unit-length embeddings of a batch's first
-and second texts, `a` and `b` (B, d), the 0/1 labels (B,), and optionally each pair's mined hard
-negatives (B, K, d; hard_negatives.py), and returns a scalar loss. Only the in-batch loss ranks
-against the hard negatives; the pair losses judge each labelled pair alone and leave them aside.
+and second texts, `a` and `b` (B, d), and the 0/1 labels (B,), and returns a scalar loss.
 """
 from __future__ import annotations
 
@@ -17,20 +15,17 @@ class InBatchContrastiveLoss(nn.Module):
     the partners of the other pairs and both texts of the non-duplicate pairs, which are useful hard
     negatives. Non-duplicate pairs only serve as negatives. This is sentence-transformers'
     MultipleNegativesRankingLoss (van den Oord et al. 2018, "CPC"; Henderson et al. 2017) extended
-    with the labelled negatives, and with the mined hard negatives of every pair when given. A text
-    occurring twice in one batch is (rarely) its own negative.
+    with the labelled negatives. A text occurring twice in one batch is (rarely) its own negative.
     """
 
     def __init__(self, scale: float = 20.0):
         super().__init__()
         self.scale = scale
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
-                negatives: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n = len(a)
         texts = torch.cat([a, b])                                       # (2B, d): every text is a row
-        candidates = texts if negatives is None else torch.cat([texts, negatives.flatten(0, 1)])  # (2B + BK, d)
-        logits = self.scale * texts @ candidates.T                      # (2B, 2B + BK)
+        logits = self.scale * texts @ texts.T                           # (2B, 2B)
         rows = torch.arange(2 * n, device=a.device)
         logits[rows, rows] = float("-inf")                              # a text is not its own candidate
         per_text = F.cross_entropy(logits, (rows + n) % (2 * n), reduction="none")  # a_i -> b_i, b_i -> a_i
@@ -46,8 +41,7 @@ class CosineSimilarityLoss(nn.Module):
     sentence-transformers' CosineSimilarityLoss (Reimers & Gurevych 2019, "Sentence-BERT").
     """
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
-                negatives: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.mse_loss((a * b).sum(-1), labels.float())
 
 
@@ -63,8 +57,7 @@ class CoSENTLoss(nn.Module):
         super().__init__()
         self.scale = scale
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
-                negatives: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cosine = self.scale * (a * b).sum(-1)
         wrong_way = (cosine[None, :] - cosine[:, None])[labels[:, None] > labels[None, :]]  # cos_n - cos_p
         return torch.logsumexp(torch.cat([cosine.new_zeros(1), wrong_way]), 0)
@@ -85,8 +78,7 @@ class OnlineContrastiveLoss(nn.Module):
         super().__init__()
         self.margin = margin
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
-                negatives: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         distance = 1 - (a * b).sum(-1)
         pos, neg = labels == 1, labels == 0
         one_class = ~(pos.any() & neg.any())  # no contrast to mine: every pair counts
@@ -107,9 +99,8 @@ class WeightedSum(nn.Module):
         self.weights = [w for w, _ in weighted]
         self.losses = nn.ModuleList([loss for _, loss in weighted])
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
-                negatives: torch.Tensor | None = None) -> torch.Tensor:
-        return sum(w * loss(a, b, labels, negatives) for w, loss in zip(self.weights, self.losses))
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sum(w * loss(a, b, labels) for w, loss in zip(self.weights, self.losses))
 
 
 class MatryoshkaLoss(nn.Module):
@@ -121,10 +112,8 @@ class MatryoshkaLoss(nn.Module):
         super().__init__()
         self.loss, self.dims = loss, dims
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
-                negatives: torch.Tensor | None = None) -> torch.Tensor:
-        prefix = lambda x, d: None if x is None else F.normalize(x[..., :d], dim=-1)  # noqa: E731
-        return sum(self.loss(prefix(a, d), prefix(b, d), labels, prefix(negatives, d)) for d in self.dims)
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sum(self.loss(F.normalize(a[:, :d], dim=-1), F.normalize(b[:, :d], dim=-1), labels) for d in self.dims)
 
 
 BY_NAME = {  # --loss name -> the loss, built from the run's options

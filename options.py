@@ -41,8 +41,6 @@ class Config:
     margin: float = field(default=0.5, metadata={"help": "ocl: cosine-distance margin for non-duplicates"})
     scale: float = field(default=20.0, metadata={"help": "cosent, contrastive: inverse temperature"})
     in_batch_weight: float = field(default=0.0, metadata={"help": "add the in-batch InfoNCE loss with this weight"})
-    hard_negatives: int = field(default=0, metadata={"help": "in-batch loss: K mined hard negatives a pair (see "
-                                                     "hard_negatives.py)"})
     matryoshka_dims: str = field(default="", metadata={"help": "e.g. 64,128,256: also train these prefix widths"})
     epochs: int = field(default=3, metadata={"help": "passes over the training pairs (chosen on validation, see README)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (over all processes)"})
@@ -77,7 +75,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "max_minutes", "checkpoint_every", "
 
 # The range of every numeric option: ">= a", "> a" or "a..b" (both ends included).
 RANGES = {"dense_out_features": ">= 0", "max_length": ">= 1", "val_size": "> 0", "test_size": "> 0",
-          "dataset_size": ">= 0", "eval_size": ">= 0", "margin": ">= 0", "scale": "> 0", "in_batch_weight": ">= 0", "hard_negatives": ">= 0",
+          "dataset_size": ">= 0", "eval_size": ">= 0", "margin": ">= 0", "scale": "> 0", "in_batch_weight": ">= 0",
           "epochs": ">= 1", "batch_size": ">= 1", "length_groups": ">= 0", "lr": "> 0", "weight_decay": ">= 0",
           "warmup_ratio": "0..1", "max_grad_norm": "> 0", "patience": ">= 0", "max_minutes": ">= 0",
           "min_recall": "0..1", "min_precision": "0..1", "seed": ">= 0", "eval_batch_size": ">= 1",
@@ -109,10 +107,6 @@ def check(config: Config) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {getattr(config, name)})")
     if config.objective == "retrieval" and config.loss not in ("ocl", "contrastive"):
         raise InputError(f"--objective retrieval trains with in-batch InfoNCE (--loss contrastive); drop --loss {config.loss}")
-    in_batch = config.objective == "retrieval" or config.loss == "contrastive" or config.in_batch_weight > 0
-    if config.hard_negatives and not in_batch:
-        raise InputError(f"--hard-negatives {config.hard_negatives} feeds the in-batch loss, which this run does not use: "
-                         "add --objective retrieval or --in-batch-weight")
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> Config:

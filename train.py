@@ -33,7 +33,6 @@ import errors
 import data
 import distributed
 import evaluate
-import hard_negatives
 import losses
 import options
 import run_folder
@@ -240,12 +239,10 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
     batches = batching.TokenizedPairs(train_pairs, model.tokenizer, model.max_length)
-    mining = add_hard_negatives(batches, model, config, rank)  # with the starting model: before start_run resumes
     steps_per_epoch = math.ceil(len(batches) / config.batch_size)
     total = config.epochs * steps_per_epoch
     run = start_run(config, model, device, precision, total, world_size)
     run.train_pairs = len(train_pairs)
-    run.metrics["hard_negatives"] = mining
     begin(run, val, test, rank)
     loss_fn, autocast = build_loss(config, model.dim), training_autocast(precision, device)
     losses_seen = LossWatch(device, steps_per_epoch, out=run.out)
@@ -281,17 +278,6 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
     if run.stopped_by in ("SIGINT", "SIGTERM"):
         interrupted(run, saver, rank, total)
     return finish(run, val, test) if rank == 0 else {}
-
-
-def add_hard_negatives(batches: batching.TokenizedPairs, model, config: Config, rank: int) -> dict | None:
-    """--hard-negatives K: each pair's K mined negatives join its batch. Returns what mining cost."""
-    if not config.hard_negatives:
-        return None
-    batches.negatives, mining = hard_negatives.mine_cached(model, batches.texts, batches.pairs, batches.labels,
-                                                           config.hard_negatives, config.eval_batch_size)
-    log(f"hard negatives: {config.hard_negatives} a pair, {'read from the cache' if mining['cached'] else 'mined'} "
-        f"in {mining['seconds']:.1f} s", rank)
-    return mining
 
 
 def begin(run: Run, val: list[data.Pair], test: list[data.Pair], rank: int) -> None:
@@ -354,12 +340,9 @@ def train_step(run: Run, batch: batching.Batch, loss_fn, autocast, device: torch
     """One optimiser step on a batch; the loss stays on the device. Returns (loss, pairs in the step)."""
     with autocast:
         embeddings = torch.cat([run.model(**{k: to_device(v, device) for k, v in g.items()}) for g in batch.groups])
-    ordered, n = embeddings[to_device(batch.restore, device)].float(), len(batch.labels)
-    parts = [ordered[:n], ordered[n:2 * n], to_device(batch.labels, device)]
-    if len(ordered) > 2 * n:  # hard negatives, K a pair: gathered only when there are some
-        parts.append(ordered[2 * n:].unflatten(0, (n, -1)))
-    first, second, labels, *negatives = (distributed.gather(x, batch.shares) for x in parts)
-    loss = loss_fn(first, second, labels, *negatives)  # losses run in fp32, outside autocast
+    first, second = embeddings[to_device(batch.restore, device)].float().chunk(2)
+    first, second, labels = (distributed.gather(x, batch.shares) for x in (first, second, to_device(batch.labels, device)))
+    loss = loss_fn(first, second, labels)  # losses run in fp32, outside autocast
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     params = [p for p in run.model.parameters() if p.requires_grad]

@@ -100,9 +100,9 @@ def fault_at_step(monkeypatch, step: int, fault) -> None:
     calls = []
 
     class Faulty(losses.OnlineContrastiveLoss):
-        def forward(self, a, b, labels, negatives=None):
+        def forward(self, a, b, labels):
             calls.append(1)
-            loss = super().forward(a, b, labels, negatives)
+            loss = super().forward(a, b, labels)
             return fault(loss) if len(calls) == step else loss
 
     monkeypatch.setitem(losses.BY_NAME, "ocl", lambda config: Faulty(config.margin))

@@ -46,15 +46,3 @@ def test_epoch_order_is_a_seeded_permutation_and_by_length_pads_less(tiny_model_
     by_length = tokenized.epoch_order(3, 1, 8, by_length=True)
     assert padding(by_length) < 0.8 * padding(tokenized.epoch_order(3, 1, 8))
     assert sorted(by_length[-2:]) == sorted(by_length[248:])  # the short last batch (250 = 31 x 8 + 2) stays last
-
-
-def test_hard_negatives_follow_their_pairs_into_the_batch(tiny_model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    pairs = [("t1a", "t1b", 1), ("t2a", "t3a", 0), ("t4a", "t4b", 1)]
-    tokenized = batching.TokenizedPairs(pairs, tokenizer, max_length=5)
-    index = {t: i for i, t in enumerate(tokenized.texts)}
-    tokenized.negatives = np.array([[index["t2a"], index["t4b"]], [index["t1a"], index["t1b"]], [index["t3a"], index["t1a"]]])
-    features, restore, labels, _ = next(tokenized.batches(np.array([2, 0]), 2, length_groups=2))
-    texts = [t for group in features for t in tokenizer.batch_decode(group["input_ids"], skip_special_tokens=True)]
-    assert [texts[i] for i in restore] == ["t4a", "t1a", "t4b", "t1b", "t3a", "t1a", "t2a", "t4b"]
-    assert labels.tolist() == [1, 1]

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import numpy as np
@@ -114,24 +113,6 @@ def test_the_retrieval_objective_chooses_epochs_by_validation_mrr_and_reports_bo
     assert Embedder.load(tmp_path).decision["threshold"] == metrics["fine_tuned"]["val"]["threshold"]  # still carried
     with pytest.raises(InputError, match="--objective retrieval trains with in-batch InfoNCE"):
         train.train(config_for(tiny_model_dir, pair_files, tmp_path / "other", objective="retrieval", loss="cosent"))
-
-
-def test_hard_negatives_reach_the_in_batch_loss_and_are_mined_once(tiny_model_dir, pair_files, tmp_path, monkeypatch):
-    import hard_negatives
-    from losses import InBatchContrastiveLoss
-    monkeypatch.setattr(hard_negatives, "CACHE", tmp_path / "cache")
-    shapes, forward = [], InBatchContrastiveLoss.forward
-    monkeypatch.setattr(InBatchContrastiveLoss, "forward",
-                        lambda self, a, b, labels, negatives=None: shapes.append(tuple(negatives.shape)) or
-                        forward(self, a, b, labels, negatives))
-    config = config_for(tiny_model_dir, pair_files, tmp_path / "run", objective="retrieval", hard_negatives=2, epochs=1)
-    first = train.train(config)
-    assert all(shape[1:] == (2, 16) for shape in shapes) and sum(s[0] for s in shapes) == first["training"]["train_pairs"]
-    assert first["hard_negatives"]["k"] == 2 and not first["hard_negatives"]["cached"]
-    again = train.train(dataclasses.replace(config, overwrite=True))
-    assert again["hard_negatives"]["cached"] and again["hard_negatives"]["pool_texts"] == first["hard_negatives"]["pool_texts"]
-    with pytest.raises(InputError, match="--hard-negatives 2 feeds the in-batch loss"):
-        train.train(config_for(tiny_model_dir, pair_files, tmp_path / "other", hard_negatives=2))
 
 
 @pytest.mark.parametrize("loss", ["cosent", "contrastive", "cosine"])
