@@ -107,6 +107,9 @@ def check(config: Config) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {getattr(config, name)})")
     if config.objective == "retrieval" and config.loss not in ("ocl", "contrastive"):
         raise InputError(f"--objective retrieval trains with in-batch InfoNCE (--loss contrastive); drop --loss {config.loss}")
+    if config.objective == "retrieval" and config.in_batch_weight:
+        raise InputError(f"--objective retrieval already trains with in-batch InfoNCE alone; drop --in-batch-weight "
+                         f"{config.in_batch_weight}")
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> Config:

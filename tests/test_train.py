@@ -113,6 +113,8 @@ def test_the_retrieval_objective_chooses_epochs_by_validation_mrr_and_reports_bo
     assert Embedder.load(tmp_path).decision["threshold"] == metrics["fine_tuned"]["val"]["threshold"]  # still carried
     with pytest.raises(InputError, match="--objective retrieval trains with in-batch InfoNCE"):
         train.train(config_for(tiny_model_dir, pair_files, tmp_path / "other", objective="retrieval", loss="cosent"))
+    with pytest.raises(InputError, match="already trains with in-batch InfoNCE alone; drop --in-batch-weight 0.5"):
+        train.train(config_for(tiny_model_dir, pair_files, tmp_path / "other", objective="retrieval", in_batch_weight=0.5))
 
 
 @pytest.mark.parametrize("loss", ["cosent", "contrastive", "cosine"])
