@@ -90,10 +90,6 @@ def test_a_time_budget_ends_training_then_evaluates_and_saves(tiny_model_dir, pa
     assert "test" in metrics["fine_tuned"] and Embedder.load(tmp_path).dim == 16
 
 
-def test_lr_schedule_warms_up_then_decays_linearly():
-    assert [train.lr_multiplier(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
-
-
 def test_satisficing_threshold_is_recorded(tiny_model_dir, pair_files, tmp_path):
     metrics = train.train(config_for(tiny_model_dir, pair_files, tmp_path, epochs=1, min_recall=0.95))
     assert metrics["fine_tuned"]["val"]["recall"] >= 0.95
