@@ -54,23 +54,29 @@ def main() -> None:
     val, test = data.load_pairs(args.val), data.load_pairs(args.test)
     model = load_model(args.model)
     published = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = both_views(model, val, test)["reciprocal_ranks"]
     print(f"{'run':28} {'a':>5} {'val err':>8} {'test err':>8} {'val MRR':>8} {'test R@1':>8} {'test MRR':>8} "
           f"{'better/worse':>13} {'p':>6}")
+    reference = report(both_views(model, val, test), "published", 0.0, None, args.results)
     for run in args.runs:
         tuned = Embedder.load(run).state_dict()
         for alpha in args.alphas:
             model.load_state_dict(mixed(published, tuned, alpha))
-            row = both_views(model, val, test)
-            ours = row.pop("reciprocal_ranks")
-            better, worse = int((ours > reference).sum()), int((ours < reference).sum())
-            row |= {"run": Path(run).name, "alpha": alpha, "better_queries": better, "worse_queries": worse,
-                    "p_value": evaluate.sign_test(better, worse)}
-            print(f"{row['run']:28} {alpha:5.2f} {row['val_error']:8.2%} {row['test_error']:8.2%} {row['val_mrr']:8.4f} "
-                  f"{row['test_recall@1']:8.4f} {row['test_mrr']:8.4f} {better:6d}/{worse:<6d} {row['p_value']:6.2g}",
-                  flush=True)
-            if args.results:
-                jsonl.append(Path(args.results), row)
+            report(both_views(model, val, test), Path(run).name, alpha, reference, args.results)
+
+
+def report(row: dict, run: str, alpha: float, reference: np.ndarray | None, results: str) -> np.ndarray:
+    """Print (and append to `results`) one row, with the sign test against the reference's
+    reciprocal ranks; returns this row's."""
+    ours = row.pop("reciprocal_ranks")
+    theirs = ours if reference is None else reference
+    better, worse = int((ours > theirs).sum()), int((ours < theirs).sum())
+    row |= {"run": run, "alpha": alpha, "better_queries": better, "worse_queries": worse,
+            "p_value": evaluate.sign_test(better, worse)}
+    print(f"{run:28} {alpha:5.2f} {row['val_error']:8.2%} {row['test_error']:8.2%} {row['val_mrr']:8.4f} "
+          f"{row['test_recall@1']:8.4f} {row['test_mrr']:8.4f} {better:6d}/{worse:<6d} {row['p_value']:6.2g}", flush=True)
+    if results:
+        jsonl.append(Path(results), row)
+    return ours
 
 
 if __name__ == "__main__":
