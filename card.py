@@ -55,7 +55,9 @@ def render(metrics: dict, directory: Path) -> str:
         f"{'MRR' if config.get('objective') == 'retrieval' else 'error'}), loss "
         f"`{'contrastive' if config.get('objective') == 'retrieval' else config['loss']}`, learning rate {config['lr']}, batch {config['batch_size']}, max length "
         f"{config['max_length']} tokens, precision {config['resolved_precision']}, seed {config['seed']}; "
-        f"stopped: {training['stopped_by']}.", "",
+        f"stopped: {training['stopped_by']}."
+        + (f" The weights are {config['merge']} x the fine-tuned ones + {1 - config['merge']:g} x the starting "
+           f"model's (--merge)." if config.get("merge", 1.0) < 1 else ""), "",
         "## Results", "",
         "Duplicate classification: a pair is a duplicate when its cosine is above a threshold tuned on the "
         "validation pairs (so validation numbers are optimistic) and applied unchanged to the test pairs.", "",

@@ -175,6 +175,13 @@ class Embedder(nn.Module):
 
 # ------------------------------------------------------------------------------------ loading parts
 
+def mix_weights(start: dict, tuned: dict, share: float) -> dict:
+    """(1 - share) x start + share x tuned, weight by weight; integer buffers stay the start's.
+    Averaging a fine-tuned model with the one it started from keeps some of what each is good at
+    (Wortsman et al. 2022, "WiSE-FT"; BAAI's LM-Cocktail for embedding models)."""
+    return {k: (1 - share) * v + share * tuned[k] if v.is_floating_point() else v for k, v in start.items()}
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """"auto": the GPU if there is one (under torchrun, this process's), else the CPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -41,6 +41,8 @@ class Config:
     margin: float = field(default=0.5, metadata={"help": "ocl: cosine-distance margin for non-duplicates"})
     scale: float = field(default=20.0, metadata={"help": "cosent, contrastive: inverse temperature"})
     in_batch_weight: float = field(default=0.0, metadata={"help": "add the in-batch InfoNCE loss with this weight"})
+    merge: float = field(default=1.0, metadata={"help": "share of the fine-tuned weights in the saved model, the rest "
+                         "the starting model's: 0.25 keeps its retrieval (docs/retrieval.md); 1 = fine-tuned alone"})
     matryoshka_dims: str = field(default="", metadata={"help": "e.g. 64,128,256: also train these prefix widths"})
     epochs: int = field(default=3, metadata={"help": "passes over the training pairs (chosen on validation, see README)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (over all processes)"})
@@ -75,7 +77,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "max_minutes", "checkpoint_every", "
 
 # The range of every numeric option: ">= a", "> a" or "a..b" (both ends included).
 RANGES = {"dense_out_features": ">= 0", "max_length": ">= 1", "val_size": "> 0", "test_size": "> 0",
-          "dataset_size": ">= 0", "eval_size": ">= 0", "margin": ">= 0", "scale": "> 0", "in_batch_weight": ">= 0",
+          "dataset_size": ">= 0", "eval_size": ">= 0", "margin": ">= 0", "scale": "> 0", "in_batch_weight": ">= 0", "merge": "0..1",
           "epochs": ">= 1", "batch_size": ">= 1", "length_groups": ">= 0", "lr": "> 0", "weight_decay": ">= 0",
           "warmup_ratio": "0..1", "max_grad_norm": "> 0", "patience": ">= 0", "max_minutes": ">= 0",
           "min_recall": "0..1", "min_precision": "0..1", "seed": ">= 0", "eval_batch_size": ">= 1",

@@ -52,6 +52,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     best_weights: dict | None = None
     best_val_vectors: dict | None = None  # the best epoch's validation embeddings (not checkpointed)
+    start_weights: dict | None = None  # the starting model's, on the CPU, for --merge (not checkpointed)
     stopped_by: str | None = None
     train_pairs: int = 0
 
@@ -91,6 +92,8 @@ def start_run(config: Config, model, device: torch.device, precision: str, total
     metrics = {"config": dataclasses.asdict(config) | {"resolved_precision": precision, "resolved_device": str(device)},
                "environment": environment(device, world_size)}
     run = Run(config, model, optimizer, scheduler, scaler, metrics)
+    if config.merge < 1:  # before a resume restores the trained weights: a resumed run starts where this one did
+        run.start_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if config.resume:
         run.restore(resume_from(Path(config.out) / checkpoint.FILE, config))
     return run

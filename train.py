@@ -34,7 +34,7 @@ import run_folder
 from errors import InputError
 from jsonl import write_json
 from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum
-from model import cpu_has_bf16, load_model, pick_device
+from model import cpu_has_bf16, load_model, mix_weights, pick_device
 from options import Config
 from run_state import Checkpointer, LossWatch, Run, start_run
 
@@ -271,6 +271,9 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     config, p, metrics, model = run.config, run.progress, run.metrics, run.model
     if run.best_weights is not None:  # else no epoch was evaluated (--no-select-best, or stopped within the first)
         model.load_state_dict(run.best_weights)
+    if run.start_weights is not None:  # --merge: the chosen epoch's weights, averaged with the starting model's
+        tuned = {k: v.to("cpu") for k, v in model.state_dict().items()}
+        model.load_state_dict(mix_weights(run.start_weights, tuned, config.merge))
     history = "val_mrr" if config.objective == "retrieval" else "val_errors"
     metrics["training"] = {"train_pairs": run.train_pairs, "steps": p.step, "pairs": p.pairs,
                            "seconds": p.seconds, "pairs_per_s": p.pairs / max(p.seconds, 1e-9), "epochs": p.epoch,

@@ -21,15 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import jsonl  # noqa: E402
-from model import Embedder, load_model  # noqa: E402
+from model import Embedder, load_model, mix_weights  # noqa: E402
 
 
 def mixed(published: dict, tuned: dict, alpha: float) -> dict:
-    """(1 - alpha) x published + alpha x tuned, weight by weight (integer buffers: the published)."""
+    """(1 - alpha) x published + alpha x tuned (train.py --merge does the same with the start it kept)."""
     if set(published) != set(tuned):
         sys.exit(f"the models differ in their weights ({sorted(set(published) ^ set(tuned))[:3]} ...): "
                  "train with --dense-out-features 0")
-    return {k: (1 - alpha) * v + alpha * tuned[k] if v.is_floating_point() else v for k, v in published.items()}
+    return mix_weights(published, tuned, alpha)
 
 
 def both_views(encoder, val: list[data.Pair], test: list[data.Pair]) -> dict:

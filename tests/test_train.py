@@ -127,6 +127,20 @@ def test_same_seed_same_result_on_cpu(tiny_model_dir, pair_files, tmp_path):
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
+def test_merge_saves_the_starting_and_the_fine_tuned_weights_averaged(tiny_model_dir, pair_files, tmp_path):
+    config = lambda name, **o: config_for(tiny_model_dir, pair_files, tmp_path / name, epochs=1, device="cpu", **o)  # noqa: E731
+    start = train.prepare(config("start"))[2].state_dict()  # the model as training finds it (projection drawn)
+    train.train(config("full"))
+    metrics = train.train(config("quarter", merge=0.25))
+    full, quarter = (Embedder.load(tmp_path / name).state_dict() for name in ("full", "quarter"))
+    assert not torch.equal(full["projection.weight"], start["projection.weight"])  # training moved it
+    for k, v in start.items():
+        assert torch.allclose(quarter[k], 0.75 * v + 0.25 * full[k], atol=1e-6) if v.is_floating_point() else torch.equal(quarter[k], v), k
+    assert metrics["config"]["merge"] == 0.25 and "0.25 x the fine-tuned ones + 0.75 x" in (tmp_path / "quarter" / "README.md").read_text()
+    with pytest.raises(InputError, match="--merge must be"):
+        train.train(config("bad", merge=1.5))
+
+
 def test_length_groups_give_the_same_embeddings_as_one_padded_batch(tiny_model_dir):
     model = Embedder.from_pretrained(str(tiny_model_dir), 16).eval()  # eval: no dropout to differ
     words = "how do i cook t1a t2b t3c what is the best way of".split()
