@@ -93,10 +93,15 @@ def start_run(config: Config, model, device: torch.device, precision: str, total
                "environment": environment(device, world_size)}
     run = Run(config, model, optimizer, scheduler, scaler, metrics)
     if config.merge < 1:  # before a resume restores the trained weights: a resumed run starts where this one did
-        run.start_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        run.start_weights = cpu_copy(model)
     if config.resume:
         run.restore(resume_from(Path(config.out) / checkpoint.FILE, config))
     return run
+
+
+def cpu_copy(model: torch.nn.Module) -> dict:
+    """The model's weights, copied to the CPU: kept aside while training goes on changing them."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def resume_from(path: Path, config: Config) -> dict:

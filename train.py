@@ -36,7 +36,7 @@ from jsonl import write_json
 from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum
 from model import cpu_has_bf16, load_model, mix_weights, pick_device
 from options import Config
-from run_state import Checkpointer, LossWatch, Run, start_run
+from run_state import Checkpointer, LossWatch, Run, cpu_copy, start_run
 
 
 # ---------------------------------------------------------------------------------------- set-up
@@ -244,7 +244,7 @@ def end_of_epoch(run: Run, val: list[data.Pair], rank: int) -> None:
     if better:
         p.best_epoch, p.bad_epochs = p.epoch, 0
         if rank == 0:
-            run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+            run.best_weights = cpu_copy(run.model)
             run.best_val_vectors = vectors
     else:
         p.bad_epochs += 1
