@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Protocol
 
@@ -212,13 +211,6 @@ def both_views(encoder: Encoder, val: list[data.Pair], test: list[data.Pair], ba
     result = evaluate(remembered, val, test, batch_size, min_recall, min_precision)
     return result | {"retrieval": {split: retrieval_metrics(remembered, pairs, batch_size=batch_size)
                                    for split, pairs in [("val", val), ("test", test)]}}
-
-
-def sign_test(better: int, worse: int) -> float:
-    """One-sided exact sign test: P(X >= better) for X ~ Binomial(better + worse, 1/2). On pairs, the
-    discordant ones, it is McNemar's exact test; on queries, those whose reciprocal rank differs."""
-    n = better + worse
-    return sum(math.comb(n, k) for k in range(better, n + 1)) / 2 ** n
 
 
 # ------------------------------------------------------------------------- what --model names

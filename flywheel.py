@@ -1,26 +1,35 @@
 """The data flywheel: as labelled pairs keep arriving, retrain, and promote a model only if it wins.
 
-    python flywheel.py --home fw --base DIR --pairs drops/ --val val.tsv.gz --test test.tsv.gz
+    python flywheel.py --home fw --base DIR --val val.tsv.gz --test test.tsv.gz    # once: the settings
+    python flywheel.py --home fw                         # a round over fw/pairs/ (or --pairs FILES ...)
     python flywheel.py --plot fw/history.jsonl
 
-One call is one round. The pairs collected so far are every file in --pairs (a folder that files are
-dropped into, or files). The round trains a candidate, from the base model on all the pairs
-(`--mode scratch`, the default: measured better, see docs/flywheel.md) or from the current model on
-the files no earlier round has seen (`--mode continue`), evaluates it and the current model on the
-same fixed validation and test pairs, and promotes it only if it classifies significantly more test
-pairs correctly: McNemar's exact test, one-sided, at --alpha. Each model's threshold is its own,
-tuned on validation. With `--set objective=retrieval` it promotes on ranking instead: significantly
-more test queries whose first duplicate the candidate ranks higher (a sign test, same shape). Promotion writes nothing into the current model: the candidate's folder is complete
-before `home/current`, a symbolic link, is switched to it by an atomic rename, so a crash leaves
-the old current model in place. A refused candidate stays in home/rounds/ for inspection. Each
-round appends a line to home/history.jsonl. Interrupted, a round resumes its training from the
-candidate's checkpoint when run again.
+One call is one round. The pairs collected so far are the files in --pairs (by default home/pairs/,
+where `serve.py`'s `POST /v1/pairs` stores them; any folder that files are dropped into, or files),
+each pair counted once (`pair_store.settle`). The round trains a candidate, from the base model on
+all the pairs (`--mode scratch`, the default: measured better, see docs/flywheel.md) or from the
+current model on the files no earlier round has seen (`--mode continue`), evaluates it and the
+current model on the same fixed validation and test pairs, and promotes it only if it classifies
+significantly more test pairs correctly: McNemar's exact test, one-sided, at --alpha
+(`paired.compare_pairs`). Each model's threshold is its own, tuned on validation. Before any
+promotion the model to beat is the base model as published. With `--set objective=retrieval` it
+promotes on ranking instead: significantly more test queries whose first duplicate the candidate
+ranks higher (a sign test, same shape).
+
+Promotion writes nothing into the current model: the candidate's folder is complete before
+`home/current.json`, a small pointer file, is replaced by an atomic rename, so a crash leaves the old
+current model in place, and a server watching the pointer (`serve.py`) sees the old model or the
+new one, never half of one. A pointer file rather than a symbolic link, because the home may live on
+a Modal Volume, where links are not documented to survive. A refused candidate stays in
+home/rounds/ for inspection. Each round appends a line to home/history.jsonl. Interrupted, a round
+resumes its training from the candidate's checkpoint when run again. The settings given once
+(--base, --val, --test, --mode, --alpha, --set) are kept in home/flywheel.json, so that a scheduled
+round needs only --home.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import gzip
 import hashlib
 import os
@@ -35,34 +44,42 @@ import data
 import evaluate
 import jsonl
 import options
+import paired
 import run_folder
 import train
 from errors import InputError
-from model import Embedder
+from model import Embedder, load_model
+from pair_store import settle
+
+SETTINGS = ("base", "val", "test", "mode", "alpha", "set")
+DEFAULTS = {"mode": "scratch", "alpha": 0.05, "set": ""}
 
 
-def mcnemar_exact(candidate_right: np.ndarray, current_right: np.ndarray) -> dict:
-    """Does the candidate get more pairs right than the current model, beyond chance? Only the pairs
-    on which they disagree count: b (only the candidate right) and c (only the current right).
-    Under "no difference" b ~ Binomial(b + c, 1/2); the one-sided p-value is P(X >= b)."""
-    b = int(np.sum(candidate_right & ~current_right))
-    c = int(np.sum(~candidate_right & current_right))
-    return {"test": "McNemar exact, one-sided", "candidate_only_right": b, "current_only_right": c,
-            "p_value": evaluate.sign_test(b, c)}
+# ------------------------------------------------------------------------------------ the home
+
+def settings(home: Path, given: dict) -> dict:
+    """The round's settings: those given now, else those kept in home/flywheel.json, else defaults.
+    What is given is kept for the next round."""
+    kept = jsonl.read_json(home / "flywheel.json") or {}
+    merged = DEFAULTS | kept | {k: v for k, v in given.items() if v is not None}
+    missing = [f"--{k}" for k in ("base", "val", "test") if not merged.get(k)]
+    if missing:
+        raise InputError(f"{home} has no flywheel settings yet: give {', '.join(missing)} once "
+                         "(they are kept in flywheel.json)")
+    if merged != kept:
+        jsonl.write_json(home / "flywheel.json", merged)
+    return merged
 
 
-def sign_test_on_queries(candidate_ranks: np.ndarray, current_ranks: np.ndarray) -> dict:
-    """Does the candidate rank the first duplicate of more queries higher than the current model,
-    beyond chance? The sign test over the queries whose reciprocal rank differs: McNemar's shape for
-    a ranking. A sign test rather than Wilcoxon's signed-rank test: reciprocal ranks take few values
-    (1, 1/2, 1/3, ...), so most differences tie in size, and a gain from rank 2 to 1 is not "worth"
-    ten from rank 20 to 19 in any sense the ranks of the differences would capture; the sign test
-    needs no such weighting, and it is exact."""
-    better = int(np.sum(candidate_ranks > current_ranks))
-    worse = int(np.sum(candidate_ranks < current_ranks))
-    return {"test": "sign test on per-query reciprocal ranks, one-sided", "candidate_better_queries": better,
-            "current_better_queries": worse, "p_value": evaluate.sign_test(better, worse),
-            "current_mrr": float(current_ranks.mean()), "candidate_mrr": float(candidate_ranks.mean())}
+def current_version(home: Path) -> dict:
+    """What home/current.json points at: {"version", "path", "promoted_at"}; "base" before any promotion."""
+    return jsonl.read_json(home / "current.json") or {"version": "base", "path": None, "promoted_at": None}
+
+
+def switch_current(home: Path, target: Path) -> None:
+    """Point home/current.json at target: the new pointer is written beside it, then renamed over it."""
+    jsonl.write_json(home / "current.json", {"version": target.name, "path": str(target.relative_to(home)),
+                                             "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def pair_files(sources: list[str]) -> list[Path]:
@@ -84,6 +101,14 @@ def fingerprint(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def new_pair_count(home: Path, folder: Path) -> int:
+    """Pairs in the files of `folder` that no round has read yet (by content, whatever their names):
+    what a scheduler weighs before it starts a round."""
+    seen = {digest for row in jsonl.read(home / "history.jsonl") for digest in row["files"].values()}
+    files = pair_files([str(folder)]) if folder.is_dir() and any(folder.iterdir()) else []
+    return sum(len(data.load_pairs(str(p))) for p in files if fingerprint(p) not in seen)
+
+
 def write_pairs(pairs: list[data.Pair], path: Path) -> Path:
     """The pairs a candidate is trained on, kept in its folder: what it saw is on record."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,13 +124,7 @@ def correct(model: Embedder, pairs: list[data.Pair], threshold: float) -> np.nda
     return model.is_duplicate([a for a, _, _ in pairs], [b for _, b, _ in pairs], threshold) == labels
 
 
-def switch_current(home: Path, target: Path) -> None:
-    """Point home/current at target: a new link is made beside it, then renamed over it (atomic)."""
-    link = home / "current.new"
-    link.unlink(missing_ok=True)
-    link.symlink_to(target.relative_to(home), target_is_directory=True)
-    os.replace(link, home / "current")
-
+# ------------------------------------------------------------------------------------ a round
 
 def run_round(home: Path, base: str, sources: list[str], val_path: str, test_path: str, mode: str = "scratch",
               alpha: float = 0.05, overrides: dict | None = None) -> dict:
@@ -113,8 +132,8 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
     home.mkdir(parents=True, exist_ok=True)
     history = jsonl.read(home / "history.jsonl")
     number = len(history) + 1
-    current = home / "current"
-    before = os.readlink(current) if current.is_symlink() else "base"
+    pointer = current_version(home)
+    before = pointer["path"] or "base"
     files = {os.path.relpath(p): fingerprint(p) for p in pair_files(sources)}  # no absolute path in the history
     seen = {digest for row in history for digest in row["files"].values()}
     new = [f for f, digest in files.items() if digest not in seen]
@@ -123,46 +142,46 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
         raise InputError("no new pair files since the last round; drop some into --pairs")
     loaded = {f: data.load_pairs(f) for f in files}
     val, test = data.load_pairs(val_path), data.load_pairs(test_path)
-    pairs = data.drop_overlap([p for f in chosen for p in loaded[f]], val, test)
+    pairs, repeats, conflicts = settle([p for f in chosen for p in loaded[f]])
+    kept = data.drop_overlap(pairs, val, test)
     folder = home / "rounds" / f"round-{number:03d}"
     config = options.Config(**(overrides or {}) | {
-        "model": str(current.resolve()) if mode == "continue" and before != "base" else base,
-        "data": str(write_pairs(pairs, folder / "pairs.tsv.gz")), "val": val_path, "test": test_path,
+        "model": str(home / before) if mode == "continue" and before != "base" else base,
+        "data": str(write_pairs(kept, folder / "pairs.tsv.gz")), "val": val_path, "test": test_path,
         "out": str(folder), "resume": checkpoint.exists(folder)})
     if run_folder.finished_metrics(folder) is None:  # a round stopped after its training needs no second one
         train.train(config)
 
     candidate = Embedder.load(folder)
     if before != "base":
-        incumbent = Embedder.load(current)
+        incumbent = Embedder.load(home / before)
         incumbent_threshold = incumbent.decision["threshold"]
-    else:  # nothing promoted yet: the base model, as training found it, is the one to beat
-        _, _, incumbent = train.prepare(dataclasses.replace(config, model=base, resume=False))
+    else:  # nothing promoted yet: the base model as published (what a server of the home serves) is the one to beat
+        incumbent = load_model(base, None, config.max_length, config.trust_remote_code).to(candidate.device)
         incumbent_threshold = evaluate.evaluate(incumbent, val)["val"]["threshold"]
     candidate_right = correct(candidate, test, candidate.decision["threshold"])
     current_right = correct(incumbent, test, incumbent_threshold)
     if config.objective == "retrieval":
         ranks = [np.array(evaluate.retrieval_metrics(m, test, per_query=True)["reciprocal_ranks"])
                  for m in (candidate, incumbent)]
-        verdict = sign_test_on_queries(*ranks)
-        wins, losses = verdict["candidate_better_queries"], verdict["current_better_queries"]
+        verdict = paired.compare_queries(*ranks, alpha=alpha)
+        wins, losses = verdict["a_better_queries"], verdict["b_better_queries"]
     else:
-        verdict = mcnemar_exact(candidate_right, current_right)
-        wins, losses = verdict["candidate_only_right"], verdict["current_only_right"]
+        verdict = paired.compare_pairs(candidate_right, current_right, alpha=alpha)
+        wins, losses = verdict["only_a_right"], verdict["only_b_right"]
     verdict |= {"objective": config.objective, "alpha": alpha}
     promoted = verdict["p_value"] < alpha and wins > losses
     if promoted:
         switch_current(home, folder)
     row = {"round": number, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, "files": files,
-           "new_files": len(new), "pairs_seen": sum(map(len, loaded.values())), "trained_on": len(pairs),
+           "new_files": len(new), "pairs_seen": sum(map(len, loaded.values())), "repeats_dropped": repeats,
+           "conflicts_dropped": conflicts, "overlap_dropped": len(pairs) - len(kept), "trained_on": len(kept),
            "current": before, "candidate": str(folder.relative_to(home)),
            "current_error": float(1 - current_right.mean()), "candidate_error": float(1 - candidate_right.mean()),
            **verdict, "decision": "promoted" if promoted else "refused",
            "current_after": str(folder.relative_to(home)) if promoted else before}
     jsonl.append(home / "history.jsonl", row)
-    units = "queries one ranked higher" if config.objective == "retrieval" else "pairs only one got right"
-    print(f"round {number}: current {row['current_error']:.2%}, candidate {row['candidate_error']:.2%} test error; "
-          f"{wins} vs {losses} {units}, p = {verdict['p_value']:.2g}: {row['decision']}")
+    print(f"round {number}: " + paired.describe(verdict, "candidate", "current") + f" -> {row['decision']}")
     return row
 
 
@@ -196,27 +215,32 @@ def plot(history_path: Path, figure: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", help="the flywheel's folder: current, rounds/, history.jsonl")
+    parser.add_argument("--home", help="the flywheel's folder: flywheel.json, current.json, pairs/, rounds/, history.jsonl")
     parser.add_argument("--base", help="the base encoder (hub name or folder) that training starts from")
-    parser.add_argument("--pairs", nargs="+", help="pair files, or folders of them: all pairs collected so far")
+    parser.add_argument("--pairs", nargs="+", help="pair files, or folders of them (default: HOME/pairs)")
     parser.add_argument("--val", help="fixed validation pairs (thresholds are tuned here)")
     parser.add_argument("--test", help="fixed test pairs (the promotion test is decided here)")
-    parser.add_argument("--mode", choices=["scratch", "continue"], default="scratch",
-                        help="scratch: base model on all pairs; continue: current model on new files only")
-    parser.add_argument("--alpha", type=float, default=0.05, help="promote when McNemar's one-sided p is below this")
-    parser.add_argument("--set", default="", help="training options as option=value ... (see python train.py --help)")
+    parser.add_argument("--mode", choices=["scratch", "continue"],
+                        help="scratch (default): base model on all pairs; continue: current model on new files only")
+    parser.add_argument("--alpha", type=float, help="promote when the one-sided p is below this (default 0.05)")
+    parser.add_argument("--set", help="training options as option=value ... (see python train.py --help)")
+    parser.add_argument("--init", action="store_true", help="only keep the settings in HOME/flywheel.json")
     parser.add_argument("--plot", metavar="HISTORY", help="only draw HISTORY (a history.jsonl) as a figure")
     errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.plot:
         return plot(Path(args.plot), Path(args.plot).with_suffix(".png"))
-    missing = [f"--{k}" for k in ("home", "base", "pairs", "val", "test") if not getattr(args, k)]
-    if missing:
-        raise InputError(f"a round needs {', '.join(missing)}")
-    if not 0 < args.alpha < 1:
+    if not args.home:
+        raise InputError("a round needs --home")
+    if args.alpha is not None and not 0 < args.alpha < 1:
         raise InputError("--alpha must be between 0 and 1")
-    run_round(Path(args.home), args.base, args.pairs, args.val, args.test, args.mode, args.alpha,
-              options.parse_overrides(args.set))
+    home = Path(args.home)
+    chosen = settings(home, {k: getattr(args, k) for k in SETTINGS})
+    overrides = options.parse_overrides(chosen["set"])
+    if args.init:
+        return print(f"{home}/flywheel.json: {chosen}")
+    run_round(home, chosen["base"], args.pairs or [str(home / "pairs")], chosen["val"], chosen["test"],
+              chosen["mode"], chosen["alpha"], overrides)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,12 @@ def ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
+def read_json(path: Path):
+    """A JSON file written by `write_json`, or None where there is none yet."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_json(path: Path, obj) -> None:
     """Write through a temporary file and rename it, so an interruption never leaves half a file."""
     path = Path(path)

@@ -132,22 +132,27 @@ class Embedder(nn.Module):
             embeddings = self.projection(embeddings.to(self.projection.weight.dtype))
         return F.normalize(embeddings.float(), dim=-1)
 
-    @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 128, progress: bool | None = None,
                bf16: bool | None = None) -> np.ndarray:
         """Texts to a float32 array (n, dim) of unit-length rows; in bf16 where the hardware has it
-        (`bf16=None`), or as asked.
-
-        Each distinct text is embedded once, and texts are batched longest first, so a batch holds
-        texts of similar length and pads little (and an out-of-memory shows up at the first batch).
-        """
+        (`bf16=None`), or as asked. Each distinct text is embedded once."""
         unique = list(dict.fromkeys(texts))
         input_ids = self.tokenizer(unique, truncation=True, max_length=self.max_length)["input_ids"]
+        vectors = self.encode_ids(input_ids, batch_size, progress, bf16)
+        row = {t: i for i, t in enumerate(unique)}
+        return vectors[[row[t] for t in texts]]
+
+    @torch.inference_mode()
+    def encode_ids(self, input_ids: list[list[int]], batch_size: int = 128, progress: bool | None = None,
+                   bf16: bool | None = None) -> np.ndarray:
+        """Token ids (already truncated) to embeddings: what `encode` and the server's batcher share.
+        Texts are batched longest first, so a batch holds texts of similar length and pads little (and
+        an out-of-memory shows up at the first batch)."""
         order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
         was_training = self.training
         self.eval()
-        vectors = np.empty((len(unique), self.dim), dtype=np.float32)
-        starts = range(0, len(unique), batch_size)
+        vectors = np.empty((len(input_ids), self.dim), dtype=np.float32)
+        starts = range(0, len(input_ids), batch_size)
         show = progress if progress is not None else len(starts) > 20
         for start in tqdm(starts, desc="encode", unit="batch", disable=not show, leave=False):
             chosen = order[start:start + batch_size]
@@ -156,8 +161,7 @@ class Embedder(nn.Module):
                 batch = self(**{k: v.to(self.device) for k, v in features.items()})
             vectors[chosen] = batch.float().cpu().numpy()
         self.train(was_training)
-        row = {t: i for i, t in enumerate(unique)}
-        return vectors[[row[t] for t in texts]]
+        return vectors
 
     def similarity(self, texts_a: list[str], texts_b: list[str], batch_size: int = 128) -> np.ndarray:
         """The cosine similarity of each pair (texts_a[i], texts_b[i])."""

@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import paired  # noqa: E402
 import jsonl  # noqa: E402
 import run_folder  # noqa: E402
 import train  # noqa: E402
@@ -57,7 +58,7 @@ def main() -> None:
         better, worse = int((ours > theirs).sum()), int((ours < theirs).sum())
         row = {"seed": seed, "setting": args.base, **{f"{split}_{k}": mine[split][k] for split in ("val", "test")
                                                        for k in ("recall@1", "mrr")},
-               "better_queries": better, "worse_queries": worse, "p_value": evaluate.sign_test(better, worse)}
+               "better_queries": better, "worse_queries": worse, "p_value": paired.sign_test(better, worse)}
         jsonl.append(Path(args.results), row)
         rows.append(row)
     print(f"{'model':28} {'val R@1':>8} {'val MRR':>8} {'test R@1':>9} {'test MRR':>9} {'better/worse':>13} {'p':>9}")

@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import paired  # noqa: E402
 import jsonl  # noqa: E402
 from model import Embedder, load_model, mix_weights  # noqa: E402
 
@@ -71,7 +72,7 @@ def report(row: dict, run: str, alpha: float, reference: np.ndarray | None, resu
     theirs = ours if reference is None else reference
     better, worse = int((ours > theirs).sum()), int((ours < theirs).sum())
     row |= {"run": run, "alpha": alpha, "better_queries": better, "worse_queries": worse,
-            "p_value": evaluate.sign_test(better, worse)}
+            "p_value": paired.sign_test(better, worse)}
     print(f"{run:28} {alpha:5.2f} {row['val_error']:8.2%} {row['test_error']:8.2%} {row['val_mrr']:8.4f} "
           f"{row['test_recall@1']:8.4f} {row['test_mrr']:8.4f} {better:6d}/{worse:<6d} {row['p_value']:6.2g}", flush=True)
     if results:

@@ -144,12 +144,6 @@ def test_retrieval_by_hand():
     assert result["reciprocal_ranks"] == [0.5, 1.0]  # queries in corpus order: x, then y
 
 
-def test_sign_test_by_hand():
-    # 4 better, 1 worse: P(X >= 4 | Bin(5, 1/2)) = (5 + 1) / 32; no difference at all is no evidence.
-    assert evaluate.sign_test(4, 1) == pytest.approx(6 / 32)
-    assert evaluate.sign_test(0, 0) == 1.0 and evaluate.sign_test(0, 3) == 1.0
-
-
 def test_both_views_embed_each_text_once_and_agree_with_each_view_alone():
     class Counting(FixedEncoder):
         seen = []

@@ -1,0 +1,451 @@
+"""Serve the model, collect labelled pairs, and let the flywheel turn: one app, here or on Modal.
+
+    python serve.py --model out                                   # a model folder
+    python serve.py --home fw --round-every 1h --min-new-pairs 500  # a flywheel home, rounds on a schedule
+    modal deploy serve.py                                         # the same app on Modal, with a Cron round
+
+Routes (docs/serving.md has the contract in full):
+    POST /v1/embeddings   the OpenAI embeddings contract: the official `openai` client works unchanged
+    POST /v1/duplicates   {"pairs": [{"text1", "text2"}]}: each pair's cosine and decision at the stored threshold
+    POST /v1/pairs        {"pairs": [{"text1", "text2", "label", "id"?, "source"?}]}: into the flywheel's store
+    GET  /v1/models       the versions served: width, threshold, training pairs, when promoted
+    GET  /health, /metrics  liveness; Prometheus text
+
+What Infinity and text-embeddings-inference do not: pairs are collected (durably, once each,
+contradictions kept apart), a promoted model is swapped in without a restart, and the previous
+version stays served for clients still re-indexing. Writes need EMBED_FT_WRITE_KEY as a Bearer token;
+reads need EMBED_FT_READ_KEY when it is set.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hmac
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException
+
+import data
+import errors
+import flywheel
+import jsonl
+import modal
+import options
+from batcher import Batcher, QueueFull
+from errors import InputError
+from serve_metrics import Metrics
+
+MAX_INPUTS = 2048           # texts a request, as OpenAI's API
+MAX_PAIRS = 1024            # pairs a /v1/duplicates request (2,048 texts)
+MAX_STORE_PAIRS = 10_000    # pairs a /v1/pairs request
+MAX_TEXT_CHARS = 40_000     # characters a text: far past any model's max_length, short of abuse
+MAX_BODY_BYTES = 32 << 20   # 32 MiB a request body
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------ reading requests
+
+async def read_json(request) -> dict:
+    """The request's JSON object, or the 4xx that says what is wrong with it."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise ApiError(415, "the body must be JSON, sent with Content-Type: application/json", code="unsupported_media_type")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():  # a chunked body has no length to check up front
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+    try:
+        parsed = json.loads(body)
+    except ValueError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(parsed, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    return parsed
+
+
+def one_text(text, where: str) -> str:
+    """A non-empty string of at most MAX_TEXT_CHARS characters."""
+    if isinstance(text, (list, int)) and not isinstance(text, bool):
+        raise ApiError(400, f"'{where}' is a token array: this server takes strings only", where, "token_arrays_unsupported")
+    if not isinstance(text, str):
+        raise ApiError(400, f"'{where}' must be a string, not {type(text).__name__}", where)
+    if not text.strip():
+        raise ApiError(400, f"'{where}' is empty", where, "empty_input")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ApiError(400, f"'{where}' has {len(text):,} characters; at most {MAX_TEXT_CHARS:,}", where, "text_too_long")
+    return text
+
+
+def text_list(value, param: str, limit: int) -> list[str]:
+    """A string or a list of strings (OpenAI's `input`)."""
+    if isinstance(value, str):
+        return [one_text(value, param)]
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"'{param}' must be a non-empty string or a non-empty list of strings", param)
+    if len(value) > limit:
+        raise ApiError(400, f"'{param}' has {len(value):,} items; at most {limit:,} a request", param, "too_many_inputs")
+    return [one_text(text, f"{param}[{i}]") for i, text in enumerate(value)]
+
+
+def pair_list(body: dict, limit: int, labelled: bool) -> list[dict]:
+    pairs = body.get("pairs")
+    if not isinstance(pairs, list) or not pairs:
+        raise ApiError(400, "'pairs' must be a non-empty list of objects", "pairs")
+    if len(pairs) > limit:
+        raise ApiError(400, f"'pairs' has {len(pairs):,} items; at most {limit:,} a request", "pairs", "too_many_inputs")
+    checked = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, dict):
+            raise ApiError(400, f"'pairs[{i}]' must be an object", f"pairs[{i}]")
+        text1, text2 = (one_text(pair.get(k), f"pairs[{i}].{k}") for k in ("text1", "text2"))
+        row = {"text1": text1, "text2": text2}
+        if labelled:
+            label = pair.get("label")
+            if isinstance(label, bool) or label not in (0, 1):
+                raise ApiError(400, f"'pairs[{i}].label' must be 0 or 1 (got {json.dumps(label)})", f"pairs[{i}].label")
+            if data.normalise(text1) == data.normalise(text2):
+                raise ApiError(400, f"'pairs[{i}]' pairs a text with itself: it teaches nothing", f"pairs[{i}]")
+            for key in ("id", "source"):
+                if pair.get(key) is not None and not isinstance(pair[key], (str, int)):
+                    raise ApiError(400, f"'pairs[{i}].{key}' must be a string", f"pairs[{i}].{key}")
+            row |= {"label": int(label), "id": pair.get("id"), "source": pair.get("source")}
+        checked.append(row)
+    return checked
+
+
+def check_key(request, key: str | None, what: str) -> None:
+    """A Bearer token, compared in constant time. `key` None: this kind of route is open."""
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    if not token or not hmac.compare_digest(token.encode(), key.encode()):
+        raise ApiError(401, f"{what} need a valid API key: Authorization: Bearer <key>", code="invalid_api_key",
+                       kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+
+# ---------------------------------------------------------------------------------------- the app
+
+def tokenize(model, texts: list[str]) -> tuple[list[list[int]], int]:
+    """Token ids as `Embedder.encode` makes them (truncated to max_length), and how many texts were cut."""
+    ids = model.tokenizer(texts, truncation=True, max_length=model.max_length)["input_ids"]
+    full = [i for i, row in enumerate(ids) if len(row) >= model.max_length]  # only these can have been cut
+    longer = model.tokenizer([texts[i] for i in full], truncation=False)["input_ids"] if full else []
+    return ids, sum(len(row) > model.max_length for row in longer)
+
+
+def embeddings_payload(vectors: np.ndarray, dimensions: int | None, encoding: str) -> list[dict]:
+    """OpenAI's data list: the first `dimensions` values re-normalised, as floats or base64 float32."""
+    if dimensions:
+        vectors = vectors[:, :dimensions]
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    vectors = vectors.astype("<f4")
+    return [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.tobytes()).decode() if encoding == "base64" else v.tolist()}
+            for i, v in enumerate(vectors)]
+
+
+def build_app(versions, store=None, batcher=None, read_key: str | None = None, write_key: str | None = None,
+              held_out: set[str] | None = None, after_write=None):
+    """The FastAPI app over `versions` (versions.Versions). `store` (pair_store.PairStore) enables
+    /v1/pairs; `held_out` is the normalised texts of the flywheel's val and test pairs (pairs that
+    touch them never reach training, and are counted); `after_write()` runs after each stored batch
+    (Modal commits its Volume there)."""
+    metrics = Metrics(lambda: batcher.queued, versions)
+    batcher = batcher or Batcher(on_batch=metrics.batch)
+    batcher.on_batch = metrics.batch
+    app = FastAPI(title="embed-ft", docs_url=None, redoc_url=None)
+    app.state.versions, app.state.batcher, app.state.metrics = versions, batcher, metrics
+
+    def version_named(name) -> object:
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "'model' must be a string", "model")
+        try:
+            return versions.resolve(name)
+        except KeyError:
+            held = ", ".join(v.id for v in versions.held)
+            raise ApiError(404, f"model version '{name}' is not served here (served: {held})", "model",
+                           "model_not_found") from None
+
+    async def embed(version, texts: list[str]) -> tuple[np.ndarray, int, int]:
+        ids, truncated = await asyncio.to_thread(tokenize, version.model, texts)
+        try:
+            vectors = await batcher.embed(version, ids)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}): retry after {RETRY_AFTER_S} s", code="queue_full",
+                           kind="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        metrics.truncated.inc(truncated)
+        return vectors, sum(map(len, ids)), truncated
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.request(route.path if route else "unknown", response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, error: ApiError):
+        return JSONResponse(error.body(), error.status, headers=error.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):  # an unknown route, a wrong method
+        return JSONResponse(ApiError(error.status_code, str(error.detail)).body(), error.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, error: Exception):  # logged here, never sent as a traceback
+        print(f"error: {request.url.path}: {errors.first_line(error)}", file=sys.stderr, flush=True)
+        return JSONResponse(ApiError(500, "internal error", kind="server_error").body(), 500)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        check_key(request, read_key, "embeddings")
+        body = await read_json(request)
+        texts = text_list(body.get("input"), "input", MAX_INPUTS)
+        version = version_named(body.get("model"))
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise ApiError(400, f"'encoding_format' must be float or base64 (got {json.dumps(encoding)})", "encoding_format")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
+                                       or not 1 <= dimensions <= version.model.dim):
+            raise ApiError(400, f"'dimensions' must be an integer from 1 to {version.model.dim} "
+                           f"(trained with Matryoshka: {version.matryoshka_dims or 'none'})", "dimensions")
+        vectors, tokens, truncated = await embed(version, texts)
+        data_ = await asyncio.to_thread(embeddings_payload, vectors, dimensions, encoding)
+        return JSONResponse({"object": "list", "data": data_, "model": version.id,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "truncated": truncated})
+
+    @app.post("/v1/duplicates")
+    async def duplicates(request: Request):
+        check_key(request, read_key, "duplicates")
+        body = await read_json(request)
+        pairs = pair_list(body, MAX_PAIRS, labelled=False)
+        version = version_named(body.get("model"))
+        if version.threshold is None:
+            raise ApiError(400, f"model version '{version.id}' has no stored threshold (it was not saved by train.py)",
+                           "model", "no_threshold")
+        vectors, tokens, truncated = await embed(version, [t for p in pairs for t in (p["text1"], p["text2"])])
+        cosines = (vectors[0::2] * vectors[1::2]).sum(1)
+        return {"object": "list", "model": version.id, "threshold": version.threshold,
+                "data": [{"index": i, "cosine": float(c), "is_duplicate": bool(c > version.threshold)}
+                         for i, c in enumerate(cosines)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "truncated": truncated}
+
+    @app.post("/v1/pairs")
+    async def pairs(request: Request):
+        if store is None:
+            raise ApiError(404, "this server collects no pairs: serve a flywheel home (--home)", code="no_store")
+        if not write_key:
+            raise ApiError(401, "this server has no write key: set EMBED_FT_WRITE_KEY to accept pairs",
+                           code="no_write_key", kind="authentication_error")
+        check_key(request, write_key, "writes")
+        rows = pair_list(await read_json(request), MAX_STORE_PAIRS, labelled=True)
+        outcome = await asyncio.to_thread(store.add, rows)
+        if after_write and outcome["accepted"] + outcome["conflicts"]:
+            await asyncio.to_thread(after_write)
+        touching = sum(1 for r in rows if held_out and {data.normalise(r["text1"]), data.normalise(r["text2"])} & held_out)
+        metrics.pairs(outcome, touching)
+        return {"object": "pairs.batch", **outcome, "touching_held_out": touching, "stored": len(store.labels)}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request, read_key, "models")
+        return {"object": "list", "current": versions.current.id, "data": [v.describe() for v in reversed(versions.held)]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "version": versions.current.id}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+# ------------------------------------------------------------------------------------ local rounds
+
+class RoundScheduler(threading.Thread):
+    """Every `every` seconds, a flywheel round in a process of its own (at low priority, so that
+    training does not stall serving) once `min_new_pairs` pairs have arrived that no round has read.
+    The round promotes through home/current.json; the server's watcher swaps the model in."""
+
+    def __init__(self, home: Path, every: float, min_new_pairs: int):
+        super().__init__(daemon=True, name="rounds")
+        self.home, self.every, self.min_new_pairs = home, every, min_new_pairs
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            new = flywheel.new_pair_count(self.home, self.home / "pairs")
+            if new < self.min_new_pairs:
+                continue
+            print(f"round: {new} new pairs, starting (log: {self.home / 'rounds.log'})", flush=True)
+            with open(self.home / "rounds.log", "ab") as log:
+                done = subprocess.run([sys.executable, str(Path(__file__).with_name("flywheel.py")), "--home", str(self.home)],
+                                      stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
+            print(f"round: finished with exit code {done.returncode}", flush=True)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def parse_period(text: str) -> float:
+    """'90', '90s', '10m', '1h', '1d' to seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise InputError(f"--round-every {text}: give a period such as 90s, 10m, 1h or 1d") from None
+    if seconds <= 0:
+        raise InputError(f"--round-every {text}: the period must be more than 0")
+    return seconds
+
+
+def held_out_texts(home: Path) -> set[str]:
+    settings = jsonl.read_json(home / "flywheel.json") or {}
+    return {data.normalise(t) for split in ("val", "test") for a, b, _ in data.load_pairs(settings[split]) for t in (a, b)}
+
+
+def make_app(home: Path | None, model: str | None, device: str = "auto", precision: str = "auto",
+             watch_every: float = 2.0, before_poll=None, after_write=None, batch_tokens: int = 4096):
+    """Everything a server needs, for a flywheel home or a plain model folder."""
+    from model import cpu_has_bf16, pick_device
+    from pair_store import PairStore
+    from versions import HomeWatcher, Versions
+
+    bf16 = {"auto": None, "fp32": False, "bf16": True}[precision]
+    target = pick_device(device)
+    if bf16 and target.type == "cpu" and not cpu_has_bf16():
+        raise InputError("--precision bf16: this CPU has no bf16 units (AVX512-BF16 or AMX); use fp32 or auto")
+    if home is not None:
+        versions, store = Versions.from_home(home, device), PairStore(home / "pairs")
+        watcher = HomeWatcher(versions, home, watch_every, device, before_poll)
+        watcher.start()
+    else:
+        versions, store = Versions.from_folder(model, device), None
+    keys = {k: os.environ.get(f"EMBED_FT_{k.upper()}_KEY") or None for k in ("read", "write")}
+    return build_app(versions, store, Batcher(token_budget=batch_tokens, bf16=bf16), keys["read"], keys["write"],
+                     held_out_texts(home) if home is not None else None, after_write)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--home", help="a flywheel home (python flywheel.py --home DIR ... --init): serve its "
+                        "current model, collect pairs into DIR/pairs, swap in promoted models")
+    source.add_argument("--model", help="a model folder (a train.py --out) to serve as it is")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 where Embedder.encode would pick it (a GPU, a CPU with bf16 units)")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens a forward pass at most")
+    parser.add_argument("--round-every", help="with --home: look for new pairs this often (90s, 10m, 1h) ...")
+    parser.add_argument("--min-new-pairs", type=int, default=1, help="... and run a round once this many have arrived")
+    errors.add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if args.round_every and not args.home:
+        raise InputError("--round-every needs --home (rounds belong to a flywheel home)")
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be from 1 to 65535 (got {args.port})")
+    if args.batch_tokens < 1 or args.min_new_pairs < 1:
+        raise InputError("--batch-tokens and --min-new-pairs must be at least 1")
+    home = Path(args.home) if args.home else None
+    if home is not None and not (home / "flywheel.json").is_file():
+        raise InputError(f"{home} is not a flywheel home (no flywheel.json): run python flywheel.py --home {home} "
+                         "--base MODEL --val VAL --test TEST --init first")
+    period = parse_period(args.round_every) if args.round_every else None
+    app = make_app(home, args.model, args.device, args.precision, batch_tokens=args.batch_tokens)
+    if period:
+        RoundScheduler(home, period, args.min_new_pairs).start()
+    import uvicorn
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+# -------------------------------------------------------------------------------------------- Modal
+# The web class serves the home on a Volume; a Cron function runs the round on a GPU over the same
+# Volume. The web containers reload() the Volume to see the pointer that a round wrote, and commit()
+# after each stored batch, so the round sees the pairs. Keys come from a Modal Secret named
+# embed-ft-keys (EMBED_FT_WRITE_KEY, EMBED_FT_READ_KEY).
+
+app = modal.App("embed-ft-serve")
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0", "numpy==2.4.6",
+                    "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "matplotlib==3.10.7",
+                    "fastapi==0.165.0", "uvicorn==0.54.0", "prometheus_client==0.26.0")
+    .env({"HF_HOME": "/flywheel/huggingface", "TOKENIZERS_PARALLELISM": "false"})
+    .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses",
+                             "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
+                             "openai_embeddings", "paired", "flywheel", "pair_store", "versions", "batcher",
+                             "serve_metrics")  # Modal adds serve.py
+)
+volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)
+HOME = Path("/flywheel/home")
+KEYS = [modal.Secret.from_name("embed-ft-keys", required_keys=["EMBED_FT_WRITE_KEY"])]
+ROUND_GPU = "H100"
+MIN_NEW_PAIRS = 500
+
+
+@app.cls(image=image, volumes={"/flywheel": volume}, secrets=KEYS, cpu=2.0, scaledown_window=15 * 60)
+@modal.concurrent(max_inputs=64)
+class Server:
+    @modal.enter()
+    def load(self):
+        self.api = make_app(HOME, None, watch_every=30.0, before_poll=volume.reload, after_write=volume.commit)
+
+    @modal.asgi_app()
+    def web(self):
+        return self.api
+
+
+@app.function(image=image, gpu=ROUND_GPU, volumes={"/flywheel": volume}, timeout=3 * 60 * 60,
+              schedule=modal.Cron("0 * * * *"))
+def scheduled_round(min_new_pairs: int = MIN_NEW_PAIRS) -> dict | None:
+    """Every hour: a round over the Volume's home, once enough new pairs have arrived."""
+    if not modal.is_local():
+        volume.reload()
+    new = flywheel.new_pair_count(HOME, HOME / "pairs")
+    if new < min_new_pairs:
+        print(f"{new} new pairs, fewer than {min_new_pairs}: no round")
+        return None
+    settings = flywheel.settings(HOME, {})
+    try:
+        return flywheel.run_round(HOME, settings["base"], [str(HOME / "pairs")], settings["val"], settings["test"],
+                                  settings["mode"], settings["alpha"], options.parse_overrides(settings["set"]))
+    finally:
+        if not modal.is_local():
+            volume.commit()
+
+
+if __name__ == "__main__":
+    errors.run(main)

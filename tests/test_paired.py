@@ -1,0 +1,47 @@
+import math
+
+import numpy as np
+import pytest
+
+import paired
+
+
+def test_sign_test_by_hand():
+    # 4 better, 1 worse: P(X >= 4 | Bin(5, 1/2)) = (5 + 1) / 32; no difference at all is no evidence.
+    assert paired.sign_test(4, 1) == pytest.approx(6 / 32)
+    assert paired.sign_test(0, 0) == 1.0 and paired.sign_test(0, 3) == 1.0
+    # 60 against 30: the normal approximation gives z = 30 / sqrt(90) = 3.16, p ~ 0.0008.
+    assert paired.sign_test(60, 30) == pytest.approx(sum(math.comb(90, k) for k in range(60, 91)) / 2**90)
+    assert 0.0005 < paired.sign_test(60, 30) < 0.002
+
+
+def test_wilson_interval_by_hand():
+    # 10 errors in 100: p = 0.1, z = 1.96: centre (0.1 + 1.9208/100) / 1.038415 = 0.11480,
+    # half-width 1.96 * sqrt(0.0009 + 0.0000960) / 1.038415 = 0.05958 -> [0.0552, 0.1744]
+    low, high = paired.wilson_interval(10, 100)
+    assert low == pytest.approx(0.0552, abs=2e-4) and high == pytest.approx(0.1744, abs=2e-4)
+    assert paired.wilson_interval(0, 30)[0] == 0.0 and paired.wilson_interval(0, 30)[1] == pytest.approx(0.1135, abs=2e-4)
+
+
+def test_mcnemar_on_a_small_table():
+    a = np.array([1, 1, 1, 1, 0, 1, 1, 0], bool)
+    b = np.array([1, 0, 0, 0, 1, 1, 0, 0], bool)
+    # only A right at 1, 2, 3, 6 (b = 4); only B right at 4 (c = 1); p = 6 / 32
+    result = paired.compare_pairs(a, b)
+    assert (result["only_a_right"], result["only_b_right"], result["n"]) == (4, 1, 8)
+    assert result["p_value"] == pytest.approx(6 / 32)
+    assert result["error_a"] == pytest.approx(2 / 8) and result["error_b"] == pytest.approx(5 / 8)
+    assert result["interval_a"] == pytest.approx(paired.wilson_interval(2, 8))
+    assert result["verdict"] == "no detectable difference on 8 test pairs"
+    # twice the pairs, 8 vs 2: p = 56 / 1024 = 0.055; three times, 12 vs 3: p = 0.018, the first below 0.05
+    assert result["pairs_needed"] == 24
+    assert paired.compare_pairs(b, a)["pairs_needed"] is None
+
+
+def test_verdicts_both_ways():
+    a = np.r_[np.ones(60), np.zeros(30)].astype(bool)
+    assert paired.compare_pairs(a, ~a)["verdict"] == "better"
+    assert paired.compare_pairs(~a, a)["verdict"] == "worse"
+    ranks = paired.compare_queries([1, 1, 0.5, 1], [0.5, 1, 0.5, 0.25])
+    assert (ranks["a_better_queries"], ranks["b_better_queries"]) == (2, 0) and ranks["p_value"] == pytest.approx(0.25)
+    assert "no detectable difference on 4 test queries" in paired.describe(ranks, "new", "old")

@@ -1,0 +1,276 @@
+"""serve.py over real HTTP on loopback: a uvicorn server on a free port, the official openai client."""
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import modal
+import numpy as np
+import openai
+import pytest
+from conftest import ROOT, TEST_DEVICE, LoopbackServer, free_port, run_cli, synthetic_pairs, write_tsv
+
+import flywheel
+import jsonl
+import serve
+from model import Embedder, cpu_has_bf16
+from pair_store import PairStore
+
+KEY = "test-write-key"
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with a 96-d projection and a stored threshold, saved as train.py saves."""
+    folder = tmp_path_factory.mktemp("served") / "tiny-96"
+    Embedder.from_pretrained(str(tiny_model_dir), dense_out_features=96).save(folder, {"threshold": 0.5})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_server(saved_model):
+    with LoopbackServer(serve.make_app(None, str(saved_model), device=TEST_DEVICE, precision="fp32")) as server:
+        yield server
+
+
+@pytest.fixture
+def home(tiny_model_dir, tmp_path) -> Path:
+    """A flywheel home of the tiny BERT on synthetic topics, initialised, nothing promoted yet."""
+    val = write_tsv(tmp_path / "val.tsv", synthetic_pairs(96, 2))
+    test = write_tsv(tmp_path / "test.tsv", synthetic_pairs(400, 3))
+    home = tmp_path / "fw"
+    flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--val", str(val), "--test", str(test),
+                   "--set", f"epochs=4 batch_size=16 lr=1e-3 dense_out_features=16 device={TEST_DEVICE}", "--init"])
+    return home
+
+
+TEXTS = ["t1a the t1b", "how t2a is t2c", "t3b", "why can i t4a t4b t4c best way"]
+
+
+def test_the_openai_client_gets_what_encode_computes(model_server, saved_model):
+    client = openai.OpenAI(base_url=model_server.url + "/v1", api_key="unused")
+    expected = Embedder.load(saved_model).encode(TEXTS)
+    default = client.embeddings.create(model="text-embedding-3-small", input=TEXTS)  # base64 by default
+    floats = client.embeddings.create(model="anything", input=TEXTS, encoding_format="float")
+    for response in (default, floats):
+        got = np.array([d.embedding for d in sorted(response.data, key=lambda d: d.index)])
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        assert response.model == "tiny-96" and response.usage.prompt_tokens == sum(
+            len(ids) for ids in Embedder.load(saved_model).tokenizer(TEXTS)["input_ids"])
+    short = client.embeddings.create(model="x", input="t1a the t1b", dimensions=64)
+    vector = np.array(short.data[0].embedding)
+    assert vector.shape == (64,) and np.linalg.norm(vector) == pytest.approx(1, abs=1e-6)
+    prefix = expected[0, :64] / np.linalg.norm(expected[0, :64])
+    np.testing.assert_allclose(vector, prefix, atol=1e-6)
+
+
+def test_base64_is_raw_little_endian_float32(model_server, saved_model):
+    body = httpx.post(model_server.url + "/v1/embeddings", json={"input": TEXTS[:1], "encoding_format": "base64"}).json()
+    vector = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), "<f4")
+    np.testing.assert_allclose(vector, Embedder.load(saved_model).encode(TEXTS[:1])[0], atol=1e-6)
+
+
+def test_long_texts_are_truncated_and_counted(model_server, saved_model):
+    long = " ".join(["t5a"] * 600)  # far past max_length (64 positions in the tiny BERT)
+    body = httpx.post(model_server.url + "/v1/embeddings", json={"input": [long, "t1a"]}).json()
+    assert body["truncated"] == 1
+    np.testing.assert_allclose(body["data"][0]["embedding"], Embedder.load(saved_model).encode([long])[0], atol=1e-6)
+
+
+def test_duplicates_answer_with_the_stored_threshold(model_server, saved_model):
+    pairs = [("t1a the t1b", "t1b how t1c"), ("t2a", "t9c why")]
+    body = httpx.post(model_server.url + "/v1/duplicates",
+                      json={"pairs": [{"text1": a, "text2": b} for a, b in pairs]}).json()
+    model = Embedder.load(saved_model)
+    cosines = model.similarity([a for a, _ in pairs], [b for _, b in pairs])
+    assert body["model"] == "tiny-96" and body["threshold"] == 0.5
+    assert [d["cosine"] for d in body["data"]] == pytest.approx(cosines.tolist(), abs=1e-6)
+    assert [d["is_duplicate"] for d in body["data"]] == (cosines > 0.5).tolist()
+
+
+BAD = [
+    ("empty input", {"json": {"input": []}}, 400),
+    ("an empty string", {"json": {"input": ["t1a", ""]}}, 400),
+    ("2,049 inputs", {"json": {"input": ["t1a"] * 2049}}, 400),
+    ("a non-string item", {"json": {"input": ["t1a", {"text": "t1b"}]}}, 400),
+    ("token arrays", {"json": {"input": [[101, 2000, 102]]}}, 400),
+    ("invalid JSON", {"content": b'{"input": ["t1a"', "headers": {"content-type": "application/json"}}, 400),
+    ("a wrong content type", {"content": b"input=t1a", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415),
+    ("a body over the limit", {"content": b"x" * (serve.MAX_BODY_BYTES + 1), "headers": {"content-type": "application/json"}}, 413),
+    ("an unknown version", {"json": {"input": ["t1a"], "model": "round-007"}}, 404),
+    ("a text over the character limit", {"json": {"input": ["t1a " * (serve.MAX_TEXT_CHARS // 4 + 1)]}}, 400),
+    ("a bad encoding_format", {"json": {"input": ["t1a"], "encoding_format": "int8"}}, 400),
+    ("dimensions past the width", {"json": {"input": ["t1a"], "dimensions": 97}}, 400),
+]
+
+
+@pytest.mark.parametrize("case, request_, status", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_json_error_and_the_server_goes_on(model_server, case, request_, status):
+    response = httpx.post(model_server.url + "/v1/embeddings", timeout=30, **request_)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and "Traceback" not in response.text
+    assert httpx.post(model_server.url + "/v1/embeddings", json={"input": "t1a"}).status_code == 200
+
+
+def pairs_of(n: int, seed: int) -> list[dict]:
+    return [{"text1": a, "text2": b, "label": y} for a, b, y in synthetic_pairs(n, seed)]
+
+
+def test_pairs_need_the_key_and_are_stored_once(home, monkeypatch):
+    monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
+    with LoopbackServer(serve.make_app(home, None, device=TEST_DEVICE)) as server:
+        url, good = server.url + "/v1/pairs", {"authorization": f"Bearer {KEY}"}
+        batch = {"pairs": pairs_of(20, 7)}
+        assert httpx.post(url, json=batch).status_code == 401
+        assert httpx.post(url, json=batch, headers={"authorization": "Bearer wrong"}).status_code == 401
+        for bad in ({"pairs": [{"text1": "t1a", "text2": "t2a", "label": 2}]},
+                    {"pairs": [{"text1": "t1a", "text2": "t2a", "label": "1"}]},
+                    {"pairs": [{"text1": "t1a", "text2": "t2a"}]}, {"pairs": []},
+                    {"pairs": [{"text1": "t1a", "text2": " T1A ", "label": 1}]}):
+            response = httpx.post(url, json=bad, headers=good)
+            assert response.status_code == 400 and response.json()["error"]["param"].startswith("pairs"), bad
+        first = httpx.post(url, json=batch, headers=good).json()
+        assert (first["accepted"], first["duplicates"], first["conflicts"]) == (len(batch["pairs"]) - first["duplicates"], first["duplicates"], 0)
+        again = httpx.post(url, json=batch, headers=good).json()
+        assert again["accepted"] == 0 and again["duplicates"] == 20
+        flipped = {"pairs": [dict(batch["pairs"][0], label=1 - batch["pairs"][0]["label"])]}
+        assert httpx.post(url, json=flipped, headers=good).json()["conflicts"] == 1
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'embed_ft_pairs_total{outcome="conflict"} 1.0' in metrics
+        assert 'embed_ft_requests_total{code="401",route="/v1/pairs"} 2.0' in metrics
+        assert KEY not in metrics
+    assert PairStore(home / "pairs").count() == first["accepted"]
+
+
+def start_server(home: Path, port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--home", str(home), "--port", str(port),
+                                "--device", TEST_DEVICE], env=os.environ | {"EMBED_FT_WRITE_KEY": KEY})
+    deadline = time.time() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.time() < deadline, "the server did not start"
+        time.sleep(0.2)
+
+
+def test_acknowledged_pairs_survive_kill_9(home):
+    port = free_port()
+    server = start_server(home, port)
+    acknowledged, stop = [], threading.Event()
+
+    def stream():  # a client posting batch after batch until the server dies under it
+        with httpx.Client(headers={"authorization": f"Bearer {KEY}"}, timeout=10) as client:
+            for i in range(400):
+                batch = [{"text1": f"t{i % 24}a stream {i} {j}", "text2": f"t{i % 24}b", "label": j % 2, "id": f"{i}-{j}"}
+                         for j in range(5)]
+                try:
+                    if client.post(f"http://127.0.0.1:{port}/v1/pairs", json={"pairs": batch}).status_code == 200:
+                        acknowledged.extend(batch)
+                except httpx.TransportError:
+                    return
+                if stop.is_set():
+                    return
+
+    client = threading.Thread(target=stream)
+    client.start()
+    while len(acknowledged) < 60:
+        time.sleep(0.01)
+    server.send_signal(signal.SIGKILL)  # mid-stream: a post is in flight
+    server.wait()
+    stop.set()
+    client.join(timeout=30)
+    rows = [json.loads(line) for f in (home / "pairs").glob("batch-*.jsonl") for line in f.read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert {p["id"] for p in acknowledged} <= set(ids) and len(ids) == len(set(ids))
+    restarted = PairStore(home / "pairs")  # what a restarted server reads first
+    assert restarted.add(acknowledged) == {"accepted": 0, "duplicates": len(acknowledged), "conflicts": 0}
+
+
+def test_the_loop_turns_a_round_promotes_under_load_and_no_request_fails(home, monkeypatch):
+    """Serve the base model; post pairs; the scheduled round trains, tests and promotes; the server
+    answers with the new version without a restart, and its test error is the one the history records."""
+    monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
+    app = serve.make_app(home, None, device=TEST_DEVICE, watch_every=0.2)
+    rounds = serve.RoundScheduler(home, every=0.5, min_new_pairs=150)
+    seen, failures, stop = [], [], threading.Event()
+    with LoopbackServer(app) as server:
+        def load():  # a bounded load: at most 2,000 requests, 4 in flight, until the swap is seen
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                for i in range(2000):
+                    response = client.post("/v1/embeddings", json={"input": TEXTS[i % 4: i % 4 + 2]})
+                    (seen if response.status_code == 200 else failures).append(
+                        response.json()["model"] if response.status_code == 200 else response.text)
+                    if stop.is_set():
+                        return
+        clients = [threading.Thread(target=load) for _ in range(4)]
+        for c in clients:
+            c.start()
+        posted = httpx.post(server.url + "/v1/pairs", json={"pairs": pairs_of(192, 1)},
+                            headers={"authorization": f"Bearer {KEY}"}).json()
+        assert posted["accepted"] > 150
+        rounds.start()
+        deadline = time.time() + 150
+        while "round-001" not in seen[-4:] and time.time() < deadline and any(c.is_alive() for c in clients):
+            time.sleep(0.2)
+        stop.set()
+        for c in clients:
+            c.join(timeout=30)
+        rounds.stop()
+        assert not failures and "round-001" in seen, (failures[:3], seen[-3:], (home / "rounds.log").read_text()[-2000:])
+        first_new = seen.index("round-001")
+        assert seen[:first_new] == ["base"] * first_new and first_new > 0  # old, then new; interleaving is
+        assert seen[first_new:].count("base") <= 3                         # only requests admitted before the swap
+        row = jsonl.read(home / "history.jsonl")[0]
+        assert row["decision"] == "promoted" and row["trained_on"] == posted["accepted"]
+        test = [(a, b, y) for a, b, y in synthetic_pairs(400, 3)]
+        body = httpx.post(server.url + "/v1/duplicates", timeout=60,
+                          json={"pairs": [{"text1": a, "text2": b} for a, b, _ in test]}).json()
+        error = np.mean([d["is_duplicate"] != bool(y) for d, (_, _, y) in zip(body["data"], test)])
+        assert body["model"] == "round-001" and error == pytest.approx(row["candidate_error"], abs=1e-9)
+        models = httpx.get(server.url + "/v1/models").json()
+        assert models["current"] == "round-001" and [m["id"] for m in models["data"]] == ["round-001", "base"]
+        assert models["data"][0]["training_pairs"] == posted["accepted"] and models["data"][0]["width"] == 16
+        old = httpx.post(server.url + "/v1/embeddings", json={"input": ["t1a"], "model": "base"}).json()
+        assert old["model"] == "base" and len(old["data"][0]["embedding"]) == 32  # the previous version, still served
+        assert 'embed_ft_model_version{role="current",version="round-001"} 1.0' in httpx.get(server.url + "/metrics").text
+
+
+def test_the_modal_app_declares_a_web_class_and_a_scheduled_round(home, monkeypatch):
+    assert isinstance(serve.app, modal.App) and isinstance(serve.Server, modal.cls.Cls)
+    assert isinstance(serve.scheduled_round, modal.Function) and isinstance(serve.volume, modal.Volume)
+    source = Path(serve.__file__).read_text()
+    assert '@modal.asgi_app()' in source and 'schedule=modal.Cron(' in source and "@modal.concurrent(" in source
+    imported = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
+    local = {p.stem for p in ROOT.glob("*.py")} & (imported | {"versions", "pair_store", "batcher", "serve_metrics"})
+    call = source[source.index(".add_local_python_source("):].split(")", 1)[0]
+    assert all(f'"{name}"' in call for name in local - {"serve"})
+    monkeypatch.setattr(serve, "HOME", home)
+    with pytest.warns(UserWarning, match="executing locally"):
+        assert serve.scheduled_round.local(min_new_pairs=10) is None  # no pairs yet: no round
+    PairStore(home / "pairs").add(pairs_of(192, 1))
+    with pytest.warns(UserWarning, match="executing locally"):
+        row = serve.scheduled_round.local(min_new_pairs=10)
+    assert row["decision"] == "promoted" and flywheel.current_version(home)["version"] == "round-001"
+
+
+def test_the_command_line_names_bad_options(tmp_path, capsys):
+    code, err = run_cli(serve.main, ["--home", str(tmp_path)], capsys)
+    assert code == 2 and "not a flywheel home" in err
+    code, err = run_cli(serve.main, ["--model", str(tmp_path), "--round-every", "1h"], capsys)
+    assert code == 2 and "--round-every needs --home" in err
+    assert serve.parse_period("90") == 90 and serve.parse_period("10m") == 600 and serve.parse_period("1h") == 3600
+    with pytest.raises(serve.InputError, match="90s, 10m, 1h"):
+        serve.parse_period("hourly")
+    if not cpu_has_bf16():
+        code, err = run_cli(serve.main, ["--model", str(tmp_path), "--precision", "bf16", "--device", "cpu"], capsys)
+        assert code == 2 and "no bf16 units" in err
