@@ -47,8 +47,9 @@ def render(metrics: dict, directory: Path) -> str:
              if config["dense_out_features"] else "")
     lines = front + [
         f"# {directory.resolve().name}", "",
-        f"A sentence embedding model fine-tuned with embed-ft from `{config['model']}` on {training['pairs']:,} "
-        f"labelled pairs of `{config['data']}` (pairs seen over {training['epochs']} epoch(s); the weights of epoch "
+        f"A sentence embedding model fine-tuned with embed-ft from `{config['model']}` on "
+        f"{training.get('train_pairs', training['pairs']):,} distinct labelled pairs of `{config['data']}` "
+        f"({training['epochs']} epoch(s), {training['pairs']:,} pairs seen; the weights of epoch "
         f"{training['best_epoch'] or training['epochs']} were kept, the best on validation). Mean pooling, a linear "
         f"projection to {dim} dimensions, unit-length embeddings: compare them by cosine (a dot product).", "",
         f"Training: objective `{config.get('objective', 'classification')}` (epochs chosen by validation "
@@ -63,12 +64,13 @@ def render(metrics: dict, directory: Path) -> str:
         "validation pairs (so validation numbers are optimistic) and applied unchanged to the test pairs.", "",
         "| model | val error | test error | test F1 | test AP | test ROC AUC |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ] + [row(name, metrics[key]) for name, key in [("zero-shot", "zero_shot"), ("fine-tuned", "fine_tuned")] if key in metrics] + [
+    ] + [row(name, metrics[key]) for name, key in [("zero-shot (as published)", "zero_shot"), ("fine-tuned", "fine_tuned")] if key in metrics] + [
         "", f"Decision threshold: cosine > {decision['threshold']:.4f} (best accuracy on validation{rule}); stored in "
         "`embedder.json`.", "",
+        *verdict_lines(metrics),
         "Retrieval: each test text that has a duplicate searches every other text of the split.", "",
         "| model | recall@1 | recall@10 | MRR |", "| --- | ---: | ---: | ---: |",
-    ] + [retrieval_row(name, metrics[key]) for name, key in [("zero-shot", "zero_shot"), ("fine-tuned", "fine_tuned")]
+    ] + [retrieval_row(name, metrics[key]) for name, key in [("zero-shot (as published)", "zero_shot"), ("fine-tuned", "fine_tuned")]
          if "retrieval" in metrics.get(key, {})] + [
         "",
         "## Use it", "", "embed-ft (`Embedder.load`; `is_duplicate` applies the stored threshold):", "", "```python",
@@ -87,6 +89,17 @@ def render(metrics: dict, directory: Path) -> str:
         TRANSFORMERS_SNIPPET.format(folder=directory.name, max_length=config["max_length"], dense=dense), "```", "",
         "## Upload", "", "```bash", f"hf upload YOUR-NAME/{directory.resolve().name} {directory.name}", "```", ""]
     return "\n".join(lines)
+
+
+def verdict_lines(metrics: dict) -> list[str]:
+    """The paired test of fine-tuned against the model as published, in words (train.py's verdict)."""
+    if "verdict" not in metrics:
+        return []
+    pairs, ranks = metrics["verdict"]["pairs"], metrics["verdict"]["retrieval"]
+    return [f"Against the model as published, on the same {pairs['n']:,} test pairs (McNemar's exact test, one-sided): "
+            f"**{pairs['verdict']}** ({pairs['only_a_right']} pairs only the fine-tuned model got right, "
+            f"{pairs['only_b_right']} only the published one, p = {pairs['p_value']:.2g}). On retrieval (sign test over "
+            f"{ranks['n']:,} queries): **{ranks['verdict']}** (p = {ranks['p_value']:.2g}).", ""]
 
 
 def retrieval_row(name: str, result: dict) -> str:

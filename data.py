@@ -233,11 +233,15 @@ def parse_label(value) -> int | None:
     return int(number) if number in (0.0, 1.0) else None
 
 
+REPORTED: set[str] = set()  # files whose dropped pairs were already named: once per file, not per read
+
+
 def drop_useless(pairs: list[Pair], source: str) -> list[Pair]:
     """Without pairs that have an empty text or pair a text with itself (as normalised)."""
     empty = sum(1 for a, b, _ in pairs if not a.strip() or not b.strip())
     kept = [p for p in pairs if p[0].strip() and p[1].strip() and normalise(p[0]) != normalise(p[1])]
-    if len(kept) < len(pairs):
+    if len(kept) < len(pairs) and source not in REPORTED:
+        REPORTED.add(source)
         print(f"{source}: dropped {empty} pair(s) with an empty text and {len(pairs) - len(kept) - empty} "
               f"pair(s) of a text with itself; {len(kept)} left")
     if not kept:
@@ -302,14 +306,29 @@ def split_pairs(pairs: list[Pair], val_size: float, test_size: float,
     return tuple([pairs[i] for i in sorted(part)] for part in (train, val, test))
 
 
-def drop_overlap(train: list[Pair], *held_out: list[Pair]) -> list[Pair]:
+def drop_overlap(train: list[Pair], *held_out: list[Pair], remedy: str = "give training pairs that do not, or "
+                 "leave out --val/--test to split them off --data") -> list[Pair]:
     """Training pairs without those that share a (normalised) text with the held-out pairs, which
-    would otherwise leak into the evaluation. Separate files can overlap; splits made here do not."""
+    would otherwise leak into the evaluation. Separate files can overlap; splits made here do not.
+    Nothing left is an error that says so, and what to do (`remedy`)."""
     seen = {normalise(t) for pairs in held_out for a, b, _ in pairs for t in (a, b)}
     kept = [p for p in train if normalise(p[0]) not in seen and normalise(p[1]) not in seen]
+    if train and not kept:
+        raise InputError(f"all {len(train)} training pairs share a text with the validation or test pairs: {remedy}")
     if len(kept) < len(train):
         print(f"dropped {len(train) - len(kept)} training pair(s) sharing a text with validation or test")
     return kept
+
+
+def parse_columns(text: str | None) -> tuple[str, str, str] | None:
+    """--columns TEXT1,TEXT2,LABEL: three names, or None to recognise them."""
+    if not text:
+        return None
+    names = tuple(name.strip() for name in text.split(","))
+    if len(names) != 3 or not all(names):
+        raise InputError(f"--columns {text}: give three column names, TEXT1,TEXT2,LABEL (for example question1,question2,"
+                         "is_duplicate)")
+    return names
 
 
 def subsample(pairs: list[Pair], n: int, seed: int = 0) -> list[Pair]:

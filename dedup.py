@@ -21,6 +21,7 @@ import numpy as np
 
 import data
 import errors
+import paths
 from errors import InputError
 
 
@@ -69,20 +70,20 @@ def check_against_labels(texts: list[str], left: np.ndarray, right: np.ndarray, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("file", help="a .txt file (one text a line) or a pairs file (CSV/TSV/JSONL/Parquet)")
-    parser.add_argument("--model", required=True, help="a folder written by train.py (it holds the threshold)")
+    parser.add_argument("file", metavar="FILE", help="a .txt file (one text a line) or a pairs file (CSV/TSV/JSONL/Parquet)")
+    parser.add_argument("--model", required=True, metavar="MODEL", help="a folder written by train.py (it holds the threshold)")
     parser.add_argument("--threshold", type=float, help="cosine above which two texts are duplicates "
                         "(default: the model's stored threshold)")
     parser.add_argument("--columns", help="TEXT1,TEXT2,LABEL column names if not recognised")
-    parser.add_argument("--out", default="groups.jsonl", help="where the groups go (JSON Lines)")
+    parser.add_argument("--out", default="groups.jsonl", metavar="OUT", help="where the groups go (JSON Lines)")
     parser.add_argument("--chunk", type=int, default=1024, help="rows of the similarity matrix at a time")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
     errors.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = paths.parse(parser, argv)
     if args.chunk < 1 or args.batch_size < 1:
         raise InputError("--chunk and --batch-size must be at least 1")
-    texts, pairs = read_texts(Path(args.file), tuple(args.columns.split(",")) if args.columns else None)
+    texts, pairs = read_texts(Path(args.file), data.parse_columns(args.columns))
     import evaluate
     model = evaluate.open_encoder(args.model, device=args.device)
     threshold = args.threshold if args.threshold is not None else model.decision.get("threshold")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps({"size": len(members), "texts": [texts[i] for i in members]}) + "\n")
     print(f"{len(texts):,} distinct texts, threshold {threshold:.4f}: {len(left):,} near-duplicate pairs, "
           f"{len(groups):,} groups holding {sum(map(len, groups)):,} texts (largest {len(groups[0]) if groups else 0}) "
-          f"-> {args.out}")
+          f"written to {Path(args.out).resolve()}")
     print(f"time: encode {encoded - started:.1f} s, search and group {searched - encoded:.1f} s")
     if pairs:
         check = check_against_labels(texts, left, right, pairs)

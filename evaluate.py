@@ -20,6 +20,8 @@ import numpy as np
 
 import errors
 import data
+import paired
+import paths
 from errors import InputError
 from sources import OPENAI, model_kind
 
@@ -110,6 +112,11 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
     return {"error_rate": 1 - accuracy, "accuracy": accuracy, "precision": precision, "recall": recall,
             "f1": f1, "average_precision": average_precision(scores, labels),
             "roc_auc": roc_auc(scores, labels), "threshold": threshold, "n_pairs": len(labels)}
+
+
+def correct(encoder: Encoder, pairs: list[data.Pair], threshold: float, batch_size: int = 128) -> np.ndarray:
+    """True where the decision at `threshold` matches a pair's label: what a paired test compares."""
+    return (cosine_scores(encoder, pairs, batch_size) > threshold) == (labels_of(pairs) == 1)
 
 
 def labels_of(pairs: list[data.Pair]) -> np.ndarray:
@@ -238,60 +245,91 @@ def batch_size_for(model: str, batch_size: int | None) -> int:
 # ------------------------------------------------------------------------------------ command line
 
 def format_table(results: dict[str, dict]) -> str:
-    """One row per (model, split): the numbers a reader compares first."""
-    lines = [f"{'model':36} {'split':5} {'error':>7} {'F1':>6} {'AP':>6} {'AUC':>6} {'thresh':>7} {'pairs':>6}"]
+    """One row per (model, split): the numbers a reader compares first. Names are never cut."""
+    width = max([5] + [len(name) for name in results])
+    lines = [f"{'model':{width}} {'split':5} {'error':>7} {'95% interval':>15} {'F1':>6} {'AP':>6} {'AUC':>6} "
+             f"{'thresh':>7} {'pairs':>6}"]
     for name, result in results.items():
         for split, m in result.items():
             ap, auc = (f"{m[k]:.3f}" if m[k] is not None else "-" for k in ("average_precision", "roc_auc"))
-            lines.append(f"{name[-36:]:36} {split:5} {m['error_rate']:7.2%} {m['f1']:6.3f} {ap:>6} {auc:>6} "
-                         f"{m['threshold']:7.3f} {m['n_pairs']:6d}")
+            low, high = paired.wilson_interval(round(m["error_rate"] * m["n_pairs"]), m["n_pairs"])
+            lines.append(f"{name:{width}} {split:5} {m['error_rate']:7.2%} {f'[{low:.1%}, {high:.1%}]':>15} "
+                         f"{m['f1']:6.3f} {ap:>6} {auc:>6} {m['threshold']:7.3f} {m['n_pairs']:6d}")
     return "\n".join(lines)
 
 
-def format_retrieval(name: str, result: dict[str, dict]) -> str:
-    keys = [k for k in next(iter(result.values())) if k.startswith("recall@")] + ["mrr"]
-    lines = [f"{'model':36} {'split':5} " + " ".join(f"{k:>9}" for k in keys) + f" {'queries':>8} {'corpus':>7}"]
-    for split, m in result.items():
-        lines.append(f"{name[-36:]:36} {split:5} " + " ".join(f"{m[k]:9.4f}" for k in keys)
-                     + f" {m['queries']:8d} {m['corpus']:7d}")
+def format_retrieval(results: dict[str, dict]) -> str:
+    width = max([5] + [len(name) for name in results])
+    first = next(iter(next(iter(results.values())).values()))
+    keys = [k for k in first if k.startswith("recall@")] + ["mrr"]
+    lines = [f"{'model':{width}} {'split':5} " + " ".join(f"{k:>9}" for k in keys) + f" {'queries':>8} {'corpus':>7}"]
+    for name, result in results.items():
+        for split, m in result.items():
+            lines.append(f"{name:{width}} {split:5} " + " ".join(f"{m[k]:9.4f}" for k in keys)
+                         + f" {m['queries']:8d} {m['corpus']:7d}")
     return "\n".join(lines)
+
+
+def compare_models(models: list[str], val: list[data.Pair], test: list[data.Pair], args) -> tuple[dict, list[dict]]:
+    """Each model on the same pairs, at its own threshold (or on the same queries, --retrieval);
+    then a paired test of each against the first."""
+    results, views = {}, {}
+    for name in models:
+        encoder = Remembered(open_encoder(name, args.dimensions, args.base_url, args.cache, args.device))
+        batch_size = batch_size_for(name, args.batch_size)
+        if args.retrieval:
+            results[name] = {split: retrieval_metrics(encoder, pairs, batch_size=batch_size, per_query=split == "test")
+                             for split, pairs in [("val", val), ("test", test)]}
+            views[name] = results[name]["test"].pop("reciprocal_ranks")
+        else:
+            results[name] = evaluate(encoder, val, test, batch_size, args.min_recall, args.min_precision)
+            views[name] = correct(encoder, test, results[name]["val"]["threshold"], batch_size)
+    first = models[0]
+    tests = [{"model": name, "against": first, **(paired.compare_queries if args.retrieval else paired.compare_pairs)(
+        views[name], views[first])} for name in models[1:]]
+    return results, tests
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a folder written by train.py (or any sentence-transformers "
-                        "folder with mean pooling), a hub name or local encoder folder, or openai:MODEL")
-    parser.add_argument("--val", required=True, help="validation pairs (the threshold is tuned here)")
-    parser.add_argument("--test", required=True, help="test pairs")
+    parser.add_argument("--model", required=True, action="append", metavar="MODEL", help="a folder written by train.py (or any "
+                        "sentence-transformers folder with mean pooling), a hub name or local encoder folder, or "
+                        "openai:MODEL; repeat it to compare models on the same pairs, each against the first")
+    parser.add_argument("--val", required=True, metavar="FILE", help="validation pairs (the threshold is tuned here)")
+    parser.add_argument("--test", required=True, metavar="FILE", help="test pairs")
     parser.add_argument("--columns", help="TEXT1,TEXT2,LABEL column names if not recognised")
+    parser.add_argument("--eval-size", type=int, default=0, help="evaluate on this many val and test pairs (seed 0, "
+                        "as train.py); 0 = all")
     parser.add_argument("--dimensions", type=int, help="use the first N dimensions (openai: v3 shortening; ours: "
                         "a Matryoshka-trained model)")
     parser.add_argument("--min-recall", type=float, default=0.0, help="tune the threshold under this recall floor")
     parser.add_argument("--min-precision", type=float, default=0.0, help="... and/or this precision floor")
     parser.add_argument("--retrieval", action="store_true", help="report recall@1/5/10 and MRR instead")
     parser.add_argument("--base-url", help="openai: any OpenAI-compatible server (else OPENAI_BASE_URL)")
-    parser.add_argument("--cache", help="openai: the embedding cache file")
+    parser.add_argument("--cache", metavar="OUT", help="openai: the embedding cache file")
     parser.add_argument("--batch-size", type=int, help="texts per forward pass, 128 (openai: per request, 512)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", help="also write the metrics to this file")
+    parser.add_argument("--json", metavar="OUT", help="also write the metrics (and the paired tests) to this file")
     errors.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = paths.parse(parser, argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    columns = tuple(args.columns.split(",")) if args.columns else None
+    if args.eval_size < 0:
+        raise InputError(f"--eval-size must be at least 0 (got {args.eval_size})")
+    columns = data.parse_columns(args.columns)
     val, test = data.load_pairs(args.val, columns), data.load_pairs(args.test, columns)
-    encoder = open_encoder(args.model, args.dimensions, args.base_url, args.cache, args.device)
-    batch_size = batch_size_for(args.model, args.batch_size)
-    if args.retrieval:
-        result = {split: retrieval_metrics(encoder, pairs, batch_size=batch_size) for split, pairs in [("val", val), ("test", test)]}
-        print(format_retrieval(args.model, result))
-    else:
+    if args.eval_size:
+        val, test = (data.subsample(p, min(args.eval_size, len(p)), seed=0) for p in (val, test))
+    if not args.retrieval:
         check_both_classes(val, args.val)
         check_both_classes(test, args.test)
-        result = evaluate(encoder, val, test, batch_size, args.min_recall, args.min_precision)
-        print(format_table({args.model: result}))
+    results, tests = compare_models(args.model, val, test, args)
+    print(format_retrieval(results) if args.retrieval else format_table(results))
+    for t in tests:
+        print("paired: " + paired.describe(t, t["model"], t["against"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        one = results[args.model[0]] if len(args.model) == 1 else {"models": results, "paired": tests}
+        Path(args.json).write_text(json.dumps(one, indent=2) + "\n")
 
 
 if __name__ == "__main__":

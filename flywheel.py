@@ -45,6 +45,7 @@ import evaluate
 import jsonl
 import options
 import paired
+import paths
 import run_folder
 import train
 from errors import InputError
@@ -143,7 +144,8 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
     loaded = {f: data.load_pairs(f) for f in files}
     val, test = data.load_pairs(val_path), data.load_pairs(test_path)
     pairs, repeats, conflicts = settle([p for f in chosen for p in loaded[f]])
-    kept = data.drop_overlap(pairs, val, test)
+    kept = data.drop_overlap(pairs, val, test, remedy=f"the round has nothing to train on; send pairs about "
+                             f"other texts than the fixed --val and --test ({val_path}, {test_path})")
     folder = home / "rounds" / f"round-{number:03d}"
     config = options.Config(**(overrides or {}) | {
         "model": str(home / before) if mode == "continue" and before != "base" else base,
@@ -215,19 +217,19 @@ def plot(history_path: Path, figure: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", help="the flywheel's folder: flywheel.json, current.json, pairs/, rounds/, history.jsonl")
-    parser.add_argument("--base", help="the base encoder (hub name or folder) that training starts from")
-    parser.add_argument("--pairs", nargs="+", help="pair files, or folders of them (default: HOME/pairs)")
-    parser.add_argument("--val", help="fixed validation pairs (thresholds are tuned here)")
-    parser.add_argument("--test", help="fixed test pairs (the promotion test is decided here)")
+    parser.add_argument("--home", metavar="OUTDIR", help="the flywheel's folder: flywheel.json, current.json, pairs/, rounds/, history.jsonl")
+    parser.add_argument("--base", metavar="MODEL", help="the base encoder (hub name or folder) that training starts from")
+    parser.add_argument("--pairs", nargs="+", metavar="PAIRS", help="pair files, or folders of them (default: HOME/pairs)")
+    parser.add_argument("--val", metavar="FILE", help="fixed validation pairs (thresholds are tuned here)")
+    parser.add_argument("--test", metavar="FILE", help="fixed test pairs (the promotion test is decided here)")
     parser.add_argument("--mode", choices=["scratch", "continue"],
                         help="scratch (default): base model on all pairs; continue: current model on new files only")
     parser.add_argument("--alpha", type=float, help="promote when the one-sided p is below this (default 0.05)")
     parser.add_argument("--set", help="training options as option=value ... (see python train.py --help)")
     parser.add_argument("--init", action="store_true", help="only keep the settings in HOME/flywheel.json")
-    parser.add_argument("--plot", metavar="HISTORY", help="only draw HISTORY (a history.jsonl) as a figure")
+    parser.add_argument("--plot", metavar="FILE", help="only draw this history.jsonl as a figure")
     errors.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = paths.parse(parser, argv)
     if args.plot:
         return plot(Path(args.plot), Path(args.plot).with_suffix(".png"))
     if not args.home:
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.alpha is not None and not 0 < args.alpha < 1:
         raise InputError("--alpha must be between 0 and 1")
     home = Path(args.home)
+    if args.set:
+        options.parse_overrides(args.set)  # a bad --set is named before it is kept
     chosen = settings(home, {k: getattr(args, k) for k in SETTINGS})
     overrides = options.parse_overrides(chosen["set"])
     if args.init:

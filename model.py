@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,8 @@ def mix_weights(start: dict, tuned: dict, share: float) -> dict:
 
 def pick_device(name: str = "auto") -> torch.device:
     """"auto": the GPU if there is one (under torchrun, this process's), else the CPU."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise InputError(f"--device {name}: use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
     if name == "auto":

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import errors
 import data
+import paths
 from errors import InputError
 
 LOSSES = ("ocl", "cosent", "contrastive", "cosine")  # losses.BY_NAME builds them
@@ -18,17 +19,17 @@ LOSSES = ("ocl", "cosent", "contrastive", "cosine")  # losses.BY_NAME builds the
 @dataclass
 class Config:
     # model
-    model: str = field(default="BAAI/bge-base-en-v1.5", metadata={"help": "hub name, local folder, or an earlier run's --out to continue from"})
+    model: str = field(default="BAAI/bge-base-en-v1.5", metadata={"path": "MODEL", "help": "hub name, local folder, or an earlier run's --out to continue from"})
     dense_out_features: int = field(default=256, metadata={"help": "projection width; 0 keeps the encoder's"})
     max_length: int = field(default=256, metadata={"help": "tokens per text, longer ones are truncated"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run the model repo's code (jina needs it)"})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the projection"})
     # data
-    data: str = field(default=data.HUB_DEFAULT, metadata={"help": "hub dataset or local CSV/TSV/JSONL/Parquet"})
+    data: str = field(default=data.HUB_DEFAULT, metadata={"path": "DATA", "help": "hub dataset or local CSV/TSV/JSONL/Parquet"})
     hub_config: str = field(default="pair-class", metadata={"help": "hub dataset config"})
     columns: str = field(default="", metadata={"help": "TEXT1,TEXT2,LABEL if the names are not recognised"})
-    val: str = field(default="", metadata={"help": "validation pairs file; else split off --data"})
-    test: str = field(default="", metadata={"help": "test pairs file; else split off --data"})
+    val: str = field(default="", metadata={"path": "FILE", "help": "validation pairs file; else split off --data"})
+    test: str = field(default="", metadata={"path": "FILE", "help": "test pairs file; else split off --data"})
     val_size: float = field(default=0.1, metadata={"help": "split off --data: fraction (<1) or pairs"})
     test_size: float = field(default=0.1, metadata={"help": "split off --data: fraction (<1) or pairs"})
     dataset_size: int = field(default=0, metadata={"help": "training pairs to sample (nested); 0 = all"})
@@ -65,7 +66,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "picks the --dataset-size sample, the data order and the initialisation"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the model before training too"})
     eval_batch_size: int = field(default=128, metadata={"help": "texts per forward pass when evaluating"})
-    out: str = field(default="out", metadata={"help": "where the model, metrics.json and checkpoints go"})
+    out: str = field(default="out", metadata={"path": "OUTDIR", "help": "where the model, metrics.json and checkpoints go"})
     save: bool = field(default=True, metadata={"help": "write the fine-tuned model to --out (sweeps skip it)"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0 = about every 5 minutes"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
@@ -107,6 +108,8 @@ def check(config: Config) -> None:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {getattr(config, name)})")
+    if bool(config.val) != bool(config.test):
+        raise InputError("give both --val and --test, or neither (to split them off --data)")
     if config.objective == "retrieval" and config.loss not in ("ocl", "contrastive"):
         raise InputError(f"--objective retrieval trains with in-batch InfoNCE (--loss contrastive); drop --loss {config.loss}")
     if config.objective == "retrieval" and config.in_batch_weight:
@@ -125,9 +128,10 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> Config:
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             choices = CHOICES.get(f.name)
-            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_)
+            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_,
+                                metavar=f.metadata.get("path"))
     errors.add_debug_flag(parser)
-    args = vars(parser.parse_args(argv))
+    args = vars(paths.parse(parser, argv))
     args.pop("debug")
     return Config(**args)
 
@@ -149,6 +153,12 @@ def parse_overrides(text: str) -> dict:
         name, _, value = item.partition("=")
         if name not in kinds:
             raise InputError(f"unknown option '{name}' (see python train.py --help)")
-        overrides[name] = value.lower() in ("1", "true", "yes") if kinds[name] == "bool" else \
-            {"int": int, "float": float, "str": str}[kinds[name]](value)
+        if kinds[name] == "bool" and value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise InputError(f"--set {item}: {name} is true or false")
+        try:
+            overrides[name] = value.lower() in ("1", "true", "yes") if kinds[name] == "bool" else \
+                {"int": int, "float": float, "str": str}[kinds[name]](value)
+        except ValueError:
+            raise InputError(f"--set {item}: {name} takes {'an integer' if kinds[name] == 'int' else 'a number'}") from None
+    check(Config(**overrides))  # a range or a choice that cannot work, named before a round starts
     return overrides

@@ -48,6 +48,7 @@ def claim(out: Path, resume: bool, overwrite: bool, owner: bool = True) -> Itera
     if not owner:
         yield Claim(None)
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK
     take(lock)
@@ -57,6 +58,8 @@ def claim(out: Path, resume: bool, overwrite: bool, owner: bool = True) -> Itera
         yield Claim(lock)
     finally:
         lock.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):  # a run refused before it wrote anything leaves nothing
+            out.rmdir()
 
 
 def check_writable(out: Path, resume: bool, overwrite: bool) -> None:

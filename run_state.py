@@ -53,6 +53,7 @@ class Run:
     best_weights: dict | None = None
     best_val_vectors: dict | None = None  # the best epoch's validation embeddings (not checkpointed)
     start_weights: dict | None = None  # the starting model's, on the CPU, for --merge (not checkpointed)
+    zero_shot_vectors: dict | None = None  # the published model's val and test embeddings (not checkpointed)
     stopped_by: str | None = None
     train_pairs: int = 0
 

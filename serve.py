@@ -41,6 +41,7 @@ import flywheel
 import jsonl
 import modal
 import options
+import paths
 from batcher import Batcher, QueueFull
 from errors import InputError
 from serve_metrics import Metrics
@@ -51,6 +52,7 @@ MAX_STORE_PAIRS = 10_000    # pairs a /v1/pairs request
 MAX_TEXT_CHARS = 40_000     # characters a text: far past any model's max_length, short of abuse
 MAX_BODY_BYTES = 32 << 20   # 32 MiB a request body
 RETRY_AFTER_S = 1
+INLINE_TEXTS = 64           # requests this small are tokenised and encoded on the event loop itself
 
 
 class ApiError(Exception):
@@ -170,6 +172,37 @@ def embeddings_payload(vectors: np.ndarray, dimensions: int | None, encoding: st
             for i, v in enumerate(vectors)]
 
 
+class CountRequests:
+    """Each request's route, status and latency into the metrics. Plain ASGI: FastAPI's
+    @app.middleware("http") costs a task and a stream a request, which shows at 1-text requests."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            self.metrics.request(route.path if route else "unknown", status[0], time.perf_counter() - started)
+
+
+async def off_loop(size: int, function, *args):
+    """Run `function` in a worker thread when the work is large; a few texts cost less inline than
+    the hand-over to a thread (the event loop waits on no model either way)."""
+    if size <= INLINE_TEXTS:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
+
+
 def build_app(versions, store=None, batcher=None, read_key: str | None = None, write_key: str | None = None,
               held_out: set[str] | None = None, after_write=None):
     """The FastAPI app over `versions` (versions.Versions). `store` (pair_store.PairStore) enables
@@ -193,7 +226,7 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
                            "model_not_found") from None
 
     async def embed(version, texts: list[str]) -> tuple[np.ndarray, int, int]:
-        ids, truncated = await asyncio.to_thread(tokenize, version.model, texts)
+        ids, truncated = await off_loop(len(texts), tokenize, version.model, texts)
         try:
             vectors = await batcher.embed(version, ids)
         except QueueFull as e:
@@ -202,13 +235,7 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
         metrics.truncated.inc(truncated)
         return vectors, sum(map(len, ids)), truncated
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.request(route.path if route else "unknown", response.status_code, time.perf_counter() - started)
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
@@ -238,7 +265,7 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
             raise ApiError(400, f"'dimensions' must be an integer from 1 to {version.model.dim} "
                            f"(trained with Matryoshka: {version.matryoshka_dims or 'none'})", "dimensions")
         vectors, tokens, truncated = await embed(version, texts)
-        data_ = await asyncio.to_thread(embeddings_payload, vectors, dimensions, encoding)
+        data_ = await off_loop(len(texts), embeddings_payload, vectors, dimensions, encoding)
         return JSONResponse({"object": "list", "data": data_, "model": version.id,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "truncated": truncated})
 
@@ -360,9 +387,9 @@ def make_app(home: Path | None, model: str | None, device: str = "auto", precisi
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--home", help="a flywheel home (python flywheel.py --home DIR ... --init): serve its "
+    source.add_argument("--home", metavar="DIR", help="a flywheel home (python flywheel.py --home DIR ... --init): serve its "
                         "current model, collect pairs into DIR/pairs, swap in promoted models")
-    source.add_argument("--model", help="a model folder (a train.py --out) to serve as it is")
+    source.add_argument("--model", metavar="MODEL", help="a model folder (a train.py --out) to serve as it is")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -372,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--round-every", help="with --home: look for new pairs this often (90s, 10m, 1h) ...")
     parser.add_argument("--min-new-pairs", type=int, default=1, help="... and run a round once this many have arrived")
     errors.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = paths.parse(parser, argv)
     if args.round_every and not args.home:
         raise InputError("--round-every needs --home (rounds belong to a flywheel home)")
     if not 0 < args.port < 65536:
@@ -406,8 +433,8 @@ image = (
     .env({"HF_HOME": "/flywheel/huggingface", "TOKENIZERS_PARALLELISM": "false"})
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
-                             "openai_embeddings", "paired", "flywheel", "pair_store", "versions", "batcher",
-                             "serve_metrics")  # Modal adds serve.py
+                             "openai_embeddings", "paired", "paths", "flywheel", "pair_store", "versions",
+                             "batcher", "serve_metrics")  # Modal adds serve.py
 )
 volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)
 HOME = Path("/flywheel/home")

@@ -32,6 +32,7 @@ import modal
 import errors
 import data
 import jsonl
+import paths
 from options import Config
 from sources import model_kind
 
@@ -122,8 +123,8 @@ def result_of(metrics: dict) -> dict:
 
 
 def evaluate_once(config: dict, baseline: str | None = None, base_url: str | None = None) -> dict:
-    """The untrained model of a configuration (its projection drawn from the seed, as training starts
-    from it), or a `baseline` encoder as published (a folder, a hub name or openai:MODEL, at the
+    """The model of a configuration as published (what train.py calls zero-shot: no new projection;
+    `dimensions` keeps the configuration's width, the key the runs are matched by), or a `baseline` encoder as published (a folder, a hub name or openai:MODEL, at the
     configuration's width), on the configuration's validation and test pairs. A failure comes back
     as a row with its configuration, so the sweep goes on."""
     kind = "baseline" if baseline else "zero_shot"
@@ -137,11 +138,13 @@ def evaluate_once(config: dict, baseline: str | None = None, base_url: str | Non
 def evaluation(config: dict, baseline: str | None, base_url: str | None) -> dict:
     import evaluate
     import train
+    from model import load_model
     config = Config(**config | {"dataset_size": 0})
     if baseline is None:
         _, (_, val, test), model = train.prepare(config)
-        return {"model": config.model, "dimensions": config.dense_out_features,
-                **evaluate.evaluate(model, val, test, config.eval_batch_size)}
+        published = load_model(config.model, None, config.max_length, config.trust_remote_code).to(model.device)
+        return {"model": config.model, "dimensions": config.dense_out_features, "as_published": True,
+                **evaluate.evaluate(published, val, test, config.eval_batch_size)}
     _, val, test = train.load_splits(config)
     openai = model_kind(baseline) == "openai"
     encoder = evaluate.open_encoder(baseline, config.dense_out_features if openai else None, base_url, device=config.device)
@@ -162,7 +165,7 @@ image = (
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "einops==0.8.2")
     .env({"HF_HOME": "/cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses", "options", "checkpoint", "distributed",
-                             "card", "run_state", "train", "evaluate", "openai_embeddings")  # Modal adds sweep.py
+                             "card", "run_state", "train", "evaluate", "openai_embeddings", "paired", "paths")  # Modal adds sweep.py
 )
 # The GPU containers never reach the hub: `fetch` put everything they load in the volume first.
 offline_image = image.env({"HF_HUB_OFFLINE": "1"})
@@ -316,29 +319,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the sweep here, in turn (--local), or redraw it (--plot).")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--local", action="store_true", help="run the grid in this process")
-    mode.add_argument("--plot", metavar="JSONL", help="only print the table and draw the figure")
-    parser.add_argument("--models", nargs="+", default=MODELS, help="hub names or local folders")
+    mode.add_argument("--plot", metavar="FILE", help="only print the table and draw the figure")
+    parser.add_argument("--models", nargs="+", default=MODELS, metavar="MODEL", help="hub names or local folders")
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="training pairs; 0 = all")
     parser.add_argument("--dims", type=int, nargs="+", default=DIMS, help="projection widths")
-    parser.add_argument("--data", default=data.HUB_DEFAULT)
-    parser.add_argument("--val", default="", help="validation file (else split off --data)")
-    parser.add_argument("--test", default="", help="test file (else split off --data)")
+    parser.add_argument("--data", default=data.HUB_DEFAULT, metavar="DATA")
+    parser.add_argument("--val", default="", metavar="FILE", help="validation file (else split off --data)")
+    parser.add_argument("--test", default="", metavar="FILE", help="test file (else split off --data)")
     parser.add_argument("--eval-size", type=int, default=0, help="evaluate on this many val/test pairs; 0 = all")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--results", default="results/sweep.jsonl")
-    parser.add_argument("--runs", default="runs", help="each run's folder (checkpoint, metrics.json) goes in RUNS/KEY/")
-    parser.add_argument("--figure", help="default: the results path with .png")
+    parser.add_argument("--results", default="results/sweep.jsonl", metavar="OUT")
+    parser.add_argument("--runs", default="runs", metavar="OUTDIR", help="each run's folder (checkpoint, metrics.json) goes in RUNS/KEY/")
+    parser.add_argument("--figure", metavar="OUT", help="default: the results path with .png")
     parser.add_argument("--title", default="", help="figure title (say which device ran it)")
-    parser.add_argument("--baseline", action="append", default=[], help="also evaluate this model once, as published: "
+    parser.add_argument("--baseline", action="append", default=[], metavar="MODEL", help="also evaluate this model once, as published: "
                         "a folder, a hub name or openai:MODEL (repeat the flag for more)")
     parser.add_argument("--base-url", help="an OpenAI-compatible server for openai: baselines")
     errors.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = paths.parse(parser, argv)
     figure = Path(args.figure) if args.figure else None
     if args.plot:
         return finish(Path(args.plot), figure, args.title)
     if min(args.sizes) < 0 or min(args.dims) < 0:
         raise errors.InputError("--sizes and --dims must be 0 or more")
+    if bool(args.val) != bool(args.test):  # what every run shares is checked before any run starts
+        raise errors.InputError("give both --val and --test, or neither (to split them off --data)")
     path = Path(args.results)
     configs = grid(args.models, args.sizes, args.dims, data=args.data, val=args.val, test=args.test,
                    eval_size=args.eval_size, device=args.device)

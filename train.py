@@ -6,9 +6,12 @@
     python train.py ... --out out --resume            # continue an interrupted run where it stopped
     torchrun --nproc_per_node 8 train.py ...          # data-parallel on 8 GPUs
 
-Evaluates the model before training (zero-shot) and after, keeps the weights of the epoch that did
-best on validation, and writes the model (a sentence-transformers folder with its tuned threshold and
-a model card) and OUT/metrics.json. Every option is a field of `options.Config`.
+Evaluates the model as published (zero-shot) and, after training, the fine-tuned one on the same
+pairs, each at its own threshold tuned on validation; keeps the weights of the epoch that did best on
+validation; ends with a paired verdict of fine-tuned against published on the test pairs (McNemar on
+the pairs, a sign test over retrieval queries: `paired.py`), saying so when there are too few test
+pairs to tell; and writes the model (a sentence-transformers folder with its tuned threshold and a
+model card) and OUT/metrics.json. Every option is a field of `options.Config`.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import distributed
 import evaluate
 import losses
 import options
+import paired
 import run_folder
 from errors import InputError
 from jsonl import write_json
@@ -43,10 +47,8 @@ from run_state import Checkpointer, LossWatch, Run, cpu_copy, start_run
 
 def load_splits(config: Config) -> tuple[list[data.Pair], list[data.Pair], list[data.Pair]]:
     """Train, validation and test pairs: from the given files, or split off --data without leakage."""
-    columns = tuple(config.columns.split(",")) if config.columns else None
+    columns = data.parse_columns(config.columns)
     pairs = data.load_pairs(config.data, columns, config.hub_config)
-    if bool(config.val) != bool(config.test):
-        raise InputError("give both --val and --test, or neither (to split them off --data)")
     if config.val:
         val, test = data.load_pairs(config.val, columns), data.load_pairs(config.test, columns)
         train = data.drop_overlap(pairs, val, test)
@@ -175,15 +177,19 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
 
 
 def begin(run: Run, val: list[data.Pair], test: list[data.Pair], rank: int) -> None:
-    """Say where a resumed run goes on, or evaluate the untrained model (zero-shot); write metrics.json."""
+    """Say where a resumed run goes on, or evaluate the model as published (zero-shot: no new
+    projection, whatever this run adds); write metrics.json."""
     config = run.config
     if config.resume:
         log(f"resumed at step {run.progress.step} (epoch {run.progress.epoch + 1})", rank)
     elif config.zero_shot and rank == 0:
-        zero_shot = evaluate.both_views(run.model, val, test, config.eval_batch_size, config.min_recall,
+        published = evaluate.Remembered(load_model(config.model, None, config.max_length, config.trust_remote_code)
+                                        .to(run.model.device))
+        zero_shot = evaluate.both_views(published, val, test, config.eval_batch_size, config.min_recall,
                                         config.min_precision)
-        run.metrics["zero_shot"] = zero_shot
-        log(f"zero-shot error: val {zero_shot['val']['error_rate']:.2%}, test {zero_shot['test']['error_rate']:.2%}", rank)
+        run.metrics["zero_shot"], run.zero_shot_vectors = zero_shot, published.vectors
+        log(f"zero-shot (as published): error val {zero_shot['val']['error_rate']:.2%}, test "
+            f"{zero_shot['test']['error_rate']:.2%}; test MRR {zero_shot['retrieval']['test']['mrr']:.4f}", rank)
     if rank == 0:
         write_json(run.out / "metrics.json", run.metrics)
 
@@ -283,15 +289,34 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     metrics["fine_tuned"] = evaluate.both_views(remembered, val, test, config.eval_batch_size, config.min_recall,
                                                 config.min_precision)
     tuned = metrics["fine_tuned"]
-    print(f"fine-tuned error: val {tuned['val']['error_rate']:.2%}, test {tuned['test']['error_rate']:.2%}; "
+    print(f"fine-tuned: error val {tuned['val']['error_rate']:.2%}, test {tuned['test']['error_rate']:.2%}; "
           f"test MRR {tuned['retrieval']['test']['mrr']:.4f} ({metrics['training']['pairs_per_s']:.1f} pairs/s, "
           f"stopped: {metrics['training']['stopped_by']})")
+    if "zero_shot" in metrics:
+        metrics["verdict"] = verdict(run, remembered, test)
     if config.save:
         model.save(run.out, {"threshold": metrics["fine_tuned"]["val"]["threshold"], **metrics["fine_tuned"]})
         card.write(run.out, metrics)
     write_json(run.out / "metrics.json", metrics)
     checkpoint.remove(run.out)  # its work is done
     return metrics
+
+
+def verdict(run: Run, tuned: evaluate.Remembered, test: list[data.Pair]) -> dict:
+    """Fine-tuned against the model as published, paired on the same test pairs and queries, each
+    model at its own validation threshold. The published model's embeddings were kept from the
+    zero-shot evaluation (after a resume it embeds them again)."""
+    config, zero_shot = run.config, run.metrics["zero_shot"]
+    published = evaluate.Remembered(load_model(config.model, None, config.max_length, config.trust_remote_code)
+                                    .to(run.model.device), run.zero_shot_vectors)
+    right = [evaluate.correct(m, test, threshold, config.eval_batch_size)
+             for m, threshold in ((tuned, run.metrics["fine_tuned"]["val"]["threshold"]), (published, zero_shot["val"]["threshold"]))]
+    ranks = [evaluate.retrieval_metrics(m, test, batch_size=config.eval_batch_size, per_query=True)["reciprocal_ranks"]
+             for m in (tuned, published)]
+    result = {"pairs": paired.compare_pairs(*right), "retrieval": paired.compare_queries(*ranks)}
+    for view in result.values():
+        print("verdict: " + paired.describe(view, "fine-tuned", "published"))
+    return result
 
 
 # ---------------------------------------------------------------------------------- command line

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
+# The shared models and data: ../shared beside the checkout, or wherever EMBED_FT_SHARED points.
+SHARED = Path(os.environ.get("EMBED_FT_SHARED", ROOT.parent / "shared"))
 # The device every test that trains or evaluates runs on: cpu here and in CI; EMBED_FT_TEST_DEVICE=cuda
 # (the GPU check) runs them on a GPU. There, deterministic kernels keep "same seed, same weights"
 # true; where a GPU's bf16 needs another tolerance than a CPU's fp32, the test says so.

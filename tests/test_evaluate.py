@@ -177,7 +177,7 @@ def test_command_line_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
     assert f"{result['test']['error_rate']:7.2%}" in table
     code, err = run_cli(evaluate.main, ["--model", str(tmp_path / "m"), "--val", str(tmp_path / "no.tsv"),
                                         "--test", str(test)], capsys)
-    assert code == 2 and err.startswith("error: file not found")
+    assert code == 2 and err.startswith("error: --val ") and "no.tsv: file not found" in err
 
 
 # ------------------------------------------------------------------------------ the OpenAI baseline
@@ -234,3 +234,27 @@ def test_openai_without_a_key_is_a_one_line_error(monkeypatch, tmp_path, capsys)
     code, err = run_cli(evaluate.main, ["--model", "openai:text-embedding-3-small", "--val", str(pairs),
                                         "--test", str(pairs)], capsys)
     assert code == 2 and err.startswith("error: set OPENAI_API_KEY")
+
+
+def test_three_models_on_the_same_pairs_each_tested_against_the_first(tiny_model_dir, openai_env, tmp_path, capsys):
+    from model import Embedder
+    from train import train
+    from conftest import tiny_config
+    files = {name: write_tsv(tmp_path / f"{name}.tsv", synthetic_pairs(n, seed))
+             for name, n, seed in [("train", 192, 1), ("val", 96, 2), ("test", 300, 3)]}
+    train(tiny_config(tiny_model_dir, files, tmp_path / "tuned", epochs=4))
+    Embedder.from_pretrained(str(tiny_model_dir), dense_out_features=16).save(tmp_path / "untrained")
+    capsys.readouterr()
+    with FakeOpenAI() as server:
+        evaluate.main(["--model", str(tmp_path / "tuned"), "--model", str(tmp_path / "untrained"),
+                       "--model", "openai:text-embedding-3-small", "--base-url", server.base_url, "--cache", str(openai_env),
+                       "--val", str(files["val"]), "--test", str(files["test"]), "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert list(result["models"]) == [str(tmp_path / "tuned"), str(tmp_path / "untrained"), "openai:text-embedding-3-small"]
+    assert [t["model"] for t in result["paired"]] == [str(tmp_path / "untrained"), "openai:text-embedding-3-small"]
+    against_untrained = result["paired"][0]
+    assert against_untrained["against"] == str(tmp_path / "tuned") and against_untrained["verdict"] == "worse"
+    assert against_untrained["error_b"] == pytest.approx(result["models"][str(tmp_path / "tuned")]["test"]["error_rate"])
+    assert out.count("paired: ") == 2 and str(tmp_path / "untrained") in out  # the whole name, never cut
+    assert "95% interval" in out.splitlines()[0]

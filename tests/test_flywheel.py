@@ -80,7 +80,7 @@ def test_a_crash_during_the_switch_leaves_the_old_current_intact(flywheel_setup,
     monkeypatch.setattr(jsonl.os, "replace", crash)
     sure_winner = {"only_a_right": 9, "only_b_right": 0, "p_value": 0.001, "verdict": "better", "n": 400,
                    "error_a": 0.1, "error_b": 0.2, "interval_a": (0, 1), "interval_b": (0, 1)}
-    monkeypatch.setattr(flywheel.paired, "compare_pairs", lambda a, b, alpha: sure_winner)
+    monkeypatch.setattr(flywheel.paired, "compare_pairs", lambda a, b, alpha=0.05: sure_winner)
     with pytest.raises(OSError, match="power cut"):
         flywheel.main(args)
     assert flywheel.current_version(home)["path"] == "rounds/round-001"

@@ -206,7 +206,7 @@ def test_local_sweep_writes_results_and_figure_and_skips_what_is_done(sweep_args
     assert len(jsonl.read(tmp_path / "r.jsonl")) == 6
 
 
-def test_the_zero_shot_row_is_what_training_starts_from(tiny_model_dir, pair_files, tmp_path):
+def test_the_zero_shot_row_is_what_training_reports_as_zero_shot(tiny_model_dir, pair_files, tmp_path):
     config = one_config(tiny_model_dir, pair_files)
     row = sweep.evaluate_once(config)
     metrics = train.train(Config(**config | {"zero_shot": True}, out=str(tmp_path)))

@@ -24,7 +24,7 @@ def test_training_beats_zero_shot_and_writes_everything(tiny_model_dir, pair_fil
     for stage in ("zero_shot", "fine_tuned"):
         for split in ("val", "test"):
             assert set(metrics[stage][split]) == METRIC_KEYS
-    assert metrics["fine_tuned"]["test"]["error_rate"] < metrics["zero_shot"]["test"]["error_rate"] - 0.1
+    assert metrics["fine_tuned"]["test"]["error_rate"] < metrics["zero_shot"]["test"]["error_rate"] - 0.05
     assert metrics["training"]["pairs"] == 6 * 192 and metrics["training"]["stopped_by"] == "completed"
     assert len(metrics["training"]["val_errors"]) == 6 and metrics["environment"]["torch"] == torch.__version__
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -198,3 +198,20 @@ def test_real_minilm_on_quora_beats_zero_shot(minilm_dir, tmp_path):
 @pytest.mark.parametrize("asked, device, groups", [(0, "cuda", 1), (0, "cpu", 2), (3, "cuda", 3), (3, "cpu", 3)])
 def test_length_groups_default_to_one_call_on_a_gpu_and_two_on_a_cpu(asked, device, groups):
     assert train.length_groups_for(Config(length_groups=asked), torch.device(device)) == groups
+
+
+def test_the_run_ends_with_a_paired_verdict_against_the_published_model(tiny_model_dir, tmp_path):
+    from conftest import synthetic_pairs, write_tsv
+    files = {name: write_tsv(tmp_path / f"{name}.tsv", synthetic_pairs(n, seed))
+             for name, n, seed in [("train", 192, 1), ("val", 96, 2), ("test", 400, 3), ("few", 30, 4)]}
+    metrics = train.train(config_for(tiny_model_dir, files, tmp_path / "easy", epochs=4))
+    pairs = metrics["verdict"]["pairs"]
+    assert pairs["verdict"] == "better" and pairs["n"] == 400 and pairs["only_a_right"] > pairs["only_b_right"]
+    assert pairs["error_a"] == pytest.approx(metrics["fine_tuned"]["test"]["error_rate"])
+    assert pairs["error_b"] == pytest.approx(metrics["zero_shot"]["test"]["error_rate"])
+    assert "**better**" in (tmp_path / "easy" / "README.md").read_text()
+    # 30 test pairs and a model that barely moves: too few to tell, and it says how many would be needed
+    few = config_for(tiny_model_dir, files | {"test": files["few"]}, tmp_path / "few", epochs=1, lr=1e-5)
+    verdict = train.train(few)["verdict"]["pairs"]
+    assert verdict["verdict"] == "no detectable difference on 30 test pairs" and verdict["n"] == 30
+    assert Embedder.load(tmp_path / "few").dim == 16  # saved either way
