@@ -6,6 +6,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import paired
+
 
 def training_set_size(run: dict) -> int:
     """The x of a run: its training pairs (the full split's own size where dataset_size is 0)."""
@@ -17,20 +19,48 @@ def cut_short(run: dict) -> bool:
     return run["training"].get("stopped_by") == "time_budget"
 
 
+def verdicts(run: dict, rows: list[dict]) -> dict:
+    """The run against its zero-shot model and against each baseline, paired on the same test pairs
+    (McNemar): {"zero-shot" or the baseline's name: verdict}. Rows without outcomes are skipped."""
+    if not run.get("test_correct"):
+        return {}
+    c, mine = run["config"], paired.unpack(run["test_correct"])
+    others = {("zero-shot" if r["kind"] == "zero_shot" else Path(r["model"]).name): r for r in rows
+              if r.get("test_correct") and "test" in r and (r.get("kind") == "baseline" or (
+                  r.get("kind") == "zero_shot" and r["model"] == c["model"] and r["dimensions"] == c["dense_out_features"]))}
+    return {name: paired.compare_pairs(mine, paired.unpack(r["test_correct"]))["verdict"]
+            for name, r in others.items() if r["test_correct"]["n"] == len(mine)}
+
+
+def interval(row: dict) -> tuple[float, float]:
+    """The 95% Wilson interval of a row's test error."""
+    test = row.get("fine_tuned", row).get("test")
+    return paired.wilson_interval(round(test["error_rate"] * test["n_pairs"]), test["n_pairs"])
+
+
 def sweep_table(rows: list[dict]) -> str:
+    """A row per run (better / worse than its zero-shot model and than each baseline, by the paired
+    test), then the zero-shot and baseline rows. Names are never cut."""
     runs = sorted((r for r in rows if r.get("kind") == "run" and "fine_tuned" in r),
                   key=lambda r: (r["config"]["model"], r["config"]["dense_out_features"], training_set_size(r)))
-    lines = [f"{'model':40} {'dim':>4} {'pairs':>7} {'epochs':>6} {'test error':>10} {'pairs/s':>8}  stopped"]
+    others = [r for r in rows if r.get("kind") in ("zero_shot", "baseline") and "test" in r]
+    width = max([5] + [len(r["config"]["model"]) for r in runs] + [len(r["model"]) + 12 for r in others])
+    lines = [f"{'model':{width}} {'dim':>4} {'pairs':>7} {'epochs':>6} {'test error':>10} {'95% interval':>15} "
+             f"{'pairs/s':>8}  paired test (McNemar) / stopped"]
     for r in runs:
         c, t = r["config"], r["training"]
         epochs = t["pairs"] / training_set_size(r)  # a run cut by the time budget did not finish its epochs
-        lines.append(f"{c['model'][-40:]:40} {c['dense_out_features']:4d} {training_set_size(r):7d} "
-                     f"{epochs:6.2f} {r['fine_tuned']['test']['error_rate']:10.2%} {t['pairs_per_s']:8.1f}  "
-                     f"{'by the time budget' if cut_short(r) else ''}")
-    for r in rows:
-        if r.get("kind") in ("zero_shot", "baseline") and "test" in r:
-            name = r["model"] + (" (zero-shot)" if r["kind"] == "zero_shot" else "")
-            lines.append(f"{name[-40:]:40} {r['dimensions'] or 0:4d} {'-':>7} {'-':>6} {r['test']['error_rate']:10.2%}")
+        low, high = interval(r)
+        said = "; ".join(f"{v} than {name}" if v in ("better", "worse") else f"vs {name}: {v}"
+                         for name, v in verdicts(r, rows).items())
+        lines.append(f"{c['model']:{width}} {c['dense_out_features']:4d} {training_set_size(r):7d} "
+                     f"{epochs:6.2f} {r['fine_tuned']['test']['error_rate']:10.2%} {f'[{low:.1%}, {high:.1%}]':>15} "
+                     f"{t['pairs_per_s']:8.1f}  {said}{'; cut by the time budget' if cut_short(r) else ''}")
+    for r in others:
+        name = r["model"] + (" (zero-shot)" if r["kind"] == "zero_shot" else "")
+        low, high = interval(r)
+        lines.append(f"{name:{width}} {r['dimensions'] or 0:4d} {'-':>7} {'-':>6} {r['test']['error_rate']:10.2%} "
+                     f"{f'[{low:.1%}, {high:.1%}]':>15}")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines.append(f"{len(failed)} failed attempt(s) recorded; rerun to retry them")
@@ -54,7 +84,12 @@ def sweep_plot(rows: list[dict], figure: Path, title: str = "") -> None:
             line = sorted((r for r in mine if r["config"]["dense_out_features"] == dim), key=training_set_size)
             sizes = [training_set_size(r) for r in line]
             errors = [100 * r["fine_tuned"]["test"]["error_rate"] for r in line]
-            ax.plot(sizes, errors, "o-", color=f"C{i}", label=f"fine-tuned, {dim}-d")
+            spans = [[e - 100 * interval(r)[0] for e, r in zip(errors, line)], [100 * interval(r)[1] - e for e, r in zip(errors, line)]]
+            ax.errorbar(sizes, errors, yerr=spans, fmt="o-", color=f"C{i}", capsize=3,
+                        label=f"fine-tuned, {dim}-d (95% interval)")
+            better = [(x, y) for x, y, r in zip(sizes, errors, line) if verdicts(r, rows).get("zero-shot") == "better"]
+            if better:  # a ring: better than its zero-shot model by the paired test
+                ax.plot(*zip(*better), "o", ms=11, mfc="none", color=f"C{i}", label=f"{dim}-d: better than zero-shot (McNemar)")
             cut = [(x, y) for x, y, r in zip(sizes, errors, line) if cut_short(r)]
             if cut:  # hollow: the time budget stopped these runs before their last epoch
                 ax.plot(*zip(*cut), "o", mfc="white", color=f"C{i}", label=f"{dim}-d, cut by the time budget")

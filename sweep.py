@@ -119,7 +119,7 @@ def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int =
 
 def result_of(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("fine_tuned", "training", "environment")} | {
-        "resumed_at_steps": metrics.get("resumed_at_steps", [])}
+        "resumed_at_steps": metrics.get("resumed_at_steps", []), "test_correct": metrics.get("test_correct")}
 
 
 def evaluate_once(config: dict, baseline: str | None = None, base_url: str | None = None) -> dict:
@@ -144,12 +144,21 @@ def evaluation(config: dict, baseline: str | None, base_url: str | None) -> dict
         _, (_, val, test), model = train.prepare(config)
         published = load_model(config.model, None, config.max_length, config.trust_remote_code).to(model.device)
         return {"model": config.model, "dimensions": config.dense_out_features, "as_published": True,
-                **evaluate.evaluate(published, val, test, config.eval_batch_size)}
+                **outcomes(published, val, test, config.eval_batch_size)}
     _, val, test = train.load_splits(config)
     openai = model_kind(baseline) == "openai"
     encoder = evaluate.open_encoder(baseline, config.dense_out_features if openai else None, base_url, device=config.device)
     return {"model": baseline, "dimensions": config.dense_out_features if openai else encoder.dim,
-            **evaluate.evaluate(encoder, val, test, evaluate.batch_size_for(baseline, None))}
+            **outcomes(encoder, val, test, evaluate.batch_size_for(baseline, None))}
+
+
+def outcomes(encoder, val, test, batch_size: int) -> dict:
+    """The metrics, and each test pair's outcome (packed), so the table can pair runs with this row."""
+    import evaluate
+    import paired
+    remembered = evaluate.Remembered(encoder)
+    result = evaluate.evaluate(remembered, val, test, batch_size)
+    return result | {"test_correct": paired.pack(evaluate.correct(remembered, test, result["val"]["threshold"], batch_size))}
 
 
 # -------------------------------------------------------------------------------------------- Modal

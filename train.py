@@ -292,6 +292,8 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     print(f"fine-tuned: error val {tuned['val']['error_rate']:.2%}, test {tuned['test']['error_rate']:.2%}; "
           f"test MRR {tuned['retrieval']['test']['mrr']:.4f} ({metrics['training']['pairs_per_s']:.1f} pairs/s, "
           f"stopped: {metrics['training']['stopped_by']})")
+    metrics["test_correct"] = paired.pack(evaluate.correct(remembered, test, tuned["val"]["threshold"],
+                                                           config.eval_batch_size))  # a sweep pairs runs with it
     if "zero_shot" in metrics:
         metrics["verdict"] = verdict(run, remembered, test)
     if config.save:

@@ -10,7 +10,9 @@ import modal
 import pytest
 from conftest import ROOT, TEST_DEVICE, run_cli, signal_at_step
 
+import figures
 import jsonl
+import paired
 import sweep
 import train
 from options import Config
@@ -200,6 +202,14 @@ def test_local_sweep_writes_results_and_figure_and_skips_what_is_done(sweep_args
     assert all(r["fine_tuned"]["test"]["n_pairs"] == 96 for r in runs)
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 4
+    # Each result row carries its verdict against the zero-shot model, paired on the same test pairs
+    zero = {r["dimensions"]: r for r in rows if r["kind"] == "zero_shot"}
+    for run in runs:
+        mine, theirs = (paired.unpack(r["test_correct"]) for r in (run, zero[run["config"]["dense_out_features"]]))
+        assert len(mine) == 96 and 1 - mine.mean() == pytest.approx(run["fine_tuned"]["test"]["error_rate"])
+        assert figures.verdicts(run, rows) == {"zero-shot": paired.compare_pairs(mine, theirs)["verdict"]}
+    table = figures.sweep_table(rows)
+    assert "paired test (McNemar)" in table and table.count("zero-shot") >= 4 and sweep_args[1] in table
     monkeypatch.setattr(train, "train", lambda config, on_checkpoint=None: pytest.fail("a finished configuration ran again"))
     sweep.main(["--local"] + sweep_args)
     assert "4 configurations, 4 already done, running 0" in capsys.readouterr().out
