@@ -1,0 +1,67 @@
+"""README's "Results at a glance", from one command: models on the same shared Quora test pairs,
+each at its own threshold tuned on validation, with 95% intervals and paired verdicts (McNemar)
+against the first model (zero-shot) and against a reference (all-mpnet-base-v2 as published).
+
+    python benchmarks/results_table.py --model MINILM --model runs/loop/rounds/round-001 \\
+        --model MPNET --reference MPNET --results results/results_table.json
+
+Prints a Markdown table and writes the numbers behind it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import jsonl  # noqa: E402
+import paired  # noqa: E402
+
+SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "quora" / "splits"
+
+
+def label(name: str) -> str:
+    folder = Path(name)
+    metrics = jsonl.read_json(folder / "metrics.json") if folder.is_dir() else None
+    if metrics and "training" in metrics:
+        base = Path(metrics["config"]["model"]).name.removeprefix("sentence-transformers-")
+        return f"{base}, fine-tuned on {metrics['training']['train_pairs']:,} pairs"
+    return f"{folder.name.removeprefix('sentence-transformers-')}, as published"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", required=True, help="the first is the zero-shot reference")
+    parser.add_argument("--reference", help="a second reference for the paired verdict (one of --model)")
+    parser.add_argument("--results", default="results/results_table.json")
+    args = parser.parse_args()
+    val, test = data.load_pairs(str(SPLITS / "val.tsv.gz")), data.load_pairs(str(SPLITS / "test.tsv.gz"))
+    rights, rows = {}, []
+    for name in args.model:
+        encoder = evaluate.Remembered(evaluate.open_encoder(name, device="cpu"))
+        result = evaluate.evaluate(encoder, val, test)
+        rights[name] = evaluate.correct(encoder, test, result["val"]["threshold"])
+        rows.append({"model": name, "label": label(name), "test": result["test"], "val_error": result["val"]["error_rate"]})
+        print(f"{label(name)}: test {result['test']['error_rate']:.2%}", flush=True)
+    first = args.model[0]
+    print(f"\nShared Quora splits: {len(val):,} validation pairs (thresholds), {len(test):,} test pairs.\n")
+    print("| model | test error | 95% interval | vs zero-shot (McNemar) |"
+          + (" vs all-mpnet-base-v2 |" if args.reference else ""))
+    print("| --- | ---: | ---: | --- |" + (" --- |" if args.reference else ""))
+    for row in rows:
+        name = row["model"]
+        low, high = paired.wilson_interval(round(row["test"]["error_rate"] * len(test)), len(test))
+        row["vs_zero_shot"] = paired.compare_pairs(rights[name], rights[first]) if name != first else None
+        row["vs_reference"] = (paired.compare_pairs(rights[name], rights[args.reference])
+                               if args.reference and name != args.reference else None)
+        cells = [f"{v['verdict']} ({v['only_a_right']} vs {v['only_b_right']}, p = {v['p_value']:.2g})" if v else "-"
+                 for v in (row["vs_zero_shot"], row["vs_reference"])][:2 if args.reference else 1]
+        print(f"| {row['label']} | {row['test']['error_rate']:.2%} | [{low:.1%}, {high:.1%}] | " + " | ".join(cells) + " |")
+    jsonl.write_json(Path(args.results), {"val_pairs": len(val), "test_pairs": len(test),
+                                          "rows": [r | {"model": Path(r["model"]).name} for r in rows]})
+
+
+if __name__ == "__main__":
+    main()
