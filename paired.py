@@ -89,6 +89,13 @@ def compare_queries(a_ranks: np.ndarray, b_ranks: np.ndarray, alpha: float = ALP
             "verdict": verdict(better, worse, len(a_ranks), "queries", alpha)}
 
 
+def p_of_verdict(result: dict) -> float:
+    """The one-sided p-value in the direction the verdict names ("worse": B better than A)."""
+    if result["verdict"] == "worse":
+        return sign_test(result["only_b_right"], result["only_a_right"])
+    return result["p_value"]
+
+
 def pack(right: np.ndarray) -> dict:
     """Per-pair outcomes (True: decided right) as a small JSON value, so that results on disk (a
     sweep's rows) can be paired later: 10,000 pairs take 1,668 characters."""

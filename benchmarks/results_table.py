@@ -3,7 +3,8 @@ each at its own threshold tuned on validation, with 95% intervals and paired ver
 against the first model (zero-shot) and against a reference (all-mpnet-base-v2 as published).
 
     python benchmarks/results_table.py --model MINILM --model runs/loop/rounds/round-001 \\
-        --model MPNET --reference MPNET --results results/results_table.json
+        --model runs/minilm-4000 --model MPNET --reference MPNET
+    python benchmarks/results_table.py --print          # the table again, from results/results_table.json
 
 Prints a Markdown table and writes the numbers behind it.
 """
@@ -31,12 +32,30 @@ def label(name: str) -> str:
     return f"{folder.name.removeprefix('sentence-transformers-')}, as published"
 
 
+def cell(v: dict | None) -> str:
+    return f"{v['verdict']} ({v['only_a_right']} vs {v['only_b_right']}, p = {paired.p_of_verdict(v):.2g})" if v else "-"
+
+
+def print_table(result: dict, reference: bool) -> None:
+    print(f"\nShared Quora splits: {result['val_pairs']:,} validation pairs (thresholds), {result['test_pairs']:,} test pairs.\n")
+    print("| model | test error | 95% interval | vs zero-shot (McNemar) |" + (" vs all-mpnet-base-v2 |" if reference else ""))
+    print("| --- | ---: | ---: | --- |" + (" --- |" if reference else ""))
+    for row in result["rows"]:
+        low, high = paired.wilson_interval(round(row["test"]["error_rate"] * result["test_pairs"]), result["test_pairs"])
+        cells = [cell(row["vs_zero_shot"])] + ([cell(row["vs_reference"])] if reference else [])
+        print(f"| {row['label']} | {row['test']['error_rate']:.2%} | [{low:.1%}, {high:.1%}] | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", required=True, help="the first is the zero-shot reference")
+    parser.add_argument("--model", action="append", help="the first is the zero-shot reference")
     parser.add_argument("--reference", help="a second reference for the paired verdict (one of --model)")
     parser.add_argument("--results", default="results/results_table.json")
+    parser.add_argument("--print", action="store_true", help="only print the table of an earlier --results")
     args = parser.parse_args()
+    if args.print:
+        result = jsonl.read_json(Path(args.results))
+        return print_table(result, any(r["vs_reference"] for r in result["rows"]))
     val, test = data.load_pairs(str(SPLITS / "val.tsv.gz")), data.load_pairs(str(SPLITS / "test.tsv.gz"))
     rights, rows = {}, []
     for name in args.model:
@@ -46,21 +65,14 @@ def main() -> None:
         rows.append({"model": name, "label": label(name), "test": result["test"], "val_error": result["val"]["error_rate"]})
         print(f"{label(name)}: test {result['test']['error_rate']:.2%}", flush=True)
     first = args.model[0]
-    print(f"\nShared Quora splits: {len(val):,} validation pairs (thresholds), {len(test):,} test pairs.\n")
-    print("| model | test error | 95% interval | vs zero-shot (McNemar) |"
-          + (" vs all-mpnet-base-v2 |" if args.reference else ""))
-    print("| --- | ---: | ---: | --- |" + (" --- |" if args.reference else ""))
     for row in rows:
         name = row["model"]
-        low, high = paired.wilson_interval(round(row["test"]["error_rate"] * len(test)), len(test))
         row["vs_zero_shot"] = paired.compare_pairs(rights[name], rights[first]) if name != first else None
         row["vs_reference"] = (paired.compare_pairs(rights[name], rights[args.reference])
                                if args.reference and name != args.reference else None)
-        cells = [f"{v['verdict']} ({v['only_a_right']} vs {v['only_b_right']}, p = {v['p_value']:.2g})" if v else "-"
-                 for v in (row["vs_zero_shot"], row["vs_reference"])][:2 if args.reference else 1]
-        print(f"| {row['label']} | {row['test']['error_rate']:.2%} | [{low:.1%}, {high:.1%}] | " + " | ".join(cells) + " |")
-    jsonl.write_json(Path(args.results), {"val_pairs": len(val), "test_pairs": len(test),
-                                          "rows": [r | {"model": Path(r["model"]).name} for r in rows]})
+    result = {"val_pairs": len(val), "test_pairs": len(test), "rows": [r | {"model": Path(r["model"]).name} for r in rows]}
+    jsonl.write_json(Path(args.results), result)
+    print_table(result, bool(args.reference))
 
 
 if __name__ == "__main__":
