@@ -35,7 +35,6 @@ import losses
 import options
 import paired
 import run_folder
-from errors import InputError
 from jsonl import write_json
 from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum
 from model import cpu_has_bf16, load_model, mix_weights, pick_device
