@@ -7,6 +7,7 @@ from conftest import fault_at_step, signal_at_step, synthetic_pairs, tiny_config
 
 import checkpoint
 import train
+from errors import InputError
 from model import Embedder
 
 
@@ -54,9 +55,9 @@ def test_periodic_checkpoints_and_resume_needs_the_same_settings(tiny_model_dir,
     signal_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train.train(small_config(tiny_model_dir, small_files, tmp_path))
-    with pytest.raises(train.InputError, match="--resume: --lr differ"):
+    with pytest.raises(InputError, match="--resume: --lr differ"):
         train.train(small_config(tiny_model_dir, small_files, tmp_path, resume=True, lr=1e-2))
-    with pytest.raises(train.InputError, match="--resume: no checkpoint at"):
+    with pytest.raises(InputError, match="--resume: no checkpoint at"):
         train.train(small_config(tiny_model_dir, small_files, tmp_path / "elsewhere", resume=True))
 
 
