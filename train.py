@@ -291,10 +291,10 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     print(f"fine-tuned: error val {tuned['val']['error_rate']:.2%}, test {tuned['test']['error_rate']:.2%}; "
           f"test MRR {tuned['retrieval']['test']['mrr']:.4f} ({metrics['training']['pairs_per_s']:.1f} pairs/s, "
           f"stopped: {metrics['training']['stopped_by']})")
-    metrics["test_correct"] = paired.pack(evaluate.correct(remembered, test, tuned["val"]["threshold"],
-                                                           config.eval_batch_size))  # a sweep pairs runs with it
+    tuned_right = evaluate.correct(remembered, test, tuned["val"]["threshold"], config.eval_batch_size)
+    metrics["test_correct"] = paired.pack(tuned_right)  # a sweep pairs its runs with it
     if "zero_shot" in metrics:
-        metrics["verdict"] = verdict(run, remembered, test)
+        metrics["verdict"] = verdict(run, remembered, tuned_right, test)
     if config.save:
         model.save(run.out, {"threshold": metrics["fine_tuned"]["val"]["threshold"], **metrics["fine_tuned"]})
         card.write(run.out, metrics)
@@ -303,18 +303,17 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     return metrics
 
 
-def verdict(run: Run, tuned: evaluate.Remembered, test: list[data.Pair]) -> dict:
+def verdict(run: Run, tuned: evaluate.Remembered, tuned_right, test: list[data.Pair]) -> dict:
     """Fine-tuned against the model as published, paired on the same test pairs and queries, each
     model at its own validation threshold. The published model's embeddings were kept from the
     zero-shot evaluation (after a resume it embeds them again)."""
     config, zero_shot = run.config, run.metrics["zero_shot"]
     published = evaluate.Remembered(load_model(config.model, None, config.max_length, config.trust_remote_code)
                                     .to(run.model.device), run.zero_shot_vectors)
-    right = [evaluate.correct(m, test, threshold, config.eval_batch_size)
-             for m, threshold in ((tuned, run.metrics["fine_tuned"]["val"]["threshold"]), (published, zero_shot["val"]["threshold"]))]
+    published_right = evaluate.correct(published, test, zero_shot["val"]["threshold"], config.eval_batch_size)
     ranks = [evaluate.retrieval_metrics(m, test, batch_size=config.eval_batch_size, per_query=True)["reciprocal_ranks"]
              for m in (tuned, published)]
-    result = {"pairs": paired.compare_pairs(*right), "retrieval": paired.compare_queries(*ranks)}
+    result = {"pairs": paired.compare_pairs(tuned_right, published_right), "retrieval": paired.compare_queries(*ranks)}
     for view in result.values():
         print("verdict: " + paired.describe(view, "fine-tuned", "published"))
     return result
