@@ -68,9 +68,10 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 def sweep_plot(rows: list[dict], figure: Path, title: str = "") -> None:
-    """Test error against training pairs, a panel per model, a line per output width (a hollow
-    point: a run the time budget cut short); the zero-shot model (dotted, same colour) and each
-    baseline (dashed) as horizontal lines."""
+    """Test error against training pairs, a panel per model, a line per output width with each run's
+    95% interval (a ring: better than its zero-shot model by the paired test; a square, in a
+    baseline's colour: better than that baseline; a hollow point: a run the time budget cut short);
+    the zero-shot model (dotted, same colour) and each baseline (dashed) as horizontal lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,6 +91,12 @@ def sweep_plot(rows: list[dict], figure: Path, title: str = "") -> None:
             better = [(x, y) for x, y, r in zip(sizes, errors, line) if verdicts(r, rows).get("zero-shot") == "better"]
             if better:  # a ring: better than its zero-shot model by the paired test
                 ax.plot(*zip(*better), "o", ms=11, mfc="none", color=f"C{i}", label=f"{dim}-d: better than zero-shot (McNemar)")
+            for j, base in enumerate(baselines):  # a square: better than that baseline by the paired test
+                beat = [(x, y) for x, y, r in zip(sizes, errors, line)
+                        if verdicts(r, rows).get(Path(base["model"]).name) == "better"]
+                if beat:
+                    ax.plot(*zip(*beat), "s", ms=14, mfc="none", color=f"C{j + 5}",
+                            label=f"{dim}-d: better than {Path(base['model']).name} (McNemar)")
             cut = [(x, y) for x, y, r in zip(sizes, errors, line) if cut_short(r)]
             if cut:  # hollow: the time budget stopped these runs before their last epoch
                 ax.plot(*zip(*cut), "o", mfc="white", color=f"C{i}", label=f"{dim}-d, cut by the time budget")

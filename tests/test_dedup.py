@@ -54,6 +54,16 @@ def test_command_line_on_synthetic_texts(tiny_model_dir, tmp_path, capsys):
     assert sorted(map(sorted, found)) == sorted(sorted(g) for g in groups if len(g) > 1)
     out = capsys.readouterr().out
     assert "6 distinct texts" in out and "4 near-duplicate pairs" in out and "time: encode" in out
+    assert f"written to {(tmp_path / 'g.jsonl').resolve()}" in out
+
+
+def test_without_out_it_writes_groups_jsonl_here_and_says_so(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    Embedder.from_pretrained(str(tiny_model_dir), dense_out_features=16).save(tmp_path / "m", decision={"threshold": 0.5})
+    (tmp_path / "texts.txt").write_text("how do i t1a\nhow do i t1a t1b\n")
+    monkeypatch.chdir(tmp_path)
+    dedup.main(["texts.txt", "--model", "m", "--device", "cpu"])
+    assert f"written to {tmp_path.resolve() / 'groups.jsonl'}" in capsys.readouterr().out
+    assert (tmp_path / "groups.jsonl").exists()
 
 
 def test_a_model_without_a_threshold_is_one_line(tiny_model_dir, tmp_path, capsys):
