@@ -1,0 +1,152 @@
+"""Silver pairs: a larger model, the teacher, labels pairs that it mines from unlabelled texts, so
+that a small model learns from many more pairs than were labelled. This is Augmented SBERT (Thakur
+et al. 2021, "Augmented SBERT: Data Augmentation Method for Improving Bi-Encoders for Pairwise
+Sentence Scoring Tasks"), with a bi-encoder as the teacher:
+
+    python train.py --model all-MiniLM-L6-v2 --data gold.tsv --val val.tsv --test test.tsv \\
+        --unlabelled questions.txt --teacher teacher-run     # an earlier --out, a hub name, openai:...
+
+1. The teacher embeds every unlabelled text once. Texts that occur in the validation or test pairs
+   are left out first (the overlap rule of the gold pairs), so no evaluated text becomes silver.
+2. Each text's nearest neighbours under the teacher (a chunked top-k, as de-duplication computes)
+   and a few random partners are the candidate pairs: the neighbours are the hard cases, the random
+   partners the easy negatives a search must also get right.
+3. The teacher labels each pair: its decision at its own threshold (the one stored in its folder,
+   else tuned on the validation pairs), or its cosine as a soft target (`--silver-labels score`,
+   trained with `losses.WithTeacherScores`).
+
+The pairs are cached under $EMBED_FT_CACHE (default ~/.cache/embed-ft), keyed by the teacher, the
+texts and these settings, so a second run, a sweep or a resumed run mines nothing again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+import data
+import dedup
+import evaluate
+from errors import InputError
+
+# A teacher's cosine is a soft target strictly inside (0, 1): labels of exactly 0 and 1 are gold.
+SCORE_FLOOR, SCORE_CEILING = 1e-4, 1 - 1e-4
+
+
+def unlabelled_texts(path: str, *held_out: list[data.Pair]) -> list[str]:
+    """The distinct texts of a .txt file (one a line, optionally .gz) or of a pairs file (labels
+    ignored), less every text that occurs in the held-out pairs (compared normalised)."""
+    texts, _ = dedup.read_texts(Path(path), None)
+    seen = {data.normalise(t) for pairs in held_out for a, b, _ in pairs for t in (a, b)}
+    kept = list({data.normalise(t): t for t in reversed(texts) if data.normalise(t) not in seen}.values())[::-1]
+    if len(kept) < 2:
+        raise InputError(f"--unlabelled {path}: {len(kept)} text(s) left after dropping the {len(texts) - len(kept)} "
+                         "that occur in the validation or test pairs; give at least two others")
+    if len(kept) < len(texts):
+        print(f"unlabelled texts: dropped {len(texts) - len(kept)} that occur in validation or test (or repeat)")
+    return kept
+
+
+def candidate_pairs(vectors: np.ndarray, neighbours: int, random_partners: int, seed: int) -> np.ndarray:
+    """(m, 2) index pairs i < j, each once: every text with its nearest neighbours and with random
+    partners."""
+    n = len(vectors)
+    near = dedup.nearest_neighbours(vectors, neighbours)
+    rng = np.random.default_rng(seed)
+    partners = rng.integers(0, n - 1, size=(n, random_partners))
+    partners += partners >= np.arange(n)[:, None]  # never the text itself
+    rows = np.repeat(np.arange(n), near.shape[1] + random_partners)
+    pairs = np.stack([rows, np.concatenate([near, partners], axis=1).ravel()], axis=1)
+    return np.unique(np.sort(pairs, axis=1), axis=0)
+
+
+def teacher_threshold(teacher, val: list[data.Pair], batch_size: int) -> float:
+    """The threshold stored with the teacher (train.py tuned it on validation), else tuned here on
+    the validation pairs."""
+    stored = getattr(teacher, "decision", {}).get("threshold")
+    if stored is not None:
+        return float(stored)
+    scores = evaluate.cosine_scores(teacher, val, batch_size)
+    return float(evaluate.best_threshold(scores, evaluate.labels_of(val)))
+
+
+def label(cosines: np.ndarray, threshold: float, labels: str) -> np.ndarray:
+    """The teacher's decision (1 above its threshold, else 0), or its cosine clipped into (0, 1)."""
+    if labels == "decision":
+        return (cosines > threshold).astype(np.float32)
+    return np.clip(cosines, SCORE_FLOOR, SCORE_CEILING).astype(np.float32)
+
+
+def fingerprint(teacher: str) -> str:
+    """What identifies a teacher: a local folder by its files' names, sizes and times, else the
+    name (a hub model, or openai:MODEL)."""
+    folder = Path(teacher)
+    if not folder.is_dir():
+        return teacher
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return json.dumps([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def cache_path(teacher: str, texts: list[str], settings: dict) -> Path:
+    key = hashlib.sha256(json.dumps([fingerprint(teacher), settings]).encode())
+    for text in texts:
+        key.update(text.encode() + b"\n")
+    root = Path(os.environ.get("EMBED_FT_CACHE", Path.home() / ".cache" / "embed-ft"))
+    return root / "silver" / f"{key.hexdigest()[:24]}.jsonl"
+
+
+def mine(teacher_name: str, texts: list[str], val: list[data.Pair], settings: dict, batch_size: int,
+         device: str) -> tuple[list[data.Pair], dict]:
+    """Embed the texts with the teacher, pick the candidate pairs, label them."""
+    teacher = evaluate.open_encoder(teacher_name, device=device)
+    started = time.perf_counter()
+    vectors = teacher.encode(texts, batch_size=batch_size)  # a progress bar on long work
+    encoded = time.perf_counter()
+    pairs = candidate_pairs(vectors, settings["neighbours"], settings["random_partners"], settings["seed"])
+    cosines = np.einsum("ij,ij->i", vectors[pairs[:, 0]], vectors[pairs[:, 1]])
+    threshold = teacher_threshold(teacher, val, batch_size)
+    labels = label(cosines, threshold, settings["labels"])
+    silver = [(texts[i], texts[j], float(y)) for (i, j), y in zip(pairs.tolist(), labels.tolist())]
+    return silver, {"teacher_threshold": threshold, "encode_seconds": encoded - started,
+                    "teacher_texts_per_s": len(texts) / max(encoded - started, 1e-9)}
+
+
+def silver_pairs(teacher: str, unlabelled: str, val: list[data.Pair], test: list[data.Pair], *, labels: str = "decision",
+                 neighbours: int = 3, random_partners: int = 1, size: int = 0, seed: int = 0, batch_size: int = 128,
+                 device: str = "auto") -> tuple[list[data.Pair], dict]:
+    """The silver pairs for a run, from the cache or mined, and what to report about them. `size`
+    keeps a random sample of that many (0: all); the sample, not the mining, follows the seed."""
+    texts = unlabelled_texts(unlabelled, val, test)
+    settings = {"labels": labels, "neighbours": neighbours, "random_partners": random_partners, "seed": 0}
+    path = cache_path(teacher, texts, settings)
+    if path.with_suffix(".json").exists():  # written last: the entry is complete
+        report = json.loads(path.with_suffix(".json").read_text())
+        with open(path) as f:
+            silver = [tuple(json.loads(line)) for line in f]
+        print(f"silver pairs: {len(silver):,} from the cache ({path})")
+    else:
+        silver, report = mine(teacher, texts, val, settings, batch_size, device)
+        write_cache(path, silver, report)
+        print(f"silver pairs: {len(silver):,} mined from {len(texts):,} texts in {report['encode_seconds']:.0f} s "
+              f"({report['teacher_texts_per_s']:.0f} texts/s), cached in {path}")
+    if size:
+        if size > len(silver):
+            raise InputError(f"--silver-size {size} is more than the {len(silver)} silver pairs mined")
+        silver = data.subsample(silver, size, seed)
+    report = report | {"teacher": teacher, "texts": len(texts), "pairs": len(silver), "labels": labels,
+                       "duplicate_share": float(np.mean([y > 0.5 for *_, y in silver]))}
+    return silver, report
+
+
+def write_cache(path: Path, silver: list[data.Pair], report: dict) -> None:
+    """The pairs, then their report; each written whole (a temporary file renamed), the report last,
+    so a cache entry with a report is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, text in [(path, "".join(json.dumps(p) + "\n" for p in silver)), (path.with_suffix(".json"), json.dumps(report))]:
+        temporary = target.with_suffix(target.suffix + ".tmp")
+        temporary.write_text(text)
+        temporary.replace(target)
