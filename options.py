@@ -174,5 +174,9 @@ def parse_overrides(text: str) -> dict:
                 {"int": int, "float": float, "str": str}[kinds[name]](value)
         except ValueError:
             raise InputError(f"--set {item}: {name} takes {'an integer' if kinds[name] == 'int' else 'a number'}") from None
+    kinds_of_paths = {f.name: f.metadata["path"] for f in dataclasses.fields(Config) if "path" in f.metadata}
+    for name, value in overrides.items():
+        if name in kinds_of_paths and value:
+            paths.check(f"--set {name}", value, kinds_of_paths[name])  # a missing --set teacher=DIR, say
     check(Config(**overrides))  # a range or a choice that cannot work, named before a round starts
     return overrides

@@ -33,6 +33,7 @@ import errors
 import data
 import jsonl
 import paths
+import options
 from options import Config
 from sources import model_kind
 
@@ -217,12 +218,13 @@ def evaluate_remote(config: dict, baseline: str | None = None) -> dict:
 @app.local_entrypoint()
 def modal_main(models: str = ",".join(MODELS), sizes: str = ",".join(map(str, SIZES)),
                dims: str = ",".join(map(str, DIMS)), results_path: str = "results/sweep.jsonl",
-               baselines: str = "", eval_size: int = 0, max_containers: int = 0, gpus_per_run: int = 1):
+               baselines: str = "", eval_size: int = 0, max_containers: int = 0, gpus_per_run: int = 1, set: str = ""):
     """Shrink the grid with comma-separated --models, --sizes (0 = full split) and --dims.
+    --set "option=value ...": training options for every run (a --teacher must be a hub name here).
     --baselines: comma-separated models to evaluate once (openai:... runs here, with OPENAI_API_KEY).
     --gpus-per-run G: runs of 51,200 pairs or more (and the full split) train on G GPUs, batch G x 32."""
     configs = grid(models.split(","), [int(s) for s in sizes.split(",")], [int(d) for d in dims.split(",")],
-                   eval_size=eval_size, device="cuda")  # in a container without a GPU, fail loudly
+                   **options.parse_overrides(set) | dict(eval_size=eval_size, device="cuda"))  # no GPU: fail loudly
     path = Path(results_path)
     runs = [(scaled_for(c, processes_for(c, gpus_per_run)), processes_for(c, gpus_per_run)) for c in configs]
     todo = pending(runs, path)
@@ -344,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", action="append", default=[], metavar="MODEL", help="also evaluate this model once, as published: "
                         "a folder, a hub name or openai:MODEL (repeat the flag for more)")
     parser.add_argument("--base-url", help="an OpenAI-compatible server for openai: baselines")
+    parser.add_argument("--set", default="", help="training options for every run, as option=value ... (say "
+                        "\"teacher=DIR unlabelled=texts.txt\": see python train.py --help)")
     errors.add_debug_flag(parser)
     args = paths.parse(parser, argv)
     figure = Path(args.figure) if args.figure else None
@@ -354,8 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     if bool(args.val) != bool(args.test):  # what every run shares is checked before any run starts
         raise errors.InputError("give both --val and --test, or neither (to split them off --data)")
     path = Path(args.results)
-    configs = grid(args.models, args.sizes, args.dims, data=args.data, val=args.val, test=args.test,
-                   eval_size=args.eval_size, device=args.device)
+    configs = grid(args.models, args.sizes, args.dims, **options.parse_overrides(args.set) | dict(
+        data=args.data, val=args.val, test=args.test, eval_size=args.eval_size, device=args.device))
     for config in missing_zero_shots(configs, path):
         record(evaluate_once(config), path)
     todo = pending([(c, 1) for c in configs], path)

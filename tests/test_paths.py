@@ -157,7 +157,10 @@ def test_a_value_a_library_would_parse_is_checked_by_us_first(tiny_model_dir, tm
 @pytest.mark.parametrize("setting, expected", [("epochs=three", "epochs takes an integer"),
                                                ("lr=-1", "--lr must be more than 0"),
                                                ("select_best=maybe", "select_best is true or false"),
-                                               ("colour=red", "unknown option 'colour'")])
+                                               ("colour=red", "unknown option 'colour'"),
+                                               ("teacher=./gone unlabelled=x.txt", "--set teacher ./gone: model "
+                                                "folder not found"),
+                                               ("teacher=t", "give both --unlabelled")])
 def test_a_flywheel_set_is_checked_before_the_round(tiny_model_dir, tmp_path, capsys, setting, expected):
     code, err = run_cli(flywheel.main, ["--home", str(tmp_path / "fw"), "--base", str(tiny_model_dir), "--val",
                                         str(write_tsv(tmp_path / "v.tsv", synthetic_pairs(40, 1))), "--test",

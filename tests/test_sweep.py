@@ -273,3 +273,14 @@ def test_baselines_and_plot_from_the_jsonl_alone(sweep_args, tiny_model_dir, tmp
 def test_bad_sweep_input_is_one_line(sweep_args, capsys):
     code, err = run_cli(sweep.main, ["--local"] + sweep_args[:2] + ["--sizes", "-5"] + sweep_args[4:], capsys)
     assert code == 2 and err == "error: --sizes and --dims must be 0 or more\n"
+
+
+def test_set_reaches_every_run_and_a_bad_one_is_refused_first(sweep_args, tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(sweep, "run_config", lambda config, out_root: seen.append(config) or {"kind": "run", "error": "x"})
+    monkeypatch.setattr(sweep, "evaluate_once", lambda config: {"kind": "zero_shot", "error": "x"})
+    monkeypatch.setattr(sweep, "finish", lambda *a: None)
+    sweep.main(["--local"] + sweep_args + ["--set", "epochs=1 margin=0.3"])
+    assert len(seen) == 4 and all(c["epochs"] == 1 and c["margin"] == 0.3 for c in seen)
+    code, err = run_cli(sweep.main, ["--local"] + sweep_args + ["--set", "teacher=t"], capsys)
+    assert code == 2 and "give both --unlabelled" in err
