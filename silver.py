@@ -111,8 +111,11 @@ def mine(teacher_name: str, texts: list[str], val: list[data.Pair], settings: di
     threshold = teacher_threshold(teacher, val, batch_size)
     labels = label(cosines, threshold, settings["labels"])
     silver = [(texts[i], texts[j], float(y)) for (i, j), y in zip(pairs.tolist(), labels.tolist())]
+    recorded = getattr(teacher, "decision", {})  # a train.py folder keeps its own evaluation
     return silver, {"teacher_threshold": threshold, "encode_seconds": encoded - started,
-                    "teacher_texts_per_s": len(texts) / max(encoded - started, 1e-9)}
+                    "teacher_texts_per_s": len(texts) / max(encoded - started, 1e-9),
+                    "teacher_val_error": recorded.get("val", {}).get("error_rate"),
+                    "teacher_test_error": recorded.get("test", {}).get("error_rate")}
 
 
 def silver_pairs(teacher: str, unlabelled: str, val: list[data.Pair], test: list[data.Pair], *, labels: str = "decision",

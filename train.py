@@ -312,6 +312,10 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     print(f"fine-tuned: error val {tuned['val']['error_rate']:.2%}, test {tuned['test']['error_rate']:.2%}; "
           f"test MRR {tuned['retrieval']['test']['mrr']:.4f} ({metrics['training']['pairs_per_s']:.1f} pairs/s, "
           f"stopped: {metrics['training']['stopped_by']})")
+    taught = metrics.get("silver", {})
+    if taught.get("teacher_test_error") is not None:
+        print(f"teacher: error val {taught['teacher_val_error']:.2%}, test {taught['teacher_test_error']:.2%} "
+              f"(as its folder records it)")
     tuned_right = evaluate.correct(remembered, test, tuned["val"]["threshold"], config.eval_batch_size)
     metrics["test_correct"] = paired.pack(tuned_right)  # a sweep pairs its runs with it
     if "zero_shot" in metrics:

@@ -121,7 +121,9 @@ def test_a_taught_run_trains_on_gold_and_silver_and_its_card_names_the_teacher(t
     metrics = train.train(taught_config(tiny_model_dir, files, tmp_path / "student", teacher=str(teacher), epochs=1))
     taught = metrics["silver"]
     assert taught["gold_pairs"] == 64 and taught["teacher"] == str(teacher)
-    assert taught["teacher_threshold"] == Embedder.load(teacher).decision["threshold"]  # its own, stored
+    recorded = Embedder.load(teacher).decision
+    assert taught["teacher_threshold"] == recorded["threshold"]  # its own, stored
+    assert taught["teacher_test_error"] == recorded["test"]["error_rate"]
     assert metrics["training"]["pairs"] == 64 + taught["pairs"]
     written = (tmp_path / "student" / "README.md").read_text()
     assert "on 64 distinct labelled pairs" in written and f"distilled from `{teacher}`" in written
