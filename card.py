@@ -97,8 +97,6 @@ def distilled(taught: dict | None) -> str:
     """The teacher, named where the model was distilled (silver.py)."""
     if not taught:
         return ""
-    if taught["labels"] == "embedding":
-        return f" and distilled from `{taught['teacher']}` on its embeddings of {2 * taught['pairs']:,} unlabelled texts"
     how = (f"its decisions at cosine > {taught['teacher_threshold']:.4f}" if taught["labels"] == "decision"
            else "its cosines as soft targets")
     return (f" and distilled from `{taught['teacher']}`: {taught['pairs']:,} silver pairs mined from {taught['texts']:,} "

@@ -138,29 +138,6 @@ class WithTeacherScores(nn.Module):
         return loss + (self.silver(a[silver], b[silver], labels[silver]) if silver.any() else 0)
 
 
-class WithTeacherEmbeddings(nn.Module):
-    """Gold pairs with the gold loss; unlabelled texts pulled onto the teacher's embeddings.
-
-    A silver "pair" is two unlabelled texts whose label is 2 + its row in `targets` (pairs, 2, d),
-    the teacher's unit vectors of both (`silver.teacher_embeddings`). Each text adds 1 - cos(its
-    embedding, the teacher's), summed as the gold loss is: the student learns the teacher's whole
-    geometry, d numbers a text rather than one a pair (Reimers & Gurevych 2020, "Making Monolingual
-    Sentence Embeddings Multilingual using Knowledge Distillation").
-    """
-
-    def __init__(self, gold: nn.Module, targets: torch.Tensor):
-        super().__init__()
-        self.gold, self.targets = gold, targets
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        silver = labels >= 2
-        gold = ~silver
-        loss = self.gold(a[gold], b[gold], labels[gold]) if gold.any() else a.sum() * 0
-        self.targets = self.targets.to(a.device)  # once: a no-op after the first step
-        target = self.targets[(labels[silver] - 2).long()]
-        return loss + (2 - (a[silver] * target[:, 0]).sum(-1) - (b[silver] * target[:, 1]).sum(-1)).sum()
-
-
 BY_NAME = {  # --loss name -> the loss, built from the run's options
     "ocl": lambda c: OnlineContrastiveLoss(c.margin),
     "cosent": lambda c: CoSENTLoss(c.scale),

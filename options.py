@@ -41,7 +41,7 @@ class Config:
     teacher: str = field(default="", metadata={"path": "MODEL", "help": "the model that labels them: a folder, an "
                          "earlier --out, a hub name or openai:MODEL"})
     silver_labels: str = field(default="decision", metadata={"help": "decision: the teacher's at its threshold | "
-                               "score: its cosine, a soft target | embedding: its embeddings of the texts"})
+                               "score: its cosine, a soft target"})
     silver_neighbours: int = field(default=3, metadata={"help": "nearest neighbours of each text under the teacher"})
     silver_random: int = field(default=1, metadata={"help": "random partners of each text"})
     silver_size: int = field(default=0, metadata={"help": "silver pairs to sample from those mined; 0 = all"})
@@ -94,7 +94,7 @@ RANGES = {"dense_out_features": ">= 0", "max_length": ">= 1", "val_size": "> 0",
           "min_recall": "0..1", "min_precision": "0..1", "seed": ">= 0", "eval_batch_size": ">= 1",
           "checkpoint_every": ">= 0", "silver_neighbours": ">= 0", "silver_random": ">= 0", "silver_size": ">= 0"}
 CHOICES = {"implied_pairs": ("none", "duplicates", "all"), "loss": LOSSES, "precision": ("auto", "bf16", "fp16", "fp32"),
-           "objective": ("classification", "retrieval"), "silver_labels": ("decision", "score", "embedding")}
+           "objective": ("classification", "retrieval"), "silver_labels": ("decision", "score")}
 
 
 def out_of_range(value: float, rule: str) -> str | None:
@@ -122,8 +122,6 @@ def check(config: Config) -> None:
         raise InputError("give both --val and --test, or neither (to split them off --data)")
     if bool(config.unlabelled) != bool(config.teacher):
         raise InputError("give both --unlabelled (the texts) and --teacher (the model that labels them), or neither")
-    if config.teacher and config.silver_labels == "embedding" and config.matryoshka_dims:
-        raise InputError("--silver-labels embedding learns the teacher's full-width embeddings; drop --matryoshka-dims")
     if config.teacher and config.silver_neighbours + config.silver_random == 0:
         raise InputError("--silver-neighbours and --silver-random are both 0: no silver pair could be mined")
     if config.objective == "retrieval" and config.loss not in ("ocl", "contrastive"):

@@ -35,7 +35,6 @@ from errors import InputError
 
 # A teacher's cosine is a soft target strictly inside (0, 1): labels of exactly 0 and 1 are gold.
 SCORE_FLOOR, SCORE_CEILING = 1e-4, 1 - 1e-4
-EMBEDDING_LABEL = 2  # and up: a pair of texts whose targets are the teacher's embeddings
 
 
 def unlabelled_texts(path: str, *held_out: list[data.Pair]) -> list[str]:
@@ -117,39 +116,6 @@ def mine(teacher_name: str, texts: list[str], val: list[data.Pair], settings: di
                     "teacher_texts_per_s": len(texts) / max(encoded - started, 1e-9),
                     "teacher_val_error": recorded.get("val", {}).get("error_rate"),
                     "teacher_test_error": recorded.get("test", {}).get("error_rate")}
-
-
-def teacher_embeddings(teacher: str, unlabelled: str, val: list[data.Pair], test: list[data.Pair], *, size: int = 0,
-                       seed: int = 0, batch_size: int = 128, device: str = "auto") -> tuple[list[data.Pair], dict, np.ndarray]:
-    """`--silver-labels embedding`: the teacher's embedding of each text is the target. The texts go
-    through training two at a time, as "pairs" whose label is EMBEDDING_LABEL + the pair's row in the
-    returned (pairs, 2, dim) array of teacher vectors (losses.WithTeacherEmbeddings reads it back)."""
-    texts = unlabelled_texts(unlabelled, val, test)
-    path = cache_path(teacher, texts, {"labels": "embedding"}).with_suffix(".npy")
-    if path.with_suffix(".json").exists():
-        report, vectors = json.loads(path.with_suffix(".json").read_text()), np.load(path)
-        print(f"teacher embeddings: {len(texts):,} texts from the cache ({path})")
-    else:
-        encoder = evaluate.open_encoder(teacher, device=device)
-        started = time.perf_counter()
-        vectors = encoder.encode(texts, batch_size=batch_size).astype(np.float32)
-        seconds = time.perf_counter() - started
-        report = {"encode_seconds": seconds, "teacher_texts_per_s": len(texts) / max(seconds, 1e-9), "teacher_threshold": None,
-                  **{f"teacher_{s}_error": getattr(encoder, "decision", {}).get(s, {}).get("error_rate") for s in ("val", "test")}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path.with_suffix(".tmp.npy"), vectors)
-        path.with_suffix(".tmp.npy").replace(path)
-        path.with_suffix(".json").write_text(json.dumps(report))
-        print(f"teacher embeddings: {len(texts):,} texts in {seconds:.0f} s, cached in {path}")
-    order = np.random.default_rng(seed).permutation(len(texts) - len(texts) % 2).reshape(-1, 2)
-    if size:
-        if size > len(order):
-            raise InputError(f"--silver-size {size} is more than the {len(order)} pairs of texts")
-        order = order[:size]
-    pairs = [(texts[i], texts[j], float(EMBEDDING_LABEL + k)) for k, (i, j) in enumerate(order.tolist())]
-    report = report | {"teacher": teacher, "texts": len(texts), "pairs": len(pairs), "labels": "embedding",
-                       "duplicate_share": None}
-    return pairs, report, vectors[order]
 
 
 def silver_pairs(teacher: str, unlabelled: str, val: list[data.Pair], test: list[data.Pair], *, labels: str = "decision",

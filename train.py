@@ -37,7 +37,7 @@ import paired
 import run_folder
 import silver
 from jsonl import write_json
-from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum, WithTeacherEmbeddings, WithTeacherScores
+from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum, WithTeacherScores
 from model import cpu_has_bf16, load_model, mix_weights, pick_device
 from options import Config
 from run_state import Checkpointer, LossWatch, Run, cpu_copy, start_run
@@ -88,41 +88,30 @@ def length_groups_for(config: Config, device: torch.device) -> int:
     return config.length_groups or (1 if device.type == "cuda" else 2)
 
 
-def build_loss(config: Config, dim: int, targets=None) -> torch.nn.Module:
+def build_loss(config: Config, dim: int) -> torch.nn.Module:
     """The objective's loss: --loss for classification, in-batch InfoNCE for retrieval (it ranks each
     text's duplicate above every other text of the batch, what a search needs); with a teacher's
-    scores, CoSENT on them for the silver pairs; with its embeddings (`targets`), the distance to them."""
+    scores, CoSENT on them for the silver pairs."""
     loss = losses.BY_NAME["contrastive" if config.objective == "retrieval" else config.loss](config)
     if config.in_batch_weight:
         loss = WeightedSum([(1.0, loss), (config.in_batch_weight, InBatchContrastiveLoss(config.scale))])
     if config.teacher and config.silver_labels == "score":
         loss = WithTeacherScores(loss, config.scale)
-    if targets is not None:
-        if targets.shape[-1] != dim:
-            raise errors.InputError(f"the student embeds in {dim} dimensions and the teacher in {targets.shape[-1]}: "
-                                    f"give --dense-out-features {targets.shape[-1]} to learn its embeddings")
-        loss = WithTeacherEmbeddings(loss, torch.from_numpy(targets))
     if config.matryoshka_dims:
         loss = MatryoshkaLoss(loss, sorted({int(d) for d in config.matryoshka_dims.split(",")} | {dim}))
     return loss
 
 
 def add_silver(config: Config, train_pairs: list[data.Pair], val: list[data.Pair],
-               test: list[data.Pair]):
-    """--teacher: the gold pairs and the silver pairs the teacher labels (silver.py), its report, and
-    with --silver-labels embedding its embeddings of them."""
+               test: list[data.Pair]) -> tuple[list[data.Pair], dict | None]:
+    """--teacher: the gold pairs and the silver pairs the teacher labels (silver.py), and its report."""
     if not config.teacher:
-        return train_pairs, None, None
-    if config.silver_labels == "embedding":
-        pairs, report, targets = silver.teacher_embeddings(config.teacher, config.unlabelled, val, test,
-                                                           size=config.silver_size, seed=config.seed,
-                                                           batch_size=config.eval_batch_size, device=config.device)
-        return train_pairs + pairs, report | {"gold_pairs": len(train_pairs)}, targets
+        return train_pairs, None
     pairs, report = silver.silver_pairs(config.teacher, config.unlabelled, val, test, labels=config.silver_labels,
                                         neighbours=config.silver_neighbours, random_partners=config.silver_random,
                                         size=config.silver_size, seed=config.seed, batch_size=config.eval_batch_size,
                                         device=config.device)
-    return train_pairs + pairs, report | {"gold_pairs": len(train_pairs)}, None
+    return train_pairs + pairs, report | {"gold_pairs": len(train_pairs)}
 
 
 def log(message: str, rank: int) -> None:
@@ -156,7 +145,7 @@ def train(config: Config, on_checkpoint=None) -> dict:
 
 def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Claim, on_checkpoint=None) -> dict:
     device, (train_pairs, val, test), model = prepare(config)
-    train_pairs, taught, targets = add_silver(config, train_pairs, val, test)
+    train_pairs, taught = add_silver(config, train_pairs, val, test)
     precision = pick_precision(config.precision, device)
     silver_part = f" ({taught['gold_pairs']} gold + {taught['pairs']} silver)" if taught else ""
     log(f"pairs: {len(train_pairs)} train{silver_part}, {len(val)} val, {len(test)} test | {device} x{world_size} | "
@@ -171,7 +160,7 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
     if taught:
         run.metrics["silver"] = taught
     begin(run, val, test, rank)
-    loss_fn, autocast = build_loss(config, model.dim, targets), training_autocast(precision, device)
+    loss_fn, autocast = build_loss(config, model.dim), training_autocast(precision, device)
     losses_seen = LossWatch(device, steps_per_epoch, out=run.out)
     saver = Checkpointer(run, losses_seen, folder, on_checkpoint, rank)
     p = run.progress

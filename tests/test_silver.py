@@ -151,28 +151,3 @@ def test_a_teacher_needs_texts_and_texts_need_a_teacher():
         check(Config(teacher="t"))
     with pytest.raises(InputError, match="no silver pair could be mined"):
         check(Config(teacher="t", unlabelled="u", silver_neighbours=0, silver_random=0))
-
-
-def test_the_teacher_embeddings_loss_is_the_gold_loss_plus_each_texts_distance_to_its_target():
-    torch.manual_seed(0)
-    a, b = (torch.nn.functional.normalize(torch.randn(4, 3), dim=-1) for _ in range(2))
-    targets = torch.nn.functional.normalize(torch.randn(5, 2, 3), dim=-1)
-    labels = torch.tensor([1.0, 0.0, 2 + 3, 2 + 0])                  # two gold pairs, then rows 3 and 0 of targets
-    ocl = losses.OnlineContrastiveLoss(0.5)
-    by_hand = sum(2 - a[r] @ targets[k, 0] - b[r] @ targets[k, 1] for r, k in [(2, 3), (3, 0)])
-    expected = ocl(a[:2], b[:2], labels[:2]) + by_hand
-    assert losses.WithTeacherEmbeddings(ocl, targets)(a, b, labels) == pytest.approx(expected.item(), rel=1e-6)
-
-
-def test_a_run_taught_by_embeddings_pairs_texts_with_their_teacher_vectors(tiny_model_dir, files, cache, tmp_path):
-    val, test = (data.load_pairs(str(files[k])) for k in ("val", "test"))
-    pairs, report, targets = silver.teacher_embeddings(str(tiny_model_dir), str(files["unlabelled"]), val, test, size=30)
-    teacher = Embedder.load(tiny_model_dir) if (tiny_model_dir / "modules.json").exists() else load_model(str(tiny_model_dir))
-    k = int(pairs[7][2]) - silver.EMBEDDING_LABEL
-    assert k == 7 and targets.shape == (30, 2, 32) and report["pairs"] == 30
-    assert np.allclose(targets[k], teacher.encode([pairs[7][0], pairs[7][1]]), atol=1e-5)
-    metrics = train.train(taught_config(tiny_model_dir, files, tmp_path / "s", silver_labels="embedding", epochs=1,
-                                        dense_out_features=0))
-    assert metrics["silver"]["labels"] == "embedding" and metrics["training"]["pairs"] == 64 + 80
-    with pytest.raises(InputError, match="give --dense-out-features 32"):
-        train.train(taught_config(tiny_model_dir, files, tmp_path / "t", silver_labels="embedding"))
