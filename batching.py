@@ -28,7 +28,7 @@ class TokenizedPairs:
         index = {t: i for i, t in enumerate(texts)}
         self.input_ids: list[list[int]] = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.pairs = np.array([(index[a], index[b]) for a, b, _ in pairs], dtype=np.int64).reshape(-1, 2)
-        self.labels = np.array([y for _, _, y in pairs], dtype=np.float32)  # silver scores lie between 0 and 1
+        self.labels = np.array([y for _, _, y in pairs], dtype=np.int64)
         self.tokenizer = tokenizer
 
     def __len__(self) -> int:

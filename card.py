@@ -45,12 +45,10 @@ def render(metrics: dict, directory: Path) -> str:
     rule = " under " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in constraint.items()) if constraint else ""
     dense = ('vectors = vectors @ load_file(folder / "2_Dense/model.safetensors")["linear.weight"].T   # projection\n'
              if config["dense_out_features"] else "")
-    taught = metrics.get("silver")
-    gold = taught["gold_pairs"] if taught else training.get("train_pairs", training["pairs"])
     lines = front + [
         f"# {directory.resolve().name}", "",
         f"A sentence embedding model fine-tuned with embed-ft from `{config['model']}` on "
-        f"{gold:,} distinct labelled pairs of `{config['data']}`{distilled(taught)} "
+        f"{training.get('train_pairs', training['pairs']):,} distinct labelled pairs of `{config['data']}` "
         f"({training['epochs']} epoch(s), {training['pairs']:,} pairs seen; the weights of epoch "
         f"{training['best_epoch'] or training['epochs']} were kept, the best on validation). Mean pooling, a linear "
         f"projection to {dim} dimensions, unit-length embeddings: compare them by cosine (a dot product).", "",
@@ -91,16 +89,6 @@ def render(metrics: dict, directory: Path) -> str:
         TRANSFORMERS_SNIPPET.format(folder=directory.name, max_length=config["max_length"], dense=dense), "```", "",
         "## Upload", "", "```bash", f"hf upload YOUR-NAME/{directory.resolve().name} {directory.name}", "```", ""]
     return "\n".join(lines)
-
-
-def distilled(taught: dict | None) -> str:
-    """The teacher, named where the model was distilled (silver.py)."""
-    if not taught:
-        return ""
-    how = (f"its decisions at cosine > {taught['teacher_threshold']:.4f}" if taught["labels"] == "decision"
-           else "its cosines as soft targets")
-    return (f" and distilled from `{taught['teacher']}`: {taught['pairs']:,} silver pairs mined from {taught['texts']:,} "
-            f"unlabelled texts, labelled with {how}")
 
 
 def verdict_lines(metrics: dict) -> list[str]:

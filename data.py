@@ -249,6 +249,16 @@ def drop_useless(pairs: list[Pair], source: str) -> list[Pair]:
     return kept
 
 
+def write_pairs(pairs: list[Pair], path: Path) -> Path:
+    """Pairs as a gzipped TSV that `load_pairs` reads back (question1, question2, is_duplicate)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["question1", "question2", "is_duplicate"])
+        writer.writerows(pairs)
+    return path
+
+
 # --------------------------------------------------------------------------------------- splitting
 
 def normalise(text: str) -> str:

@@ -37,19 +37,6 @@ def near_duplicate_pairs(vectors: np.ndarray, threshold: float, chunk: int = 102
     return np.concatenate(left or [np.zeros(0, int)]), np.concatenate(right or [np.zeros(0, int)])
 
 
-def nearest_neighbours(vectors: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """(n, k): each row's k most similar other rows, most similar first; rows are unit length.
-    Computed a chunk of rows at a time, as `near_duplicate_pairs` is."""
-    k = min(k, len(vectors) - 1)
-    found = []
-    for start in range(0, len(vectors), chunk):
-        scores = vectors[start:start + chunk] @ vectors.T
-        scores[np.arange(len(scores)), np.arange(start, start + len(scores))] = -np.inf  # not itself
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(scores), 0), int)
-        found.append(np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1))
-    return np.concatenate(found) if found else np.zeros((0, k), int)
-
-
 def group(n: int, left: np.ndarray, right: np.ndarray) -> list[list[int]]:
     """Connected components with two or more members, largest first."""
     root = data.union_find(zip(left.tolist(), right.tolist()))

@@ -14,10 +14,7 @@ significantly more test pairs correctly: McNemar's exact test, one-sided, at --a
 (`paired.compare_pairs`). Each model's threshold is its own, tuned on validation. Before any
 promotion the model to beat is the base model as published. With `--set objective=retrieval` it
 promotes on ranking instead: significantly more test queries whose first duplicate the candidate
-ranks higher (a sign test, same shape). With `--teacher MODEL`, each round also gathers every text
-dropped into home/texts/ so far (.txt, one a line), new ones included, and the candidate learns from
-the pairs the teacher mines and labels there too (`silver.py`; the cache keeps earlier rounds' work
-only while the texts are unchanged).
+ranks higher (a sign test, same shape).
 
 Promotion writes nothing into the current model: the candidate's folder is complete before
 `home/current.json`, a small pointer file, is replaced by an atomic rename, so a crash leaves the old
@@ -32,8 +29,6 @@ round needs only --home.
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import hashlib
 import os
 import time
@@ -55,8 +50,8 @@ from errors import InputError
 from model import Embedder, load_model
 from pair_store import settle
 
-SETTINGS = ("base", "val", "test", "mode", "alpha", "set", "teacher")
-DEFAULTS = {"mode": "scratch", "alpha": 0.05, "set": "", "teacher": ""}
+SETTINGS = ("base", "val", "test", "mode", "alpha", "set")
+DEFAULTS = {"mode": "scratch", "alpha": 0.05, "set": ""}
 
 
 # ------------------------------------------------------------------------------------ the home
@@ -113,30 +108,6 @@ def new_pair_count(home: Path, folder: Path) -> int:
     return sum(len(data.load_pairs(str(p))) for p in files if fingerprint(p) not in seen)
 
 
-def write_pairs(pairs: list[data.Pair], path: Path) -> Path:
-    """The pairs a candidate is trained on, kept in its folder: what it saw is on record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["question1", "question2", "is_duplicate"])
-        writer.writerows(pairs)
-    return path
-
-
-def gather_texts(home: Path, folder: Path) -> Path | None:
-    """The unlabelled texts that have arrived in home/texts/ (.txt files, one text a line, optionally
-    .gz), all of them, as one file in the round's folder: what its teacher mines (silver.py)."""
-    files = sorted(p for p in (home / "texts").glob("*") if p.name.removesuffix(".gz").endswith(".txt"))
-    if not files:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    with gzip.open(folder / "unlabelled.txt.gz", "wt", encoding="utf-8") as out:
-        for path in files:
-            with data.open_text(path) as f:
-                out.writelines(line if line.endswith("\n") else line + "\n" for line in f if line.strip())
-    return folder / "unlabelled.txt.gz"
-
-
 def correct(model: Embedder, pairs: list[data.Pair], threshold: float) -> np.ndarray:
     labels = np.array([y for *_, y in pairs]) == 1
     return model.is_duplicate([a for a, _, _ in pairs], [b for _, b, _ in pairs], threshold) == labels
@@ -145,9 +116,8 @@ def correct(model: Embedder, pairs: list[data.Pair], threshold: float) -> np.nda
 # ------------------------------------------------------------------------------------ a round
 
 def run_round(home: Path, base: str, sources: list[str], val_path: str, test_path: str, mode: str = "scratch",
-              alpha: float = 0.05, overrides: dict | None = None, teacher: str = "") -> dict:
-    """One round: train a candidate, compare it with the current model, promote it or not, log it.
-    With a teacher, the candidate also learns from the silver pairs it labels on home/texts/."""
+              alpha: float = 0.05, overrides: dict | None = None) -> dict:
+    """One round: train a candidate, compare it with the current model, promote it or not, log it."""
     home.mkdir(parents=True, exist_ok=True)
     history = jsonl.read(home / "history.jsonl")
     number = len(history) + 1
@@ -165,13 +135,9 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
     kept = data.drop_overlap(pairs, val, test, remedy=f"the round has nothing to train on; send pairs about "
                              f"other texts than the fixed --val and --test ({val_path}, {test_path})")
     folder = home / "rounds" / f"round-{number:03d}"
-    texts = gather_texts(home, folder) if teacher else None
-    if teacher and not texts:
-        print(f"a teacher is set but {home / 'texts'} holds no .txt files yet: this round learns from the pairs alone")
-    taught = {"teacher": teacher, "unlabelled": str(texts)} if texts else {}
-    config = options.Config(**(overrides or {}) | taught | {
+    config = options.Config(**(overrides or {}) | {
         "model": str(home / before) if mode == "continue" and before != "base" else base,
-        "data": str(write_pairs(kept, folder / "pairs.tsv.gz")), "val": val_path, "test": test_path,
+        "data": str(data.write_pairs(kept, folder / "pairs.tsv.gz")), "val": val_path, "test": test_path,
         "out": str(folder), "resume": checkpoint.exists(folder)})
     if run_folder.finished_metrics(folder) is None:  # a round stopped after its training needs no second one
         train.train(config)
@@ -200,7 +166,6 @@ def run_round(home: Path, base: str, sources: list[str], val_path: str, test_pat
     row = {"round": number, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, "files": files,
            "new_files": len(new), "pairs_seen": sum(map(len, loaded.values())), "repeats_dropped": repeats,
            "conflicts_dropped": conflicts, "overlap_dropped": len(pairs) - len(kept), "trained_on": len(kept),
-           "silver_pairs": (run_folder.finished_metrics(folder) or {}).get("silver", {}).get("pairs", 0),
            "current": before, "candidate": str(folder.relative_to(home)),
            "current_error": float(1 - current_right.mean()), "candidate_error": float(1 - candidate_right.mean()),
            **verdict, "decision": "promoted" if promoted else "refused",
@@ -249,8 +214,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="scratch (default): base model on all pairs; continue: current model on new files only")
     parser.add_argument("--alpha", type=float, help="promote when the one-sided p is below this (default 0.05)")
     parser.add_argument("--set", help="training options as option=value ... (see python train.py --help)")
-    parser.add_argument("--teacher", metavar="MODEL", help="a larger model that labels pairs mined from the texts "
-                        "dropped into HOME/texts/ (.txt, one a line), for the candidate to learn from too")
     parser.add_argument("--init", action="store_true", help="only keep the settings in HOME/flywheel.json")
     parser.add_argument("--plot", metavar="FILE", help="only draw this history.jsonl as a figure")
     errors.add_debug_flag(parser)
@@ -269,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.init:
         return print(f"{home}/flywheel.json: {chosen}")
     run_round(home, chosen["base"], args.pairs or [str(home / "pairs")], chosen["val"], chosen["test"],
-              chosen["mode"], chosen["alpha"], overrides, chosen["teacher"])
+              chosen["mode"], chosen["alpha"], overrides)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Training objectives for labelled pairs. Each takes the unit-length embeddings of a batch's first
-and second texts, `a` and `b` (B, d), and the 0/1 labels (B,), and returns a scalar loss
-(`WithTeacherScores` also takes a teacher's scores, between 0 and 1).
+and second texts, `a` and `b` (B, d), and the 0/1 labels (B,), and returns a scalar loss.
 """
 from __future__ import annotations
 
@@ -115,27 +114,6 @@ class MatryoshkaLoss(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return sum(self.loss(F.normalize(a[:, :d], dim=-1), F.normalize(b[:, :d], dim=-1), labels) for d in self.dims)
-
-
-class WithTeacherScores(nn.Module):
-    """Gold pairs with the gold loss; silver pairs with CoSENT on the teacher's scores.
-
-    A silver pair's label is the teacher's cosine, strictly between 0 and 1 (`silver.py`); a gold
-    pair's is 0 or 1. CoSENT over the batch's silver pairs ranks the student's cosines in the
-    teacher's order: a ranking loss, which the student cannot satisfy by being close on average, as
-    it can a mean squared error on the cosines. The soft-target half of Augmented SBERT (Thakur et
-    al. 2021), with the ranking loss of Su 2022.
-    """
-
-    def __init__(self, gold: nn.Module, scale: float = 20.0):
-        super().__init__()
-        self.gold, self.silver = gold, CoSENTLoss(scale)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        silver = (labels > 0) & (labels < 1)
-        gold = ~silver
-        loss = self.gold(a[gold], b[gold], labels[gold]) if gold.any() else a.sum() * 0
-        return loss + (self.silver(a[silver], b[silver], labels[silver]) if silver.any() else 0)
 
 
 BY_NAME = {  # --loss name -> the loss, built from the run's options

@@ -35,16 +35,6 @@ class Config:
     dataset_size: int = field(default=0, metadata={"help": "training pairs to sample (nested); 0 = all"})
     implied_pairs: str = field(default="none", metadata={"help": "none | duplicates | all: add the pairs the training labels imply"})
     eval_size: int = field(default=0, metadata={"help": "evaluate on this many val and test pairs; 0 = all"})
-    # a teacher (silver.py): pairs it mines from unlabelled texts and labels
-    unlabelled: str = field(default="", metadata={"path": "FILE", "help": "unlabelled texts: .txt (one a line, "
-                            "optionally .gz) or a pairs file, labels ignored"})
-    teacher: str = field(default="", metadata={"path": "MODEL", "help": "the model that labels them: a folder, an "
-                         "earlier --out, a hub name or openai:MODEL"})
-    silver_labels: str = field(default="decision", metadata={"help": "decision: the teacher's at its threshold | "
-                               "score: its cosine, a soft target"})
-    silver_neighbours: int = field(default=3, metadata={"help": "nearest neighbours of each text under the teacher"})
-    silver_random: int = field(default=1, metadata={"help": "random partners of each text"})
-    silver_size: int = field(default=0, metadata={"help": "silver pairs to sample from those mined; 0 = all"})
     # optimisation
     objective: str = field(default="classification", metadata={"help": "classification: the duplicate decision (OCL, "
                            "epochs chosen by val error) | retrieval: ranking a corpus (in-batch InfoNCE, by val MRR)"})
@@ -92,9 +82,9 @@ RANGES = {"dense_out_features": ">= 0", "max_length": ">= 1", "val_size": "> 0",
           "epochs": ">= 1", "batch_size": ">= 1", "length_groups": ">= 0", "lr": "> 0", "weight_decay": ">= 0",
           "warmup_ratio": "0..1", "max_grad_norm": "> 0", "patience": ">= 0", "max_minutes": ">= 0",
           "min_recall": "0..1", "min_precision": "0..1", "seed": ">= 0", "eval_batch_size": ">= 1",
-          "checkpoint_every": ">= 0", "silver_neighbours": ">= 0", "silver_random": ">= 0", "silver_size": ">= 0"}
+          "checkpoint_every": ">= 0"}
 CHOICES = {"implied_pairs": ("none", "duplicates", "all"), "loss": LOSSES, "precision": ("auto", "bf16", "fp16", "fp32"),
-           "objective": ("classification", "retrieval"), "silver_labels": ("decision", "score")}
+           "objective": ("classification", "retrieval")}
 
 
 def out_of_range(value: float, rule: str) -> str | None:
@@ -120,10 +110,6 @@ def check(config: Config) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {getattr(config, name)})")
     if bool(config.val) != bool(config.test):
         raise InputError("give both --val and --test, or neither (to split them off --data)")
-    if bool(config.unlabelled) != bool(config.teacher):
-        raise InputError("give both --unlabelled (the texts) and --teacher (the model that labels them), or neither")
-    if config.teacher and config.silver_neighbours + config.silver_random == 0:
-        raise InputError("--silver-neighbours and --silver-random are both 0: no silver pair could be mined")
     if config.objective == "retrieval" and config.loss not in ("ocl", "contrastive"):
         raise InputError(f"--objective retrieval trains with in-batch InfoNCE (--loss contrastive); drop --loss {config.loss}")
     if config.objective == "retrieval" and config.in_batch_weight:
@@ -177,6 +163,6 @@ def parse_overrides(text: str) -> dict:
     kinds_of_paths = {f.name: f.metadata["path"] for f in dataclasses.fields(Config) if "path" in f.metadata}
     for name, value in overrides.items():
         if name in kinds_of_paths and value:
-            paths.check(f"--set {name}", value, kinds_of_paths[name])  # a missing --set teacher=DIR, say
+            paths.check(f"--set {name}", value, kinds_of_paths[name])  # a missing --set model=DIR, say
     check(Config(**overrides))  # a range or a choice that cannot work, named before a round starts
     return overrides

@@ -220,7 +220,7 @@ def modal_main(models: str = ",".join(MODELS), sizes: str = ",".join(map(str, SI
                dims: str = ",".join(map(str, DIMS)), results_path: str = "results/sweep.jsonl",
                baselines: str = "", eval_size: int = 0, max_containers: int = 0, gpus_per_run: int = 1, set: str = ""):
     """Shrink the grid with comma-separated --models, --sizes (0 = full split) and --dims.
-    --set "option=value ...": training options for every run (a --teacher must be a hub name here).
+    --set "option=value ...": training options for every run (python train.py --help lists them).
     --baselines: comma-separated models to evaluate once (openai:... runs here, with OPENAI_API_KEY).
     --gpus-per-run G: runs of 51,200 pairs or more (and the full split) train on G GPUs, batch G x 32."""
     configs = grid(models.split(","), [int(s) for s in sizes.split(",")], [int(d) for d in dims.split(",")],
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                         "a folder, a hub name or openai:MODEL (repeat the flag for more)")
     parser.add_argument("--base-url", help="an OpenAI-compatible server for openai: baselines")
     parser.add_argument("--set", default="", help="training options for every run, as option=value ... (say "
-                        "\"teacher=DIR unlabelled=texts.txt\": see python train.py --help)")
+                        "\"epochs=1 margin=0.3\": see python train.py --help)")
     errors.add_debug_flag(parser)
     args = paths.parse(parser, argv)
     figure = Path(args.figure) if args.figure else None

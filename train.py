@@ -35,9 +35,8 @@ import losses
 import options
 import paired
 import run_folder
-import silver
 from jsonl import write_json
-from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum, WithTeacherScores
+from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum
 from model import cpu_has_bf16, load_model, mix_weights, pick_device
 from options import Config
 from run_state import Checkpointer, LossWatch, Run, cpu_copy, start_run
@@ -90,28 +89,13 @@ def length_groups_for(config: Config, device: torch.device) -> int:
 
 def build_loss(config: Config, dim: int) -> torch.nn.Module:
     """The objective's loss: --loss for classification, in-batch InfoNCE for retrieval (it ranks each
-    text's duplicate above every other text of the batch, what a search needs); with a teacher's
-    scores, CoSENT on them for the silver pairs."""
+    text's duplicate above every other text of the batch, what a search needs)."""
     loss = losses.BY_NAME["contrastive" if config.objective == "retrieval" else config.loss](config)
     if config.in_batch_weight:
         loss = WeightedSum([(1.0, loss), (config.in_batch_weight, InBatchContrastiveLoss(config.scale))])
-    if config.teacher and config.silver_labels == "score":
-        loss = WithTeacherScores(loss, config.scale)
     if config.matryoshka_dims:
         loss = MatryoshkaLoss(loss, sorted({int(d) for d in config.matryoshka_dims.split(",")} | {dim}))
     return loss
-
-
-def add_silver(config: Config, train_pairs: list[data.Pair], val: list[data.Pair],
-               test: list[data.Pair]) -> tuple[list[data.Pair], dict | None]:
-    """--teacher: the gold pairs and the silver pairs the teacher labels (silver.py), and its report."""
-    if not config.teacher:
-        return train_pairs, None
-    pairs, report = silver.silver_pairs(config.teacher, config.unlabelled, val, test, labels=config.silver_labels,
-                                        neighbours=config.silver_neighbours, random_partners=config.silver_random,
-                                        size=config.silver_size, seed=config.seed, batch_size=config.eval_batch_size,
-                                        device=config.device)
-    return train_pairs + pairs, report | {"gold_pairs": len(train_pairs)}
 
 
 def log(message: str, rank: int) -> None:
@@ -145,11 +129,8 @@ def train(config: Config, on_checkpoint=None) -> dict:
 
 def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Claim, on_checkpoint=None) -> dict:
     device, (train_pairs, val, test), model = prepare(config)
-    train_pairs, taught = add_silver(config, train_pairs, val, test)
     precision = pick_precision(config.precision, device)
-    silver_part = f" ({taught['gold_pairs']} gold + {taught['pairs']} silver)" if taught else ""
-    log(f"pairs: {len(train_pairs)} train{silver_part}, {len(val)} val, {len(test)} test | {device} x{world_size} | "
-        f"{precision}", rank)
+    log(f"pairs: {len(train_pairs)} train, {len(val)} val, {len(test)} test | {device} x{world_size} | {precision}", rank)
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
     batches = batching.TokenizedPairs(train_pairs, model.tokenizer, model.max_length)
@@ -157,8 +138,6 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
     total = config.epochs * steps_per_epoch
     run = start_run(config, model, device, precision, total, world_size)
     run.train_pairs = len(train_pairs)
-    if taught:
-        run.metrics["silver"] = taught
     begin(run, val, test, rank)
     loss_fn, autocast = build_loss(config, model.dim), training_autocast(precision, device)
     losses_seen = LossWatch(device, steps_per_epoch, out=run.out)
@@ -312,10 +291,6 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     print(f"fine-tuned: error val {tuned['val']['error_rate']:.2%}, test {tuned['test']['error_rate']:.2%}; "
           f"test MRR {tuned['retrieval']['test']['mrr']:.4f} ({metrics['training']['pairs_per_s']:.1f} pairs/s, "
           f"stopped: {metrics['training']['stopped_by']})")
-    taught = metrics.get("silver", {})
-    if taught.get("teacher_test_error") is not None:
-        print(f"teacher: error val {taught['teacher_val_error']:.2%}, test {taught['teacher_test_error']:.2%} "
-              f"(as its folder records it)")
     tuned_right = evaluate.correct(remembered, test, tuned["val"]["threshold"], config.eval_batch_size)
     metrics["test_correct"] = paired.pack(tuned_right)  # a sweep pairs its runs with it
     if "zero_shot" in metrics:

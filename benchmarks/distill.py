@@ -31,7 +31,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import flywheel  # noqa: E402
 import jsonl  # noqa: E402
 import paired  # noqa: E402
 import silver  # noqa: E402
@@ -40,9 +39,8 @@ SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"
 STUDENT, TEACHER = "sentence-transformers-all-MiniLM-L6-v2", "sentence-transformers-all-mpnet-base-v2"
 GOLD, SEEDS, TEACHER_CURVE = (0, 400, 4000), (0, 1, 2), (100, 400, 1600, 4000)
 UNLABELLED_TEXTS = 20_000
-# Each taught run takes one pass over gold + silver: 12,000 silver pairs of the 64,769 mined.
-EPOCHS, SILVER_SIZE = 1, {"decision": 12_000, "score": 12_000}
-CHOSEN = "taught-decision"  # the labels that did best on validation at 4,000 gold pairs, for 400
+# Each taught run takes one pass over gold + silver: 12,000 silver pairs of the about 64,000 mined.
+EPOCHS, SILVER_SIZE = 1, 12_000
 
 
 def prepare(runs: Path) -> None:
@@ -52,7 +50,7 @@ def prepare(runs: Path) -> None:
     runs.mkdir(parents=True, exist_ok=True)
     train = data.load_pairs(str(SPLITS / "train.tsv.gz"))
     for n in TEACHER_CURVE:
-        flywheel.write_pairs(data.subsample(train, n, seed=0), runs / f"gold-{n}.tsv.gz")
+        data.write_pairs(data.subsample(train, n, seed=0), runs / f"gold-{n}.tsv.gz")
     gold = {data.normalise(t) for a, b, _ in data.subsample(train, max(GOLD), seed=0) for t in (a, b)}
     sample: dict[str, str] = {}
     for i in np.random.default_rng(0).permutation(len(train)):  # by pair: both texts, labels dropped
@@ -78,37 +76,37 @@ def plan(models: Path, runs: Path) -> list[tuple[str, dict, list[str]]]:
 
     def student(kind: str, n: int, seed: int) -> tuple[str, dict, list[str]]:
         flags = ["--model", str(models / STUDENT), "--seed", str(seed)] + splits
-        flags += ["--data", str(runs / f"gold-{n}.tsv.gz")] if n else \
-            ["--data", str(runs / "silver-0.tsv.gz"), "--dataset-size", str(SILVER_SIZE["decision"])]
         if kind == "gold":
-            flags += [] if seed == 0 else ["--no-zero-shot"]
-        else:
-            labels = kind.removeprefix("taught-")
-            flags += ["--epochs", str(EPOCHS)]
-            flags += ["--unlabelled", str(runs / "unlabelled.txt.gz"), "--teacher", str(runs / f"teacher-{n}"),
-                      "--silver-size", str(SILVER_SIZE[labels]), "--silver-labels", labels] if n else []
+            flags += ["--data", str(runs / f"gold-{n}.tsv.gz")] + ([] if seed == 0 else ["--no-zero-shot"])
+        else:  # gold + silver, written by silver_data() before the run
+            flags += ["--data", str(silver_file(runs, n, seed)), "--epochs", str(EPOCHS)]
         return f"{kind}-{n}-seed-{seed}", {"kind": kind, "gold": n, "seed": seed}, flags
 
     return ([teacher(4000), teacher(400)]
             + [student("gold", 4000, s) for s in SEEDS]
-            + [student("taught-decision", 4000, 0), student("taught-score", 4000, 0), student("taught-decision", 4000, 1)]
-            + [student("taught-decision", 4000, 2)]  # the soft targets lost on validation at seed 0: not run again
-            # (the teacher's embeddings as targets ran once, at commit 974234b, and lost by 6 points on validation: the
-            # option is gone, its row stays in the results)
-            + [student(kind, 400, s) for kind in ("gold", CHOSEN) for s in SEEDS]
+            + [student("taught-decision", 4000, s) for s in SEEDS]
+            # The teacher's cosines as soft targets (CoSENT) and its embeddings as targets each ran once, at 4,000 gold
+            # pairs (seed 0, commits 89a8dad and 974234b), and lost on validation: the options are gone, their rows stay.
+            + [student(kind, 400, s) for kind in ("gold", "taught-decision") for s in SEEDS]
             + [student("taught-decision", 0, s) for s in SEEDS]
             + [teacher(100), teacher(1600)])
 
 
-def silver_only_pairs(models: Path, runs: Path) -> None:
-    """0 gold pairs: the published teacher's silver pairs are the whole training set, as a pairs file."""
-    path = runs / "silver-0.tsv.gz"
-    if path.exists():
-        return
+def silver_file(runs: Path, n: int, seed: int) -> Path:
+    return runs / f"gold-{n}-silver-seed-{seed}.tsv.gz"
+
+
+def silver_data(models: Path, runs: Path, n: int, seed: int) -> dict:
+    """A taught run's training pairs: the gold pairs, then a seeded sample of the silver pairs that
+    the teacher of that many gold pairs labels (silver.py; for 0 gold, the published teacher). The
+    report goes into the run's row."""
     val, test = (data.load_pairs(str(SPLITS / f"{s}.tsv.gz")) for s in ("val", "test"))
-    pairs, report = silver.silver_pairs(str(models / TEACHER), str(runs / "unlabelled.txt.gz"), val, test, device="cpu")
-    flywheel.write_pairs([(a, b, int(y)) for a, b, y in pairs], path)
-    jsonl.write_json(runs / "silver-0.json", report)
+    teacher = runs / f"teacher-{n}" if n else models / TEACHER
+    pairs, report = silver.silver_pairs(str(teacher), str(runs / "unlabelled.txt.gz"), val, test,
+                                        size=SILVER_SIZE, seed=seed, device="cpu")
+    gold = data.load_pairs(str(runs / f"gold-{n}.tsv.gz")) if n else []
+    data.write_pairs(gold + pairs, silver_file(runs, n, seed))
+    return report
 
 
 def run(name: str, flags: list[str], runs: Path) -> dict:
@@ -253,9 +251,9 @@ def main() -> None:
         for name, what, flags in plan(args.models, args.runs):
             if name in done or (args.only and not name.startswith(args.only)):
                 continue
-            if what["kind"].startswith("taught") and what["gold"] == 0:
-                silver_only_pairs(args.models, args.runs)
-            jsonl.append(args.results, row_of(name, what, run(name, flags, args.runs)))
+            report = silver_data(args.models, args.runs, what["gold"], what["seed"]) if what["kind"] != "gold" and \
+                what["kind"] != "teacher" else {}
+            jsonl.append(args.results, row_of(name, what, run(name, flags, args.runs) | {"silver": report}))
         for name, measure in [("teacher-0", published_teacher), ("encode-cost", encode_cost)]:
             if name not in done and not args.only:
                 jsonl.append(args.results, measure(args.models))

@@ -13,7 +13,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-from flywheel import write_pairs  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
         if shuffled:
             labels = np.random.default_rng(args.seed).permutation([y for *_, y in chunk])
             chunk = [(a, b, int(y)) for (a, b, _), y in zip(chunk, labels)]
-        path = write_pairs(chunk, Path(args.out) / f"{i:02d}{'-shuffled' if shuffled else ''}.tsv.gz")
+        path = data.write_pairs(chunk, Path(args.out) / f"{i:02d}{'-shuffled' if shuffled else ''}.tsv.gz")
         print(f"{path}: {len(chunk)} pairs, {sum(y for *_, y in chunk)} duplicates")
 
 

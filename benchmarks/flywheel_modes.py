@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import jsonl  # noqa: E402
 import train  # noqa: E402
-from flywheel import write_pairs  # noqa: E402
 from options import Config, parse_overrides  # noqa: E402
 
 
@@ -32,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     path, common = Path(args.results), parse_overrides(args.set) | {"val": args.val, "test": args.test}
     with tempfile.TemporaryDirectory() as tmp:
-        both = write_pairs(data.load_pairs(args.first) + data.load_pairs(args.second), Path(tmp) / "both.tsv.gz")
+        both = data.write_pairs(data.load_pairs(args.first) + data.load_pairs(args.second), Path(tmp) / "both.tsv.gz")
         for seed in args.seeds:
             done = {r["mode"] for r in jsonl.read(path) if r["seed"] == seed}
             if {"scratch", "continue"} <= done:

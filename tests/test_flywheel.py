@@ -100,22 +100,3 @@ def test_the_settings_are_kept_so_a_round_needs_only_the_home(flywheel_setup, ca
     row = jsonl.read(home / "history.jsonl")[0]
     assert row["repeats_dropped"] == 40 and row["trained_on"] == 96
     assert flywheel.new_pair_count(home, drops) == 0
-
-
-def test_a_round_with_a_teacher_learns_from_every_text_arrived_so_far(flywheel_setup, tiny_model_dir, tmp_path,
-                                                                       monkeypatch):
-    monkeypatch.setenv("EMBED_FT_CACHE", str(tmp_path / "cache"))
-    drops, home, args = flywheel_setup
-    write_tsv(drops / "01.tsv", synthetic_pairs(64, 1))
-    (home / "texts").mkdir(parents=True)
-    (home / "texts" / "a.txt").write_text("\n".join(a for a, _, _ in synthetic_pairs(30, 5)) + "\n")
-    flywheel.main(args + ["--teacher", str(tiny_model_dir)])
-    first = jsonl.read(home / "history.jsonl")[0]
-    metrics = jsonl.read_json(home / "rounds" / "round-001" / "metrics.json")
-    assert first["silver_pairs"] == metrics["silver"]["pairs"] > 0 and metrics["silver"]["texts"] == 30
-    assert jsonl.read_json(home / "flywheel.json")["teacher"] == str(tiny_model_dir)  # kept for the next round
-    (home / "texts" / "b.txt").write_text("\n".join(b for _, b, _ in synthetic_pairs(30, 6)) + "\n")
-    write_tsv(drops / "02.tsv", synthetic_pairs(64, 7))
-    flywheel.main(["--home", str(home), "--pairs", str(drops)])  # the settings, the teacher included, are kept
-    metrics = jsonl.read_json(home / "rounds" / "round-002" / "metrics.json")
-    assert metrics["silver"]["texts"] == 60 and metrics["silver"]["teacher"] == str(tiny_model_dir)

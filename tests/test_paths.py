@@ -20,7 +20,7 @@ ENTRY_POINTS = {"train": train.main, "evaluate": evaluate.main, "dedup": dedup.m
 # Options whose names say "a path" must declare a path kind (a metavar of paths.KINDS): the guard
 # against a path option added with a plain metavar, which the walk would not see.
 PATH_NAMES = {"model", "models", "base", "baseline", "data", "val", "test", "out", "home", "pairs", "cache", "json",
-              "results", "runs", "figure", "plot", "file", "teacher", "unlabelled"}
+              "results", "runs", "figure", "plot", "file"}
 
 
 def parser_of(main) -> argparse.ArgumentParser:
@@ -158,9 +158,8 @@ def test_a_value_a_library_would_parse_is_checked_by_us_first(tiny_model_dir, tm
                                                ("lr=-1", "--lr must be more than 0"),
                                                ("select_best=maybe", "select_best is true or false"),
                                                ("colour=red", "unknown option 'colour'"),
-                                               ("teacher=./gone unlabelled=x.txt", "--set teacher ./gone: model "
-                                                "folder not found"),
-                                               ("teacher=t", "give both --unlabelled")])
+                                               ("model=./gone", "--set model ./gone: model folder not found"),
+                                               ("val=./gone.tsv", "--set val ./gone.tsv: file not found")])
 def test_a_flywheel_set_is_checked_before_the_round(tiny_model_dir, tmp_path, capsys, setting, expected):
     code, err = run_cli(flywheel.main, ["--home", str(tmp_path / "fw"), "--base", str(tiny_model_dir), "--val",
                                         str(write_tsv(tmp_path / "v.tsv", synthetic_pairs(40, 1))), "--test",

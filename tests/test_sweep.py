@@ -282,5 +282,5 @@ def test_set_reaches_every_run_and_a_bad_one_is_refused_first(sweep_args, tmp_pa
     monkeypatch.setattr(sweep, "finish", lambda *a: None)
     sweep.main(["--local"] + sweep_args + ["--set", "epochs=1 margin=0.3"])
     assert len(seen) == 4 and all(c["epochs"] == 1 and c["margin"] == 0.3 for c in seen)
-    code, err = run_cli(sweep.main, ["--local"] + sweep_args + ["--set", "teacher=t"], capsys)
-    assert code == 2 and "give both --unlabelled" in err
+    code, err = run_cli(sweep.main, ["--local"] + sweep_args + ["--set", "colour=red"], capsys)
+    assert code == 2 and "unknown option 'colour'" in err

@@ -1,40 +1,40 @@
-"""Silver pairs: a larger model, the teacher, labels pairs that it mines from unlabelled texts, so
-that a small model learns from many more pairs than were labelled. This is Augmented SBERT (Thakur
-et al. 2021, "Augmented SBERT: Data Augmentation Method for Improving Bi-Encoders for Pairwise
-Sentence Scoring Tasks"), with a bi-encoder as the teacher:
+"""Silver pairs for benchmarks/distill.py: a larger model, the teacher, labels pairs that it mines
+from unlabelled texts (the labelling half of Augmented SBERT: Thakur et al. 2021, "Augmented SBERT:
+Data Augmentation Method for Improving Bi-Encoders for Pairwise Sentence Scoring Tasks").
 
-    python train.py --model all-MiniLM-L6-v2 --data gold.tsv --val val.tsv --test test.tsv \\
-        --unlabelled questions.txt --teacher teacher-run     # an earlier --out, a hub name, openai:...
+Measured on the shared Quora splits (docs/distillation.md), these pairs did not help all-MiniLM-L6-v2:
+added to 400 or 4,000 labelled pairs they made it worse, alone they made no detectable difference,
+and the teacher's cosines as soft targets and its embeddings as targets did worse still. So the
+product has no teacher option; this is the apparatus of that measurement, kept so that it can be
+repeated and tested.
 
-1. The teacher embeds every unlabelled text once. Texts that occur in the validation or test pairs
-   are left out first (the overlap rule of the gold pairs), so no evaluated text becomes silver.
-2. Each text's nearest neighbours under the teacher (a chunked top-k, as de-duplication computes)
-   and a few random partners are the candidate pairs: the neighbours are the hard cases, the random
-   partners the easy negatives a search must also get right.
-3. The teacher labels each pair: its decision at its own threshold (the one stored in its folder,
-   else tuned on the validation pairs), or its cosine as a soft target (`--silver-labels score`,
-   trained with `losses.WithTeacherScores`).
+1. The teacher embeds every unlabelled text once (.txt, one a line, optionally .gz; or a pairs
+   file, labels ignored). Texts that occur in the validation or test pairs are left out first, so
+   no evaluated text becomes silver.
+2. Each text's nearest neighbours under the teacher (a chunked top-k) and a random partner are the
+   candidate pairs: the neighbours are the hard cases, the partners the easy negatives.
+3. The teacher labels each pair with its decision at its own threshold: the one stored in its
+   folder (train.py tuned it on validation), else tuned here on the validation pairs.
 
-The pairs are cached under $EMBED_FT_CACHE (default ~/.cache/embed-ft), keyed by the teacher, the
-texts and these settings, so a second run, a sweep or a resumed run mines nothing again.
+The mined pairs are cached under $EMBED_FT_CACHE (default ~/.cache/embed-ft), keyed by the teacher,
+the texts and the settings, so another --size or seed mines nothing again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-import data
-import dedup
-import evaluate
-from errors import InputError
-
-# A teacher's cosine is a soft target strictly inside (0, 1): labels of exactly 0 and 1 are gold.
-SCORE_FLOOR, SCORE_CEILING = 1e-4, 1 - 1e-4
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import dedup  # noqa: E402
+import evaluate  # noqa: E402
+from errors import InputError  # noqa: E402
 
 
 def unlabelled_texts(path: str, *held_out: list[data.Pair]) -> list[str]:
@@ -51,11 +51,24 @@ def unlabelled_texts(path: str, *held_out: list[data.Pair]) -> list[str]:
     return kept
 
 
+def nearest_neighbours(vectors: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """(n, k): each row's k most similar other rows, most similar first; rows are unit length.
+    Computed a chunk of rows at a time, as dedup.near_duplicate_pairs is."""
+    k = min(k, len(vectors) - 1)
+    found = []
+    for start in range(0, len(vectors), chunk):
+        scores = vectors[start:start + chunk] @ vectors.T
+        scores[np.arange(len(scores)), np.arange(start, start + len(scores))] = -np.inf  # not itself
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(scores), 0), int)
+        found.append(np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1))
+    return np.concatenate(found) if found else np.zeros((0, k), int)
+
+
 def candidate_pairs(vectors: np.ndarray, neighbours: int, random_partners: int, seed: int) -> np.ndarray:
     """(m, 2) index pairs i < j, each once: every text with its nearest neighbours and with random
     partners."""
     n = len(vectors)
-    near = dedup.nearest_neighbours(vectors, neighbours)
+    near = nearest_neighbours(vectors, neighbours)
     rng = np.random.default_rng(seed)
     partners = rng.integers(0, n - 1, size=(n, random_partners))
     partners += partners >= np.arange(n)[:, None]  # never the text itself
@@ -72,13 +85,6 @@ def teacher_threshold(teacher, val: list[data.Pair], batch_size: int) -> float:
         return float(stored)
     scores = evaluate.cosine_scores(teacher, val, batch_size)
     return float(evaluate.best_threshold(scores, evaluate.labels_of(val)))
-
-
-def label(cosines: np.ndarray, threshold: float, labels: str) -> np.ndarray:
-    """The teacher's decision (1 above its threshold, else 0), or its cosine clipped into (0, 1)."""
-    if labels == "decision":
-        return (cosines > threshold).astype(np.float32)
-    return np.clip(cosines, SCORE_FLOOR, SCORE_CEILING).astype(np.float32)
 
 
 def fingerprint(teacher: str) -> str:
@@ -101,7 +107,7 @@ def cache_path(teacher: str, texts: list[str], settings: dict) -> Path:
 
 def mine(teacher_name: str, texts: list[str], val: list[data.Pair], settings: dict, batch_size: int,
          device: str) -> tuple[list[data.Pair], dict]:
-    """Embed the texts with the teacher, pick the candidate pairs, label them."""
+    """Embed the texts with the teacher, pick the candidate pairs, label them by its decisions."""
     teacher = evaluate.open_encoder(teacher_name, device=device)
     started = time.perf_counter()
     vectors = teacher.encode(texts, batch_size=batch_size)  # a progress bar on long work
@@ -109,8 +115,7 @@ def mine(teacher_name: str, texts: list[str], val: list[data.Pair], settings: di
     pairs = candidate_pairs(vectors, settings["neighbours"], settings["random_partners"], settings["seed"])
     cosines = np.einsum("ij,ij->i", vectors[pairs[:, 0]], vectors[pairs[:, 1]])
     threshold = teacher_threshold(teacher, val, batch_size)
-    labels = label(cosines, threshold, settings["labels"])
-    silver = [(texts[i], texts[j], float(y)) for (i, j), y in zip(pairs.tolist(), labels.tolist())]
+    silver = [(texts[i], texts[j], int(c > threshold)) for (i, j), c in zip(pairs.tolist(), cosines.tolist())]
     recorded = getattr(teacher, "decision", {})  # a train.py folder keeps its own evaluation
     return silver, {"teacher_threshold": threshold, "encode_seconds": encoded - started,
                     "teacher_texts_per_s": len(texts) / max(encoded - started, 1e-9),
@@ -118,18 +123,18 @@ def mine(teacher_name: str, texts: list[str], val: list[data.Pair], settings: di
                     "teacher_test_error": recorded.get("test", {}).get("error_rate")}
 
 
-def silver_pairs(teacher: str, unlabelled: str, val: list[data.Pair], test: list[data.Pair], *, labels: str = "decision",
-                 neighbours: int = 3, random_partners: int = 1, size: int = 0, seed: int = 0, batch_size: int = 128,
+def silver_pairs(teacher: str, unlabelled: str, val: list[data.Pair], test: list[data.Pair], *, neighbours: int = 3,
+                 random_partners: int = 1, size: int = 0, seed: int = 0, batch_size: int = 128,
                  device: str = "auto") -> tuple[list[data.Pair], dict]:
-    """The silver pairs for a run, from the cache or mined, and what to report about them. `size`
-    keeps a random sample of that many (0: all); the sample, not the mining, follows the seed."""
+    """The silver pairs, from the cache or mined, and what to report about them. `size` keeps a
+    random sample of that many (0: all); the sample, not the mining, follows the seed."""
     texts = unlabelled_texts(unlabelled, val, test)
-    settings = {"labels": labels, "neighbours": neighbours, "random_partners": random_partners, "seed": 0}
+    settings = {"labels": "decision", "neighbours": neighbours, "random_partners": random_partners, "seed": 0}
     path = cache_path(teacher, texts, settings)
     if path.with_suffix(".json").exists():  # written last: the entry is complete
         report = json.loads(path.with_suffix(".json").read_text())
         with open(path) as f:
-            silver = [tuple(json.loads(line)) for line in f]
+            silver = [(a, b, int(y)) for a, b, y in map(json.loads, f)]
         print(f"silver pairs: {len(silver):,} from the cache ({path})")
     else:
         silver, report = mine(teacher, texts, val, settings, batch_size, device)
@@ -138,10 +143,10 @@ def silver_pairs(teacher: str, unlabelled: str, val: list[data.Pair], test: list
               f"({report['teacher_texts_per_s']:.0f} texts/s), cached in {path}")
     if size:
         if size > len(silver):
-            raise InputError(f"--silver-size {size} is more than the {len(silver)} silver pairs mined")
+            raise InputError(f"size {size} is more than the {len(silver)} silver pairs mined")
         silver = data.subsample(silver, size, seed)
-    report = report | {"teacher": teacher, "texts": len(texts), "pairs": len(silver), "labels": labels,
-                       "duplicate_share": float(np.mean([y > 0.5 for *_, y in silver]))}
+    report = report | {"teacher": teacher, "texts": len(texts), "pairs": len(silver),
+                       "duplicate_share": float(np.mean([y for *_, y in silver]))}
     return silver, report
 
 
