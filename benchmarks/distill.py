@@ -173,7 +173,8 @@ def verdicts(taught: list[dict], gold: list[dict]) -> str:
         v = paired.compare_pairs(paired.unpack(t["test_correct"]), paired.unpack(partner["test_correct"])) if partner \
             else t["vs_published"]
         if v:
-            cells.append(f"{v['verdict']} ({v['only_a_right']} vs {v['only_b_right']}, p = {paired.p_of_verdict(v):.2g})")
+            cells.append(f"{v['verdict'].split(' on ')[0]} ({v['only_a_right']} vs {v['only_b_right']}, "
+                         f"p = {paired.p_of_verdict(v):.2g})")
     return "; ".join(cells) or "-"
 
 
@@ -184,11 +185,13 @@ def table(rows: list[dict]) -> None:
         return [r for r in rows if r["kind"] == kind and r["gold"] == n]
 
     def cell(group: list[dict]) -> str:
-        return f"{median(group, 'test_error'):.2%} ({median(group, 'val_error'):.2%}, {len(group)} seeds)" if group else "-"
+        seeds = f"{len(group)} seed{'s' if len(group) > 1 else ''}"
+        return f"{median(group, 'test_error'):.2%} ({median(group, 'val_error'):.2%}, {seeds})" if group else "-"
 
     zero_shot = next(r["zero_shot_test_error"] for r in rows if r["kind"] == "gold" and r["zero_shot_test_error"])
     print("\nShared Quora splits: test error on the 10,002 test pairs, median over seeds (validation error, 5,011 pairs)\n")
-    print("| gold pairs | labels | zero-shot | gold only | gold + silver | teacher | gap closed | vs gold only, by seed (McNemar) |")
+    print("| gold pairs | labels | zero-shot | gold only | gold + silver | teacher | gap closed | vs gold only (at 0: vs "
+          "zero-shot), by seed (McNemar) |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for n in GOLD:
         for kind in ("taught-decision", "taught-score", "taught-embedding"):
