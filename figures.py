@@ -88,12 +88,12 @@ def sweep_plot(rows: list[dict], figure: Path, title: str = "") -> None:
             spans = [[e - 100 * interval(r)[0] for e, r in zip(errors, line)], [100 * interval(r)[1] - e for e, r in zip(errors, line)]]
             ax.errorbar(sizes, errors, yerr=spans, fmt="o-", color=f"C{i}", capsize=3,
                         label=f"fine-tuned, {dim}-d (95% interval)")
-            better = [(x, y) for x, y, r in zip(sizes, errors, line) if verdicts(r, rows).get("zero-shot") == "better"]
+            said = [verdicts(r, rows) for r in line]  # each run's paired tests, decoded once
+            better = [(x, y) for x, y, v in zip(sizes, errors, said) if v.get("zero-shot") == "better"]
             if better:  # a ring: better than its zero-shot model by the paired test
                 ax.plot(*zip(*better), "o", ms=11, mfc="none", color=f"C{i}", label=f"{dim}-d: better than zero-shot (McNemar)")
             for j, base in enumerate(baselines):  # a square: better than that baseline by the paired test
-                beat = [(x, y) for x, y, r in zip(sizes, errors, line)
-                        if verdicts(r, rows).get(Path(base["model"]).name) == "better"]
+                beat = [(x, y) for x, y, v in zip(sizes, errors, said) if v.get(Path(base["model"]).name) == "better"]
                 if beat:
                     ax.plot(*zip(*beat), "s", ms=14, mfc="none", color=f"C{j + 5}",
                             label=f"{dim}-d: better than {Path(base['model']).name} (McNemar)")

@@ -32,8 +32,8 @@ import modal
 import errors
 import data
 import jsonl
-import paths
 import options
+import paths
 from options import Config
 from sources import model_kind
 

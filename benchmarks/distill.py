@@ -112,8 +112,9 @@ def silver_data(models: Path, runs: Path, n: int, seed: int) -> dict:
 def run(name: str, flags: list[str], runs: Path) -> dict:
     """train.py in its own process, resumed if an earlier one was interrupted; its metrics."""
     out = runs / name
-    if (out / "metrics.json").exists() and "fine_tuned" in jsonl.read_json(out / "metrics.json"):
-        return jsonl.read_json(out / "metrics.json")
+    finished = jsonl.read_json(out / "metrics.json")
+    if finished and "fine_tuned" in finished:
+        return finished
     resume = ["--resume"] if (out / "checkpoint.pt").exists() else ["--overwrite"]
     started = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out), *resume], check=True)
@@ -254,8 +255,8 @@ def main() -> None:
         for name, what, flags in plan(args.models, args.runs):
             if name in done or (args.only and not name.startswith(args.only)):
                 continue
-            report = silver_data(args.models, args.runs, what["gold"], what["seed"]) if what["kind"] != "gold" and \
-                what["kind"] != "teacher" else {}
+            report = silver_data(args.models, args.runs, what["gold"], what["seed"]) if what["kind"].startswith("taught") \
+                else {}
             jsonl.append(args.results, row_of(name, what, run(name, flags, args.runs) | {"silver": report}))
         for name, measure in [("teacher-0", published_teacher), ("encode-cost", encode_cost)]:
             if name not in done and not args.only:

@@ -42,7 +42,11 @@ def unlabelled_texts(path: str, *held_out: list[data.Pair]) -> list[str]:
     ignored), less every text that occurs in the held-out pairs (compared normalised)."""
     texts, _ = dedup.read_texts(Path(path), None)
     seen = {data.normalise(t) for pairs in held_out for a, b, _ in pairs for t in (a, b)}
-    kept = list({data.normalise(t): t for t in reversed(texts) if data.normalise(t) not in seen}.values())[::-1]
+    first: dict[str, str] = {}  # one spelling of each normalised text, the first, in file order
+    for text in texts:
+        if data.normalise(text) not in seen:
+            first.setdefault(data.normalise(text), text)
+    kept = list(first.values())
     if len(kept) < 2:
         raise InputError(f"--unlabelled {path}: {len(kept)} text(s) left after dropping the {len(texts) - len(kept)} "
                          "that occur in the validation or test pairs; give at least two others")
