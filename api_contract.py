@@ -57,13 +57,38 @@ async def read_json(request) -> dict:
         raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(parsed, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    where = unencodable(parsed)
+    if where is not None:
+        raise ApiError(400, f"'{where}' is not valid Unicode (a lone surrogate such as \\ud800): send UTF-8 text",
+                       where, "invalid_unicode")
     return parsed
+
+
+def unencodable(value, where: str = "") -> str | None:
+    """The first field (as OpenAI names it: "input[3]", "pairs[0].text1") holding a string that JSON
+    allows but no encoder can take: a lone UTF-16 surrogate, which has no UTF-8 form."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and unencodable(key) is not None:
+            return inner.encode("utf-8", "backslashreplace").decode()
+        found = unencodable(item, inner)
+        if found is not None:
+            return found
+    return None
 
 
 def one_text(text, where: str) -> str:
     """A non-empty string of at most MAX_TEXT_CHARS characters."""
     if isinstance(text, (list, int)) and not isinstance(text, bool):
-        raise ApiError(400, f"'{where}' is a token array: this server takes strings only", where, "token_arrays_unsupported")
+        raise ApiError(400, f"'{where}' is a token array: this server takes strings only (LangChain's OpenAIEmbeddings "
+                       "sends token ids at its defaults: pass check_embedding_ctx_length=False)", where, "token_arrays_unsupported")
     if not isinstance(text, str):
         raise ApiError(400, f"'{where}' must be a string, not {type(text).__name__}", where)
     if not text.strip():
@@ -100,8 +125,6 @@ def pair_list(body: dict, limit: int, labelled: bool) -> list[dict]:
             label = pair.get("label")
             if isinstance(label, bool) or label not in (0, 1):
                 raise ApiError(400, f"'pairs[{i}].label' must be 0 or 1 (got {json.dumps(label)})", f"pairs[{i}].label")
-            if data.normalise(text1) == data.normalise(text2):
-                raise ApiError(400, f"'pairs[{i}]' pairs a text with itself: it teaches nothing", f"pairs[{i}]")
             for key in ("id", "source"):
                 if pair.get(key) is not None and not isinstance(pair[key], (str, int)):
                     raise ApiError(400, f"'pairs[{i}].{key}' must be a string", f"pairs[{i}].{key}")

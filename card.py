@@ -111,3 +111,21 @@ def row(name: str, result: dict) -> str:
     val, test = result["val"], result["test"]
     ap, auc = (f"{test[k]:.4f}" if test[k] is not None else "-" for k in ("average_precision", "roc_auc"))
     return f"| {name} | {val['error_rate']:.2%} | {test['error_rate']:.2%} | {test['f1']:.4f} | {ap} | {auc} |"
+
+
+AUDIT_HEADING = "## Audit by the flywheel"
+
+
+def add_audit(directory: Path, row: dict) -> None:
+    """The latest flywheel audit of a promoted model, as a section of its card (replaced each round):
+    its error on pairs that no decision saw, beside the error the decisions saw."""
+    readme = Path(directory) / "README.md"
+    text = readme.read_text() if readme.is_file() else f"# {Path(directory).name}\n"
+    text = text.split("\n" + AUDIT_HEADING)[0].rstrip("\n") + "\n"
+    audit, seen = row["audit"], row["seen"]
+    lines = ["", AUDIT_HEADING, "",
+             f"Round {row['round']} ({row['time']}): error **{audit['error']:.2%}** (95% interval {audit['interval'][0]:.1%} "
+             f"to {audit['interval'][1]:.1%}) on {audit['n']:,} audit pairs of the home's own traffic, which no promotion "
+             f"decision has seen; the decisions saw {seen['error']:.2%} on {seen['n']:,} test pairs. Width "
+             f"{row['width']}." + (f" Note: {row['note']}" if row.get("note") else ""), ""]
+    readme.write_text(text + "\n".join(lines))

@@ -1,30 +1,36 @@
 """The data flywheel: as labelled pairs keep arriving, retrain, and promote a model only if it wins.
 
-    python flywheel.py --home fw --base DIR --val val.tsv.gz --test test.tsv.gz    # once: the settings
+    python flywheel.py --home fw --base DIR --init      # once: a home from a base model alone
     python flywheel.py --home fw                         # a round over fw/pairs/ (or --pairs FILES ...)
     python flywheel.py --plot fw/history.jsonl
 
-One call is one round. The pairs collected so far are the files in --pairs (by default home/pairs/,
-where `serve.py`'s `POST /v1/pairs` stores them; any folder that files are dropped into, or files),
-each pair counted once (`pair_store.settle`). The round trains a candidate, from the base model on
-all the pairs (`--mode scratch`, the default: measured better, see docs/flywheel.md) or from the
-current model on the files no earlier round has seen (`--mode continue`), evaluates it and the
-current model on the same fixed validation and test pairs, and promotes it only if it classifies
-significantly more test pairs correctly: McNemar's exact test, one-sided, at --alpha
-(`paired.compare_pairs`). Each model's threshold is its own, tuned on validation. Before any
-promotion the model to beat is the base model as published. With `--set objective=retrieval` it
-promotes on ranking instead: significantly more test queries whose first duplicate the candidate
-ranks higher (a sign test, same shape).
+One call is one round, and one round at a time: it holds HOME/round.lock (a second one exits with one
+line, or waits its turn with --wait; a lock left by a killed round is released by the kernel). The
+pairs collected so far are the files in --pairs (by default HOME/pairs/, where `serve.py`'s
+`POST /v1/pairs` stores them; any folder that files are dropped into, or files), each pair counted
+once (`pair_store.settle`).
 
-Promotion writes nothing into the current model: the candidate's folder is complete before
-`home/current.json`, a small pointer file, is replaced by an atomic rename, so a crash leaves the old
-current model in place, and a server watching the pointer (`serve.py`) sees the old model or the
-new one, never half of one. A pointer file rather than a symbolic link, because the home may live on
-a Modal Volume, where links are not documented to survive. A refused candidate stays in
-home/rounds/ for inspection. Each round appends a line to home/history.jsonl. Interrupted, a round
-resumes its training from the candidate's checkpoint when run again. The settings given once
-(--base, --val, --test, --mode, --alpha, --set) are kept in home/flywheel.json, so that a scheduled
-round needs only --home.
+A round:
+1. gives every text no round has seen a split, train, validation, test or audit, kept in the home
+   for good (`heldout.py`); the held-out pairs are written to HOME/heldout/;
+2. trains a candidate on the training pairs, from the base model (`--mode scratch`, the default) or
+   from the current model on the files no earlier round has seen (`--mode continue`), at the home's
+   one width, decided at --init, so that a client's vector index never changes width;
+3. compares it with the current model on the traffic's test pairs, each model at its own threshold
+   tuned on validation, and promotes it only if it wins McNemar's test at the level this round may
+   spend of the home's life-long alpha (`gate.py`), and, where the home has a curated --test, is not
+   significantly worse there;
+4. audits the model that is current after the round on the audit pairs, which no decision sees, and
+   says so in the history where the audit disagrees with the error the decisions saw.
+
+Before any promotion the model to beat is the base model as published. Promotion writes nothing
+into the current model: the candidate's folder is complete before HOME/current.json, a small pointer
+file, is replaced by an atomic rename, so a crash leaves the old model in place, and a server
+watching the pointer (`serve.py`) sees the old model or the new one, never half of one (a pointer
+file, not a symbolic link: a home may live on a Modal Volume). A refused candidate stays in
+HOME/rounds/ for inspection. Each round appends a line to HOME/history.jsonl. Interrupted, a round
+resumes its training from the candidate's checkpoint when run again. The settings given once are kept
+in HOME/flywheel.json, so that a scheduled round needs only --home.
 """
 from __future__ import annotations
 
@@ -36,10 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
+import card
 import checkpoint
-import errors
 import data
+import errors
 import evaluate
+import gate
+import heldout
 import jsonl
 import options
 import paired
@@ -47,24 +56,33 @@ import paths
 import run_folder
 import train
 from errors import InputError
+from file_lock import FileLock
 from model import Embedder, load_model
-from pair_store import settle
+from pair_store import pair_sources, settle
 
-SETTINGS = ("base", "val", "test", "mode", "alpha", "set")
-DEFAULTS = {"mode": "scratch", "alpha": 0.05, "set": ""}
+SETTINGS = ("base", "val", "test", "mode", "alpha", "set", "fractions", "caps")
+DEFAULTS = {"mode": "scratch", "alpha": 0.05, "set": "", "val": "", "test": "",
+            "fractions": heldout.FRACTIONS, "caps": heldout.CAPS}
+MIN_TEST, MIN_VALIDATION = 50, 20  # held-out pairs a round needs before it can judge (both labels among them)
 
 
 # ------------------------------------------------------------------------------------ the home
 
 def settings(home: Path, given: dict) -> dict:
     """The round's settings: those given now, else those kept in home/flywheel.json, else defaults.
-    What is given is kept for the next round."""
+    What is given is kept for the next round. The width is decided once, from the base model."""
     kept = jsonl.read_json(home / "flywheel.json") or {}
     merged = DEFAULTS | kept | {k: v for k, v in given.items() if v is not None}
-    missing = [f"--{k}" for k in ("base", "val", "test") if not merged.get(k)]
-    if missing:
-        raise InputError(f"{home} has no flywheel settings yet: give {', '.join(missing)} once "
-                         "(they are kept in flywheel.json)")
+    if not merged.get("base"):
+        raise InputError(f"{home} has no flywheel settings yet: give --base MODEL once (it is kept in flywheel.json)")
+    if bool(merged["val"]) != bool(merged["test"]):
+        raise InputError("a curated set is --val and --test together (or neither: the traffic grows its own)")
+    if "width" not in merged:  # what the base serves; every candidate is trained at it
+        merged["width"] = load_model(merged["base"], None).dim
+    asked = options.parse_overrides(merged["set"]).get("dense_out_features")
+    if asked not in (None, 0, merged["width"]):
+        raise InputError(f"--set dense_out_features={asked}: this home serves {merged['width']}-d vectors for its "
+                         "whole life (a client's index must not change width); make a new home for another width")
     if merged != kept:
         jsonl.write_json(home / "flywheel.json", merged)
     return merged
@@ -91,8 +109,6 @@ def pair_files(sources: list[str]) -> list[Path]:
             files.append(source)
         else:
             raise InputError(f"--pairs: {source} is neither a file nor a folder")
-    if not files:
-        raise InputError(f"--pairs: no pair files (.csv, .tsv, .jsonl, .parquet, optionally .gz) in {sources}")
     return files
 
 
@@ -102,119 +118,265 @@ def fingerprint(path: Path) -> str:
 
 def new_pair_count(home: Path, folder: Path) -> int:
     """Pairs in the files of `folder` that no round has read yet (by content, whatever their names):
-    what a scheduler weighs before it starts a round."""
+    what a scheduler weighs before it starts a round. A store with no pair file yet has 0."""
     seen = {digest for row in jsonl.read(home / "history.jsonl") for digest in row["files"].values()}
-    files = pair_files([str(folder)]) if folder.is_dir() and any(folder.iterdir()) else []
+    files = pair_files([str(folder)]) if folder.is_dir() else []
     return sum(len(data.load_pairs(str(p))) for p in files if fingerprint(p) not in seen)
 
 
-def correct(model: Embedder, pairs: list[data.Pair], threshold: float) -> np.ndarray:
-    labels = np.array([y for *_, y in pairs]) == 1
-    return model.is_duplicate([a for a, _, _ in pairs], [b for _, b, _ in pairs], threshold) == labels
+def base_threshold(home: Path) -> float | None:
+    """The base model's threshold, as the last round tuned it on validation (HOME/base.json)."""
+    return (jsonl.read_json(home / "base.json") or {}).get("threshold")
+
+
+def latest_audits(home: Path) -> dict[str, dict]:
+    """Each version's latest audit in the history: {version id: {"error", "interval", "n", "round"}}."""
+    return {row["audit"]["version"]: row["audit"] | {"round": row["round"]}
+            for row in jsonl.read(home / "history.jsonl") if "audit" in row}
 
 
 # ------------------------------------------------------------------------------------ a round
 
-def run_round(home: Path, base: str, sources: list[str], val_path: str, test_path: str, mode: str = "scratch",
-              alpha: float = 0.05, overrides: dict | None = None) -> dict:
-    """One round: train a candidate, compare it with the current model, promote it or not, log it."""
+def run_round(home: Path, chosen: dict, sources: list[str], wait: bool = False) -> dict:
+    """One round, holding the home's lock: assign, train, decide, audit, log."""
     home.mkdir(parents=True, exist_ok=True)
+    with FileLock(home / "round.lock", wait=wait):
+        return locked_round(home, chosen, sources)
+
+
+def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
+    started = time.perf_counter()
     history = jsonl.read(home / "history.jsonl")
-    number = len(history) + 1
-    pointer = current_version(home)
+    number, mode, pointer = len(history) + 1, chosen["mode"], current_version(home)
     before = pointer["path"] or "base"
-    files = {os.path.relpath(p): fingerprint(p) for p in pair_files(sources)}  # no absolute path in the history
+    paths_ = pair_files(sources)
+    if not paths_:
+        raise InputError(f"no pair files (.csv, .tsv, .jsonl, .parquet, optionally .gz) in {' '.join(sources)} yet")
+    files = {os.path.relpath(p): fingerprint(p) for p in paths_}  # no absolute path in the history
     seen = {digest for row in history for digest in row["files"].values()}
     new = [f for f, digest in files.items() if digest not in seen]
-    chosen = list(files) if mode == "scratch" or before == "base" else new
-    if not chosen:
+    if not new:
         raise InputError("no new pair files since the last round; drop some into --pairs")
     loaded = {f: data.load_pairs(f) for f in files}
-    val, test = data.load_pairs(val_path), data.load_pairs(test_path)
-    pairs, repeats, conflicts = settle([p for f in chosen for p in loaded[f]])
-    kept = data.drop_overlap(pairs, val, test, remedy=f"the round has nothing to train on; send pairs about "
-                             f"other texts than the fixed --val and --test ({val_path}, {test_path})")
-    folder = home / "rounds" / f"round-{number:03d}"
-    config = options.Config(**(overrides or {}) | {
-        "model": str(home / before) if mode == "continue" and before != "base" else base,
-        "data": str(data.write_pairs(kept, folder / "pairs.tsv.gz")), "val": val_path, "test": test_path,
-        "out": str(folder), "resume": checkpoint.exists(folder)})
-    if run_folder.finished_metrics(folder) is None:  # a round stopped after its training needs no second one
-        train.train(config)
-
-    candidate = Embedder.load(folder)
-    if before != "base":
-        incumbent = Embedder.load(home / before)
-        incumbent_threshold = incumbent.decision["threshold"]
-    else:  # nothing promoted yet: the base model as published (what a server of the home serves) is the one to beat
-        incumbent = load_model(base, None, config.max_length, config.trust_remote_code).to(candidate.device)
-        incumbent_threshold = evaluate.evaluate(incumbent, val)["val"]["threshold"]
-    candidate_right = correct(candidate, test, candidate.decision["threshold"])
-    current_right = correct(incumbent, test, incumbent_threshold)
-    if config.objective == "retrieval":
-        ranks = [np.array(evaluate.retrieval_metrics(m, test, per_query=True)["reciprocal_ranks"])
-                 for m in (candidate, incumbent)]
-        verdict = paired.compare_queries(*ranks, alpha=alpha)
-        wins, losses = verdict["a_better_queries"], verdict["b_better_queries"]
-    else:
-        verdict = paired.compare_pairs(candidate_right, current_right, alpha=alpha)
-        wins, losses = verdict["only_a_right"], verdict["only_b_right"]
-    verdict |= {"objective": config.objective, "alpha": alpha}
-    promoted = verdict["p_value"] < alpha and wins > losses
-    if promoted:
-        switch_current(home, folder)
+    pairs, repeats, conflicts = settle([p for f in files for p in loaded[f]])
+    curated = {name: data.load_pairs(chosen[name]) for name in ("val", "test") if chosen[name]}
+    curated_texts = {data.normalise(t) for ps in curated.values() for a, b, _ in ps for t in (a, b)}
+    ledger = heldout.Ledger(home / "splits.jsonl")
+    texts_before = len(ledger.split_of)
+    splits = ledger.assign(pairs, curated_texts, chosen["fractions"], chosen["caps"])
+    heldout.write_held_out(home, splits)
     row = {"round": number, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, "files": files,
            "new_files": len(new), "pairs_seen": sum(map(len, loaded.values())), "repeats_dropped": repeats,
-           "conflicts_dropped": conflicts, "overlap_dropped": len(pairs) - len(kept), "trained_on": len(kept),
-           "current": before, "candidate": str(folder.relative_to(home)),
-           "current_error": float(1 - current_right.mean()), "candidate_error": float(1 - candidate_right.mean()),
-           **verdict, "decision": "promoted" if promoted else "refused",
-           "current_after": str(folder.relative_to(home)) if promoted else before}
+           "conflicts_dropped": conflicts, "splits": {k: len(v) for k, v in splits.items()},
+           "new_texts": len(ledger.split_of) - texts_before, "width": chosen["width"], "current": before}
+    row["unusable_new"] = row["splits"]["unusable"] - (history[-1]["splits"]["unusable"] if history and "splits" in history[-1] else 0)
+    val, test = splits["validation"] + curated.get("val", []), splits["test"]
+    missing = too_few(val, test)
+    if missing:
+        row |= {"decision": "waiting", "reason": missing, "current_after": before, "seconds": time.perf_counter() - started}
+        jsonl.append(home / "history.jsonl", row)
+        print(f"round {number}: {missing}; the pairs are assigned, training waits for more")
+        return row
+
+    folder = home / "rounds" / f"round-{number:03d}"
+    new_pairs = {p for f in new for p in loaded[f]}
+    chosen_train = [p for p in splits["train"] if mode == "scratch" or before == "base" or p in new_pairs]
+    kept = data.drop_overlap(chosen_train, *curated.values(), remedy="the round has nothing to train on yet; "
+                             "send more pairs") if curated else chosen_train
+    if not kept:
+        raise InputError("the round has no training pairs yet (every new pair was held out or unusable): send more pairs")
+    overrides = options.parse_overrides(chosen["set"])
+    base_model = load_model(chosen["base"], None, overrides.get("max_length", 256))
+    config = options.Config(**overrides | {
+        "model": str(home / before) if mode == "continue" and before != "base" else chosen["base"],
+        "dense_out_features": chosen["width"] if base_model.projection is not None else 0,  # the base's own width
+        "data": str(data.write_pairs(kept, folder / "pairs.tsv.gz")),
+        "val": str(data.write_pairs(val, folder / "val.tsv.gz")), "test": str(home / "heldout" / "test.tsv.gz"),
+        "zero_shot": False, "out": str(folder), "resume": checkpoint.exists(folder)})
+    trained = time.perf_counter()
+    if run_folder.finished_metrics(folder) is None:  # a round stopped after its training needs no second one
+        train.train(config)
+    row["train_seconds"] = time.perf_counter() - trained
+
+    candidate = evaluate.Remembered(Embedder.load(folder))
+    if before != "base":
+        incumbent = evaluate.Remembered(Embedder.load(home / before))
+        incumbent_threshold = incumbent.encoder.decision["threshold"]
+    else:  # nothing promoted yet: the base model as published (what a server of the home serves) is the one to beat
+        incumbent = evaluate.Remembered(base_model.to(candidate.encoder.device))
+        incumbent_threshold = evaluate.evaluate(incumbent, val)["val"]["threshold"]
+        jsonl.write_json(home / "base.json", {"threshold": incumbent_threshold, "round": number, "validation_pairs": len(val)})
+    thresholds = {"candidate": candidate.encoder.decision["threshold"], "current": incumbent_threshold}
+    right = {name: evaluate.correct(model, test, thresholds[name]) for name, model in
+             (("candidate", candidate), ("current", incumbent))}
+    judged = [r for r in history if r.get("decision") in ("promoted", "refused")]
+    spend = {"test_number": len(judged) + 1, "alpha_life": chosen["alpha"],
+             "new_test_pairs": len(test) - (judged[-1]["test_pairs"] if judged else 0)}
+    at = gate.level(spend["test_number"], chosen["alpha"], spend["new_test_pairs"], chosen["caps"]["test"])
+    if config.objective == "retrieval":
+        ranks = [np.array(evaluate.retrieval_metrics(m, test, per_query=True)["reciprocal_ranks"]) for m in (candidate, incumbent)]
+        verdict = gate.decide_queries(*ranks, at)
+    else:
+        guard = None
+        if curated:
+            guard = tuple(evaluate.correct(m, curated["test"], thresholds[n]) for n, m in
+                          (("candidate", candidate), ("current", incumbent)))
+        verdict = gate.decide(right["candidate"], right["current"], at, guard)
+    promoted = verdict["decision"] == "promoted"
+    if promoted:
+        switch_current(home, folder)
+    after = str(folder.relative_to(home)) if promoted else before
+    row |= {"trained_on": len(kept), "candidate": str(folder.relative_to(home)), "test_pairs": len(test),
+            "current_error": float(1 - right["current"].mean()), "candidate_error": float(1 - right["candidate"].mean()),
+            "p_value": verdict["traffic"]["p_value"], "verdict": verdict["traffic"]["verdict"], **spend, **verdict,
+            "objective": config.objective, "current_after": after}
+    row |= audit(home, history, row, candidate if promoted else incumbent, splits["audit"],
+                 thresholds["candidate" if promoted else "current"])
+    row["by_source"] = by_source(pair_sources(paths_), {"test": (test, right), "audit": (splits["audit"], None)},
+                                 candidate if promoted else incumbent, thresholds["candidate" if promoted else "current"])
+    row["seconds"] = time.perf_counter() - started
     jsonl.append(home / "history.jsonl", row)
-    print(f"round {number}: " + paired.describe(verdict, "candidate", "current") + f" -> {row['decision']}")
+    if after != "base" and "audit" in row:
+        card.add_audit(home / after, row)
+    print(describe(row))
     return row
 
 
+def too_few(val: list[data.Pair], test: list[data.Pair]) -> str | None:
+    """Why the held-out pairs cannot judge a round yet, if they cannot."""
+    for name, pairs, least in (("test", test, MIN_TEST), ("validation", val, MIN_VALIDATION)):
+        labels = {y for *_, y in pairs}
+        if len(pairs) < least or labels != {0, 1}:
+            return f"{len(pairs)} {name} pairs so far ({sorted(labels)} labels); a round needs {least} with both labels"
+    return None
+
+
+def audit(home: Path, history: list[dict], row: dict, model, audit_pairs: list[data.Pair], threshold: float) -> dict:
+    """The current model's error on the audit pairs, beside the error the decisions saw for it (its
+    test error when it was promoted; the base's, this round's); a disagreement of their 95%
+    intervals is the optimism of selection, and the history says so."""
+    version = Path(row["current_after"]).name
+    decided = [r for r in history + [row] if r.get("decision") == "promoted" and r["candidate"] == row["current_after"]]
+    seen_error, seen_n = (decided[-1]["candidate_error"], decided[-1]["test_pairs"]) if decided else \
+        (row["current_error"], row["test_pairs"])
+    seen = {"error": seen_error, "n": seen_n, "interval": paired.wilson_interval(round(seen_error * seen_n), seen_n)}
+    if not audit_pairs:
+        return {"seen": seen}
+    wrong = int((~evaluate.correct(model, audit_pairs, threshold)).sum())
+    result = {"version": version, "error": wrong / len(audit_pairs), "n": len(audit_pairs),
+              "interval": paired.wilson_interval(wrong, len(audit_pairs))}
+    agrees = result["interval"][0] <= seen["interval"][1] and seen["interval"][0] <= result["interval"][1]
+    out = {"audit": result, "seen": seen, "audit_agrees": agrees}
+    if not agrees:
+        direction = "optimistic" if seen_error < result["error"] else "pessimistic"
+        out["note"] = (f"the decisions saw {seen_error:.2%} for {version}, the audit measures {result['error']:.2%}: "
+                       f"their 95% intervals do not meet, so the history's test error is {direction} (selection on "
+                       "reused test pairs, or the traffic changed): trust the audit")
+    return out
+
+
+def by_source(sources: dict, sets: dict, current, threshold: float) -> dict:
+    """Each error broken down by the pairs' `source` (a field of /v1/pairs): where traffic changes
+    domain, each domain's held-out shows its own change."""
+    out: dict[str, dict] = {}
+    for name, (pairs, right) in sets.items():
+        labels = np.array([sources.get(key(p)) for p in pairs], dtype=object)
+        right = right or {"current_after": evaluate.correct(current, pairs, threshold) if pairs else np.array([], bool)}
+        for source in sorted({s for s in labels if s is not None}):
+            mask = labels == source
+            entry = out.setdefault(source, {})
+            entry[f"{name}_pairs"] = int(mask.sum())
+            for model_name, r in right.items():
+                entry[f"{name}_{model_name}_error"] = float(1 - r[mask].mean())
+    return out
+
+
+def key(pair: data.Pair) -> tuple[str, str]:
+    return tuple(sorted((data.normalise(pair[0]), data.normalise(pair[1]))))
+
+
+def describe(row: dict) -> str:
+    """The round in two or three lines: the decision on the traffic's test pairs, and the audit."""
+    line = (f"round {row['round']}: " + paired.describe(row["traffic"], "candidate", "current")
+            + f" (at this round's level {row['alpha_round']:.2g}: test {row['test_number']} of the home's life-long "
+            f"alpha {row['alpha_life']}) -> {row['decision'].upper()}")
+    if "curated" in row:
+        line += f"; on the curated test: {row['curated']['verdict']}"
+    if "audit" in row:
+        a = row["audit"]
+        line += (f"\naudit: {a['version']} {a['error']:.2%} [{a['interval'][0]:.1%}, {a['interval'][1]:.1%}] on {a['n']:,} "
+                 f"pairs no decision saw; {row['splits']['unusable']:,} pairs unusable (their texts lie in two splits)")
+    return line + (f"\nnote: {row['note']}" if row.get("note") else "")
+
+
 def plot(history_path: Path, figure: Path) -> None:
-    """Test error against round: the model that was current, and each candidate (filled: promoted)."""
+    """Error against round: the current model's audit error with its 95% interval, the error the
+    decisions saw, and each candidate (filled: promoted)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = jsonl.read(history_path)
+    rows = [r for r in jsonl.read(history_path) if r.get("decision") in ("promoted", "refused")]
+    if not rows:
+        raise InputError(f"{history_path}: no round has judged a candidate yet")
     rounds = [r["round"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot(rounds, [100 * r["current_error"] for r in rows], "s--", color="C0", label="current model before the round")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    audited = [r for r in rows if "audit" in r]
+    if audited:
+        errors_ = np.array([100 * r["audit"]["error"] for r in audited])
+        bounds = np.array([[100 * r["audit"]["error"] - 100 * r["audit"]["interval"][0],
+                            100 * r["audit"]["interval"][1] - 100 * r["audit"]["error"]] for r in audited]).T
+        ax.errorbar([r["round"] for r in audited], errors_, yerr=bounds, fmt="s-", color="C0", capsize=3,
+                    label="current model, audit error (95%)")
+    ax.plot(rounds, [100 * r["seen"]["error"] for r in rows], "^:", color="C2", label="current model, as the decisions saw it")
     for r in rows:
         ax.plot(r["round"], 100 * r["candidate_error"], "o", color="C1" if r["decision"] == "promoted" else "C3",
-                fillstyle="full" if r["decision"] == "promoted" else "none", ms=9)
+                fillstyle="full" if r["decision"] == "promoted" else "none", ms=8)
         ax.annotate(f"{r['decision']}\np={r['p_value']:.1g}\n{r['trained_on']:,} pairs", (r["round"], 100 * r["candidate_error"]),
                     textcoords="offset points", xytext=(8, -4), fontsize=7)
-    ax.plot([], [], "o", color="C1", label="candidate, promoted")
-    ax.plot([], [], "o", color="C3", fillstyle="none", label="candidate, refused")
+    ax.plot([], [], "o", color="C1", label="candidate on test, promoted")
+    ax.plot([], [], "o", color="C3", fillstyle="none", label="candidate on test, refused")
     ax.set_xticks(rounds)
     ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.9)  # room for the last round's note
     ax.set_xlabel("round")
-    ax.set_ylabel("test error rate (%)")
+    ax.set_ylabel("error rate (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(figure, dpi=120)
     plt.close(fig)
     print(f"figure: {figure}")
 
 
+def parse_shares(text: str, flag: str, kind) -> dict:
+    """--fractions 0.1,0.3,0.1 or --caps 1000,5000,2000: validation, test and audit."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) < 0:
+        raise InputError(f"{flag} {text}: give three numbers, VALIDATION,TEST,AUDIT (for example "
+                         f"{','.join(str(v) for v in (heldout.FRACTIONS if kind is float else heldout.CAPS).values())})")
+    if kind is float and sum(values) >= 1:
+        raise InputError(f"{flag} {text}: the held-out shares must leave some pairs to train on (sum below 1)")
+    return dict(zip(heldout.HELD_OUT, values))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", metavar="OUTDIR", help="the flywheel's folder: flywheel.json, current.json, pairs/, rounds/, history.jsonl")
+    parser.add_argument("--home", metavar="OUTDIR", help="the flywheel's folder: flywheel.json, current.json, pairs/, "
+                        "heldout/, rounds/, history.jsonl")
     parser.add_argument("--base", metavar="MODEL", help="the base encoder (hub name or folder) that training starts from")
     parser.add_argument("--pairs", nargs="+", metavar="PAIRS", help="pair files, or folders of them (default: HOME/pairs)")
-    parser.add_argument("--val", metavar="FILE", help="fixed validation pairs (thresholds are tuned here)")
-    parser.add_argument("--test", metavar="FILE", help="fixed test pairs (the promotion test is decided here)")
+    parser.add_argument("--val", metavar="FILE", help="optional curated validation pairs, beside the traffic's own")
+    parser.add_argument("--test", metavar="FILE", help="optional curated test pairs: a candidate must not be worse there")
     parser.add_argument("--mode", choices=["scratch", "continue"],
                         help="scratch (default): base model on all pairs; continue: current model on new files only")
-    parser.add_argument("--alpha", type=float, help="promote when the one-sided p is below this (default 0.05)")
+    parser.add_argument("--alpha", type=float, help="the home's budget of false promotions over its life (default 0.05)")
+    parser.add_argument("--fractions", help="of new pairs, the shares held out as VALIDATION,TEST,AUDIT (default 0.1,0.3,0.1)")
+    parser.add_argument("--caps", help="... until each holds this many pairs (default 1000,5000,2000)")
     parser.add_argument("--set", help="training options as option=value ... (see python train.py --help)")
     parser.add_argument("--init", action="store_true", help="only keep the settings in HOME/flywheel.json")
+    parser.add_argument("--wait", action="store_true", help="wait for a round already running, instead of exiting")
     parser.add_argument("--plot", metavar="FILE", help="only draw this history.jsonl as a figure")
     errors.add_debug_flag(parser)
     args = paths.parse(parser, argv)
@@ -227,12 +389,13 @@ def main(argv: list[str] | None = None) -> None:
     home = Path(args.home)
     if args.set:
         options.parse_overrides(args.set)  # a bad --set is named before it is kept
-    chosen = settings(home, {k: getattr(args, k) for k in SETTINGS})
-    overrides = options.parse_overrides(chosen["set"])
+    given = {k: getattr(args, k) for k in SETTINGS}
+    given["fractions"] = parse_shares(args.fractions, "--fractions", float) if args.fractions else None
+    given["caps"] = parse_shares(args.caps, "--caps", int) if args.caps else None
+    chosen = settings(home, given)
     if args.init:
         return print(f"{home}/flywheel.json: {chosen}")
-    run_round(home, chosen["base"], args.pairs or [str(home / "pairs")], chosen["val"], chosen["test"],
-              chosen["mode"], chosen["alpha"], overrides)
+    run_round(home, chosen, args.pairs or [str(home / "pairs")], args.wait)
 
 
 if __name__ == "__main__":

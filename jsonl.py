@@ -29,11 +29,18 @@ def read(path: Path) -> list[dict]:
 
 def append(path: Path, row: dict) -> None:
     """Append one line and make sure it is on disk before going on."""
+    append_rows(path, [row])
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append a line a row in one write, on disk before going on (nothing to do for no rows)."""
+    if not rows:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("ab") as f:
         torn = f.tell() > 0 and not ends_with_newline(path)
-        f.write(("\n" if torn else "").encode() + (json.dumps(row) + "\n").encode())
+        f.write(("\n" if torn else "").encode() + "".join(json.dumps(row) + "\n" for row in rows).encode())
         f.flush()
         os.fsync(f.fileno())
 

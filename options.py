@@ -151,6 +151,7 @@ def parse_overrides(text: str) -> dict:
     overrides = {}
     for item in text.split():
         name, _, value = item.partition("=")
+        name = name.removeprefix("--").replace("-", "_")  # eval-size, --eval-size and eval_size alike
         if name not in kinds:
             raise InputError(f"unknown option '{name}' (see python train.py --help)")
         if kinds[name] == "bool" and value.lower() not in ("1", "true", "yes", "0", "false", "no"):

@@ -26,7 +26,6 @@ either order (a duplicate relation is symmetric), and, if the client gives one, 
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import data
+from file_lock import FileLock
 
 FIELDS = ("text1", "text2", "label", "id", "source")
 
@@ -61,6 +61,23 @@ def settle(pairs: list[data.Pair]) -> tuple[list[data.Pair], int, int]:
     return kept, repeats, conflicts
 
 
+def pair_sources(files: list[Path]) -> dict[tuple[str, str], str]:
+    """The `source` a client named for each pair (by `pair_key`), from the store's JSON Lines files:
+    what lets a round break its errors down by domain. Files without the field name none."""
+    sources: dict[tuple[str, str], str] = {}
+    for path in files:
+        if not path.name.endswith(".jsonl"):
+            continue
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("source") and row.get("text1") and row.get("text2"):
+                sources.setdefault(pair_key(str(row["text1"]), str(row["text2"])), str(row["source"]))
+    return sources
+
+
 class PairStore:
     """The store in one folder. Thread-safe, and safe across processes on one machine."""
 
@@ -68,35 +85,48 @@ class PairStore:
         self.folder, self.conflicts = Path(folder), Path(folder) / "conflicts"
         self.conflicts.mkdir(parents=True, exist_ok=True)
         self.labels: dict[tuple[str, str], int] = {}   # every stored pair's label
-        self.ids: set[str] = set()                     # every stored (or set-aside) client id
+        self.ids: dict[str, tuple[str, str]] = {}      # every stored client id, and the pair it names
         self.read_files: set[str] = set()
         self.conflicting = 0
         self.lock = threading.Lock()
 
     def add(self, pairs: list[dict]) -> dict:
         """Store the new pairs of a batch (already validated: text1, text2, label 0/1, optional id and
-        source), durably, before returning the counts of accepted, duplicate and conflicting pairs."""
+        source), durably, before returning the counts of accepted, duplicate, conflicting and dropped
+        pairs. Once means once within a batch as across batches. An id seen before names the same pair
+        or is a conflict, kept apart (never a silent duplicate); a pair of a text with itself teaches
+        nothing and is dropped and counted, as train.py drops it."""
         with self.lock, self.exclusive():
             self.refresh()  # what other processes stored since the last call
-            fresh, contradicting, duplicates = [], [], 0
+            fresh, contradicting, duplicates, itself = [], [], 0, 0
             batch_labels: dict[tuple[str, str], int] = {}
+            batch_ids: dict[str, tuple[str, str]] = {}
             for pair in pairs:
                 key = pair_key(pair["text1"], pair["text2"])
+                if key[0] == key[1]:
+                    itself += 1
+                    continue
+                pair_id = None if pair.get("id") is None else str(pair["id"])
+                named = self.ids.get(pair_id, batch_ids.get(pair_id)) if pair_id is not None else None
                 known = self.labels.get(key, batch_labels.get(key))
-                if (pair.get("id") is not None and str(pair["id"]) in self.ids) or known == pair["label"]:
+                if named is not None and named != key:  # one id, two different pairs: a question for a person
+                    contradicting.append(pair)
+                elif named is not None or known == pair["label"]:
                     duplicates += 1
                 elif known is not None:
                     contradicting.append(pair)
                 else:
                     batch_labels[key] = pair["label"]
+                    if pair_id is not None:
+                        batch_ids[pair_id] = key
                     fresh.append(pair)
             for rows, folder in ((fresh, self.folder), (contradicting, self.conflicts)):
                 if rows:
                     self.read_files.add(write_batch(folder, rows).name)
             self.index(fresh)
-            self.ids.update(str(p["id"]) for p in contradicting if p.get("id") is not None)
             self.conflicting += len(contradicting)
-            return {"accepted": len(fresh), "duplicates": duplicates, "conflicts": len(contradicting)}
+            return {"accepted": len(fresh), "duplicates": duplicates, "conflicts": len(contradicting),
+                    "dropped_self_pairs": itself}
 
     def refresh(self) -> None:
         """Read the batch files that this process has not read yet (a torn one cannot exist)."""
@@ -107,16 +137,16 @@ class PairStore:
                 rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
                 if conflicting:
                     self.conflicting += len(rows)
-                    self.ids.update(str(r["id"]) for r in rows if r.get("id") is not None)
                 else:
                     self.index(rows)
                 self.read_files.add(path.name)
 
     def index(self, rows: list[dict]) -> None:
         for row in rows:
-            self.labels.setdefault(pair_key(row["text1"], row["text2"]), row["label"])
+            key = pair_key(row["text1"], row["text2"])
+            self.labels.setdefault(key, row["label"])
             if row.get("id") is not None:
-                self.ids.add(str(row["id"]))
+                self.ids.setdefault(str(row["id"]), key)
 
     def count(self) -> int:
         """Pairs stored (each once), after reading what other processes added."""
@@ -127,20 +157,6 @@ class PairStore:
     def exclusive(self):
         """An advisory lock on the folder's lock file: one writer at a time on this machine."""
         return FileLock(self.folder / ".lock")
-
-
-class FileLock:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.file = open(self.path, "a")
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
 
 
 def write_batch(folder: Path, rows: list[dict]) -> Path:

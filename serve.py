@@ -33,12 +33,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-import data
 import errors
 import flywheel
 import jsonl
 import modal
-import options
 import paths
 from api_contract import (MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key, embeddings_payload,
                           pair_list, read_json, text_list)
@@ -91,11 +89,12 @@ async def off_loop(size: int, function, *args):
 
 
 def build_app(versions, store=None, batcher=None, read_key: str | None = None, write_key: str | None = None,
-              held_out: set[str] | None = None, after_write=None):
+              ledger=None, after_write=None, home: Path | None = None):
     """The FastAPI app over `versions` (versions.Versions). `store` (pair_store.PairStore) enables
-    /v1/pairs; `held_out` is the normalised texts of the flywheel's val and test pairs (pairs that
-    touch them never reach training, and are counted); `after_write()` runs after each stored batch
-    (Modal commits its Volume there)."""
+    /v1/pairs; `ledger` (heldout.Ledger) knows the split of each text a round has seen (a stored pair
+    that touches a held-out text will go where that text's split says: it is counted by split);
+    `after_write()` runs after each stored batch (Modal commits its Volume there); `home` adds each
+    version's latest audit to /v1/models."""
     metrics = Metrics(lambda: batcher.queued, versions)
     batcher = batcher or Batcher(on_batch=metrics.batch)
     batcher.on_batch = metrics.batch
@@ -184,18 +183,42 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
         outcome = await asyncio.to_thread(store.add, rows)
         if after_write and outcome["accepted"] + outcome["conflicts"]:
             await asyncio.to_thread(after_write)
-        touching = sum(1 for r in rows if held_out and {data.normalise(r["text1"]), data.normalise(r["text2"])} & held_out)
+        touching = held_out_splits(rows)
         metrics.pairs(outcome, touching)
-        return {"object": "pairs.batch", **outcome, "touching_held_out": touching, "stored": len(store.labels)}
+        return {"object": "pairs.batch", **outcome, "touching_held_out": sum(touching.values()), "stored": len(store.labels)}
+
+    def held_out_splits(rows: list[dict]) -> dict[str, int]:
+        """How many of the pairs touch a text that a round has held out, by that text's split."""
+        if ledger is None:
+            return {}
+        ledger.refresh()  # what the last round assigned
+        counts: dict[str, int] = {}
+        for r in rows:
+            split = next((s for s in map(ledger.split, (r["text1"], r["text2"])) if s not in (None, "train")), None)
+            if split:
+                counts[split] = counts.get(split, 0) + 1
+        return counts
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request, read_key, "models")
-        return {"object": "list", "current": versions.current.id, "data": [v.describe() for v in reversed(versions.held)]}
+        audits = flywheel.latest_audits(home) if home is not None else {}
+        return {"object": "list", "current": versions.current.id,
+                "data": [v.describe() | {"audit": audits.get(v.id)} for v in reversed(versions.held)]}
+
+    @app.get("/v1/models/{version_id}")
+    async def model(request: Request, version_id: str):  # the openai client's models.retrieve
+        check_key(request, read_key, "models")
+        version = next((v for v in versions.held if v.id == version_id), None)
+        if version is None:
+            held = ", ".join(v.id for v in versions.held)
+            raise ApiError(404, f"model version '{version_id}' is not served here (served: {held})", "model", "model_not_found")
+        return version.describe() | {"audit": (flywheel.latest_audits(home) if home is not None else {}).get(version.id)}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "version": versions.current.id}
+        rounds = getattr(app.state, "rounds", None)
+        return {"status": "ok", "version": versions.current.id} | ({"rounds": rounds.status} if rounds else {})
 
     @app.get("/metrics")
     async def prometheus():
@@ -209,23 +232,47 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
 class RoundScheduler(threading.Thread):
     """Every `every` seconds, a flywheel round in a process of its own (at low priority, so that
     training does not stall serving) once `min_new_pairs` pairs have arrived that no round has read.
-    The round promotes through home/current.json; the server's watcher swaps the model in."""
+    The round promotes through home/current.json; the server's watcher swaps the model in. A tick
+    that fails (a torn file dropped into the store, a full disk) is one log line, counted in
+    /metrics and shown by /health; the next tick goes on."""
 
-    def __init__(self, home: Path, every: float, min_new_pairs: int):
+    def __init__(self, home: Path, every: float, min_new_pairs: int, metrics=None):
         super().__init__(daemon=True, name="rounds")
-        self.home, self.every, self.min_new_pairs = home, every, min_new_pairs
+        self.home, self.every, self.min_new_pairs, self.metrics = home, every, min_new_pairs, metrics
         self.stopped = threading.Event()
+        self.status = {"every_s": every, "min_new_pairs": min_new_pairs, "ticks": 0, "rounds": 0, "failures": 0,
+                       "last_decision": None, "last_error": None}
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
-            new = flywheel.new_pair_count(self.home, self.home / "pairs")
-            if new < self.min_new_pairs:
-                continue
-            print(f"round: {new} new pairs, starting (log: {self.home / 'rounds.log'})", flush=True)
-            with open(self.home / "rounds.log", "ab") as log:
-                done = subprocess.run([sys.executable, str(Path(__file__).with_name("flywheel.py")), "--home", str(self.home)],
-                                      stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
-            print(f"round: finished with exit code {done.returncode}", flush=True)
+            self.status["ticks"] += 1
+            try:
+                self.tick()
+            except Exception as e:  # never the end of the scheduler: say it, count it, try again next tick
+                self.failed(f"round: the tick failed: {errors.first_line(e)}")
+
+    def tick(self) -> None:
+        new = flywheel.new_pair_count(self.home, self.home / "pairs")
+        if new < self.min_new_pairs:
+            return
+        print(f"round: {new} new pairs, starting (log: {self.home / 'rounds.log'})", flush=True)
+        with open(self.home / "rounds.log", "ab") as log:
+            done = subprocess.run([sys.executable, str(Path(__file__).with_name("flywheel.py")), "--home", str(self.home)],
+                                  stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
+        if done.returncode != 0:
+            return self.failed(f"round: exit code {done.returncode}; the last lines of {self.home / 'rounds.log'} say why")
+        last = (jsonl.read(self.home / "history.jsonl") or [{}])[-1]
+        self.status["rounds"] += 1
+        self.status["last_decision"] = {k: last.get(k) for k in ("round", "decision", "current_after", "p_value", "reason")}
+        print(f"round {last.get('round')}: {last.get('decision')} (current: {last.get('current_after')}; "
+              f"{last.get('reason') or last.get('verdict', '')})", flush=True)
+
+    def failed(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        self.status["failures"] += 1
+        self.status["last_error"] = message
+        if self.metrics:
+            self.metrics.round_failures.inc()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -244,15 +291,11 @@ def parse_period(text: str) -> float:
     return seconds
 
 
-def held_out_texts(home: Path) -> set[str]:
-    settings = jsonl.read_json(home / "flywheel.json") or {}
-    return {data.normalise(t) for split in ("val", "test") for a, b, _ in data.load_pairs(settings[split]) for t in (a, b)}
-
-
 def make_app(home: Path | None, model: str | None, device: str = "auto", precision: str = "auto",
              watch_every: float = 2.0, before_poll=None, after_write=None, batch_tokens: int = 4096):
     """Everything a server needs, for a flywheel home or a plain model folder."""
     from model import cpu_has_bf16, pick_device
+    from heldout import Ledger
     from pair_store import PairStore
     from versions import HomeWatcher, Versions
 
@@ -262,13 +305,14 @@ def make_app(home: Path | None, model: str | None, device: str = "auto", precisi
         raise InputError("--precision bf16: this CPU has no bf16 units (AVX512-BF16 or AMX); use fp32 or auto")
     if home is not None:
         versions, store = Versions.from_home(home, device), PairStore(home / "pairs")
+        ledger = Ledger(home / "splits.jsonl")
         watcher = HomeWatcher(versions, home, watch_every, device, before_poll)
         watcher.start()
     else:
-        versions, store = Versions.from_folder(model, device), None
+        versions, store, ledger = Versions.from_folder(model, device), None, None
     keys = {k: os.environ.get(f"EMBED_FT_{k.upper()}_KEY") or None for k in ("read", "write")}
     return build_app(versions, store, Batcher(token_budget=batch_tokens, bf16=bf16), keys["read"], keys["write"],
-                     held_out_texts(home) if home is not None else None, after_write)
+                     ledger, after_write, home)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -296,13 +340,40 @@ def main(argv: list[str] | None = None) -> None:
     home = Path(args.home) if args.home else None
     if home is not None and not (home / "flywheel.json").is_file():
         raise InputError(f"{home} is not a flywheel home (no flywheel.json): run python flywheel.py --home {home} "
-                         "--base MODEL --val VAL --test TEST --init first")
+                         "--base MODEL --init first")
     period = parse_period(args.round_every) if args.round_every else None
+    listener = bind(args.host, args.port)  # before the model loads: a port in use is said at once
     app = make_app(home, args.model, args.device, args.precision, batch_tokens=args.batch_tokens)
     if period:
-        RoundScheduler(home, period, args.min_new_pairs).start()
+        app.state.rounds = RoundScheduler(home, period, args.min_new_pairs, app.state.metrics)
+        app.state.rounds.start()
     import uvicorn
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    print(ready_line(app, f"http://{args.host}:{args.port}", period), flush=True)
+    server.run(sockets=[listener])
+
+
+def bind(host: str, port: int):
+    """The listening socket, bound now (uvicorn serves on it later)."""
+    import socket
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as e:
+        listener.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? pick --port)") from None
+    listener.listen(2048)
+    return listener
+
+
+def ready_line(app, url: str, period: float | None) -> str:
+    """What a person starting the server needs to see once: where, what, and how it is guarded."""
+    current = app.state.versions.current
+    keys = ", ".join(f"{k} key {'set' if os.environ.get(f'EMBED_FT_{k.upper()}_KEY') else 'not set'}" for k in ("write", "read"))
+    rounds = f"rounds every {period:g} s" if period else "no scheduled rounds"
+    threshold = f"{current.threshold:.4f}" if current.threshold is not None else "none yet"
+    return f"serving {current.id} ({current.model.dim}-d, threshold {threshold}) at {url}/v1; {keys}; {rounds}"
 
 
 # -------------------------------------------------------------------------------------------- Modal
@@ -321,7 +392,7 @@ image = (
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
                              "openai_embeddings", "paired", "paths", "flywheel", "pair_store", "versions",
-                             "batcher", "serve_metrics", "api_contract")  # Modal adds serve.py
+                             "batcher", "serve_metrics", "api_contract", "heldout", "gate", "file_lock")  # Modal adds serve.py
 )
 volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)
 HOME = Path("/flywheel/home")
@@ -343,19 +414,19 @@ class Server:
 
 
 @app.function(image=image, gpu=ROUND_GPU, volumes={"/flywheel": volume}, timeout=3 * 60 * 60,
-              schedule=modal.Cron("0 * * * *"))
+              schedule=modal.Cron("0 * * * *"), max_containers=1)
 def scheduled_round(min_new_pairs: int = MIN_NEW_PAIRS) -> dict | None:
-    """Every hour: a round over the Volume's home, once enough new pairs have arrived."""
+    """Every hour: a round over the Volume's home, once enough new pairs have arrived. One container at
+    most (max_containers=1): a file lock does not hold across containers on a Volume, so a round that
+    outlasts the hour makes the next one wait instead of overlapping it."""
     if not modal.is_local():
         volume.reload()
     new = flywheel.new_pair_count(HOME, HOME / "pairs")
     if new < min_new_pairs:
         print(f"{new} new pairs, fewer than {min_new_pairs}: no round")
         return None
-    settings = flywheel.settings(HOME, {})
     try:
-        return flywheel.run_round(HOME, settings["base"], [str(HOME / "pairs")], settings["val"], settings["test"],
-                                  settings["mode"], settings["alpha"], options.parse_overrides(settings["set"]))
+        return flywheel.run_round(HOME, flywheel.settings(HOME, {}), [str(HOME / "pairs")])
     finally:
         if not modal.is_local():
             volume.commit()

@@ -6,7 +6,9 @@
     embed_ft_batch_padded_tokens                 padded tokens a forward pass
     embed_ft_queue_texts                         texts waiting for a forward pass, now
     embed_ft_texts_truncated_total               texts cut to the model's max_length
-    embed_ft_pairs_total{outcome}                /v1/pairs: accepted, duplicate, conflict, touching_held_out
+    embed_ft_pairs_total{outcome}                /v1/pairs: accepted, duplicate, conflict, self_pair, touching_held_out
+    embed_ft_pairs_held_out_total{split}         ... of those touching a held-out text, by the text's split
+    embed_ft_round_failures_total                scheduled rounds (or their ticks) that failed
     embed_ft_model_version{version, role}        1 for each version served: current or previous
 
 A registry of its own per app, so that two servers in one process (the tests) count apart.
@@ -39,6 +41,9 @@ class Metrics:
         self.truncated = Counter("embed_ft_texts_truncated", "Texts cut to max_length", registry=registry)
         self.pair_outcomes = Counter("embed_ft_pairs", "Pairs posted to /v1/pairs, by outcome", ["outcome"],
                                      registry=registry)
+        self.held_out = Counter("embed_ft_pairs_held_out", "Pairs posted that touch a held-out text, by its split",
+                                ["split"], registry=registry)
+        self.round_failures = Counter("embed_ft_round_failures", "Scheduled rounds or ticks that failed", registry=registry)
         self.version = Gauge("embed_ft_model_version", "Versions served", ["version", "role"], registry=registry)
 
     def request(self, route: str, code: int, seconds: float) -> None:
@@ -49,10 +54,13 @@ class Metrics:
         self.batch_texts.observe(texts)
         self.batch_tokens.observe(padded_tokens)
 
-    def pairs(self, outcome: dict, touching_held_out: int) -> None:
-        for name, key in (("accepted", "accepted"), ("duplicate", "duplicates"), ("conflict", "conflicts")):
+    def pairs(self, outcome: dict, held_out_splits: dict[str, int]) -> None:
+        for name, key in (("accepted", "accepted"), ("duplicate", "duplicates"), ("conflict", "conflicts"),
+                          ("self_pair", "dropped_self_pairs")):
             self.pair_outcomes.labels(name).inc(outcome[key])
-        self.pair_outcomes.labels("touching_held_out").inc(touching_held_out)
+        self.pair_outcomes.labels("touching_held_out").inc(sum(held_out_splits.values()))
+        for split, count in held_out_splits.items():
+            self.held_out.labels(split).inc(count)
 
     def render(self) -> bytes:
         self.version.clear()  # the versions served change with a swap

@@ -63,16 +63,20 @@ def load_version(version_id: str, folder: str, device: str = "auto", promoted_at
 
 
 def base_version(home: Path, device: str) -> Version:
-    """The home's base model as published, its threshold tuned on the home's validation pairs, as the
-    flywheel's first round does for the model it has to beat."""
+    """The home's base model as published, at the threshold the last round tuned on validation
+    (HOME/base.json), so that a restart is quick; a home no round has judged yet has none, unless it
+    has a curated --val to tune one on (kept for the next start)."""
     settings = jsonl.read_json(home / "flywheel.json") or {}
     if not settings.get("base"):
-        raise InputError(f"{home} has no flywheel.json: run python flywheel.py --home {home} --base MODEL "
-                         "--val VAL --test TEST --init first")
+        raise InputError(f"{home} has no flywheel.json: run python flywheel.py --home {home} --base MODEL --init first")
     version = load_version("base", settings["base"], device)
-    if version.threshold is None:
+    threshold = flywheel.base_threshold(home)
+    if threshold is None and version.threshold is None and settings.get("val"):
         val = data.load_pairs(settings["val"])
-        version.model.decision = {"threshold": evaluate.evaluate(version.model, val)["val"]["threshold"]}
+        threshold = evaluate.evaluate(version.model, val)["val"]["threshold"]
+        jsonl.write_json(home / "base.json", {"threshold": threshold, "validation_pairs": len(val), "round": None})
+    if threshold is not None:
+        version.model.decision = {"threshold": threshold}
     return version
 
 

@@ -37,3 +37,7 @@ def test_help_lists_every_option_and_flags_round_trip(capsys):
     assert options.parse_args(["--freeze-encoder", "--lr", "1e-4"]) == Config(freeze_encoder=True, lr=1e-4)
     changed = Config(freeze_encoder=True, lr=1e-4, matryoshka_dims="64,128", select_best=False, out="x y")
     assert options.parse_args(options.to_flags(changed)) == changed  # what torchrun's ranks are given
+
+
+def test_set_takes_the_flag_spelling_too():
+    assert options.parse_overrides("eval-size=500 --lr=1e-4 batch_size=8") == {"eval_size": 500, "lr": 1e-4, "batch_size": 8}

@@ -11,19 +11,22 @@ def pair(a, b, label, **extra):
 def test_a_pair_is_stored_once_and_a_contradiction_is_kept_apart(tmp_path):
     store = PairStore(tmp_path / "pairs")
     first = store.add([pair("How do I learn Python?", "Best way to learn Python?", 1, id="q1"), pair("a b", "c d", 0)])
-    assert first == {"accepted": 2, "duplicates": 0, "conflicts": 0}
+    assert first == {"accepted": 2, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": 0}
     again = store.add([pair("best way to  learn python?", "How do I learn Python?", 1),   # same pair, other order
-                       pair("x", "y", 1, id="q1"),                                         # same id
+                       pair("how do i learn python?", "Best way to learn Python?", 1, id="q1"),  # same id, same pair
+                       pair("x", "y", 1, id="q1"),                                         # same id, another pair
                        pair("c d", "a b", 1),                                              # contradicts
-                       pair("e f", "g h", 1), pair("g h", "e f", 1)])                      # repeated within the batch
-    assert again == {"accepted": 1, "duplicates": 3, "conflicts": 1}
+                       pair("e f", "g h", 1, id="e"), pair("g h", "e f", 1, id="e"),       # repeated within the batch
+                       pair("i j", "k l", 0, id="i"), pair("m n", "o p", 0, id="i"),       # one id, two pairs, one batch
+                       pair("Same text", "same  TEXT", 1)])                                # a text with itself
+    assert again == {"accepted": 2, "duplicates": 3, "conflicts": 3, "dropped_self_pairs": 1}
     files = sorted((tmp_path / "pairs").glob("batch-*.jsonl"))
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
-    assert len(files) == 2 and len(rows) == 3 and rows[0]["id"] == "q1"
+    assert len(files) == 2 and len(rows) == 4 and rows[0]["id"] == "q1"
     conflict = [json.loads(line) for f in (tmp_path / "pairs" / "conflicts").glob("*.jsonl") for line in f.read_text().splitlines()]
-    assert conflict == [{"text1": "c d", "text2": "a b", "label": 1, "id": None, "source": None}]
+    assert [(c["text1"], c["id"]) for c in conflict] == [("x", "q1"), ("c d", None), ("m n", "i")]
     reopened = PairStore(tmp_path / "pairs")  # a restarted server knows what is stored
-    assert reopened.count() == 3 and reopened.conflicting == 1
+    assert reopened.count() == 4 and reopened.conflicting == 3
     assert reopened.add([pair("a b", "c d", 0)])["duplicates"] == 1
 
 

@@ -1,0 +1,115 @@
+"""Held-out pairs grown from the traffic: each text's split is decided once, when it is first seen.
+
+A home made from a base model alone has no test set: its first labels are its traffic. So each
+round, before it trains, gives every text that no round has seen yet a split (train, validation,
+test or audit) and keeps it in HOME/splits.jsonl, one line a text, appended and never rewritten:
+
+    {"text": "how do i learn python?", "split": "test"}
+
+A pair belongs to the split of its two texts. A pair whose texts lie in different splits (it joins
+a training text to a test text, say) is used by none, and counted: training on it would leak. That
+keeps the one rule that matters, no text in two splits, for the whole life of the home.
+
+How a new text gets its split:
+- paired with a text that has one, it takes that split (so a pair is usable whenever it can be);
+- paired with another new text, the pair draws one, from a hash of its two texts (sha256, so the
+  same pairs give the same splits on any machine, in any process): validation, test and audit take
+  their `fractions` of the new pairs until each holds `caps` pairs; everything else trains.
+
+Texts of a curated --val/--test (kept beside the traffic's, reported apart) have the split
+"curated": a traffic pair that touches one trains nothing, as train.py drops such pairs.
+
+The held-out pairs are written as ordinary pair files, HOME/heldout/{validation,test,audit}.tsv.gz,
+so that a person can read them and `evaluate.py --val ... --test ...` can take them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import data
+import jsonl
+
+HELD_OUT = ("validation", "test", "audit")
+CURATED = "curated"
+# Chosen by a power calculation on real discordance and checked on the real stream (docs/flywheel.md):
+# early on, half of the new pairs are held out, most of them to decide promotions; once the test
+# set holds 5,000 pairs (enough to resolve about a point of error), everything new trains.
+FRACTIONS = {"validation": 0.1, "test": 0.3, "audit": 0.1}
+CAPS = {"validation": 1000, "test": 5000, "audit": 2000}
+
+
+def draw(key: tuple[str, str], counts: dict, fractions: dict, caps: dict) -> str:
+    """The split of a pair of two new texts: a point in [0, 1) from its hash, against the held-out
+    fractions in order; a held-out split that is full gives its share to training."""
+    point = int.from_bytes(hashlib.sha256("\t".join(key).encode()).digest()[:8], "big") / 2 ** 64
+    edge = 0.0
+    for split in HELD_OUT:
+        edge += fractions[split]
+        if point < edge:
+            return split if counts[split] < caps[split] else "train"
+    return "train"
+
+
+class Ledger:
+    """HOME/splits.jsonl read into memory: each normalised text's split. `refresh()` reads only what
+    was appended since the last read (a server calls it on every batch of pairs)."""
+
+    def __init__(self, path: Path):
+        self.path, self.split_of, self.offset = Path(path), {}, 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being appended right now is read next time
+        for line in complete.decode("utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line torn by a crash: its text is decided again, the same way
+                continue
+            self.split_of.setdefault(row["text"], row["split"])
+        self.offset += len(complete)
+
+    def assign(self, pairs: list[data.Pair], curated: set[str] = frozenset(), fractions: dict = FRACTIONS,
+               caps: dict = CAPS) -> dict[str, list[data.Pair]]:
+        """Every pair's split, in the order given (arrival order), deciding the texts seen for the first
+        time and keeping them. Returns {"train": [...], "validation": ..., "test", "audit", "curated",
+        "unusable": [...]}."""
+        self.refresh()
+        decided: dict[str, str] = {}
+        known = lambda text: self.split_of.get(text) or decided.get(text) or (CURATED if text in curated else None)
+        out = {split: [] for split in ("train", *HELD_OUT, CURATED, "unusable")}
+        for pair in pairs:
+            a, b = data.normalise(pair[0]), data.normalise(pair[1])
+            split_a, split_b = known(a), known(b)
+            if split_a is None and split_b is None:
+                split_a = split_b = draw(tuple(sorted((a, b))), {s: len(out[s]) for s in HELD_OUT}, fractions, caps)
+            for text, split in ((a, split_a or split_b), (b, split_b or split_a)):
+                if known(text) is None:
+                    decided[text] = split
+            split_a, split_b = known(a), known(b)
+            out[split_a if split_a == split_b else "unusable"].append(pair)
+        jsonl.append_rows(self.path, [{"text": t, "split": s} for t, s in decided.items()])
+        self.split_of.update(decided)
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        return out
+
+    def split(self, text: str) -> str | None:
+        """A text's split (normalised here), None for a text no round has seen yet."""
+        return self.split_of.get(data.normalise(text))
+
+
+def write_held_out(home: Path, splits: dict[str, list[data.Pair]]) -> dict[str, Path]:
+    """HOME/heldout/{validation,test,audit}.tsv.gz, each rewritten whole (through a temporary file)."""
+    files = {}
+    for split in HELD_OUT:
+        path = home / "heldout" / f"{split}.tsv.gz"
+        tmp = data.write_pairs(splits[split], path.with_name(f".{path.name}.tmp"))
+        tmp.replace(path)
+        files[split] = path
+    return files
