@@ -15,7 +15,6 @@ import json
 
 import numpy as np
 
-import data
 
 MAX_INPUTS = 2048           # texts a request, as OpenAI's API
 MAX_PAIRS = 1024            # pairs a /v1/duplicates request (2,048 texts)

@@ -49,9 +49,9 @@ import errors
 import evaluate
 import gate
 import heldout
+import history
 import jsonl
 import options
-import paired
 import paths
 import run_folder
 import train
@@ -129,12 +129,6 @@ def base_threshold(home: Path) -> float | None:
     return (jsonl.read_json(home / "base.json") or {}).get("threshold")
 
 
-def latest_audits(home: Path) -> dict[str, dict]:
-    """Each version's latest audit in the history: {version id: {"error", "interval", "n", "round"}}."""
-    return {row["audit"]["version"]: row["audit"] | {"round": row["round"]}
-            for row in jsonl.read(home / "history.jsonl") if "audit" in row}
-
-
 # ------------------------------------------------------------------------------------ a round
 
 def run_round(home: Path, chosen: dict, sources: list[str], wait: bool = False) -> dict:
@@ -146,14 +140,14 @@ def run_round(home: Path, chosen: dict, sources: list[str], wait: bool = False) 
 
 def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     started = time.perf_counter()
-    history = jsonl.read(home / "history.jsonl")
-    number, mode, pointer = len(history) + 1, chosen["mode"], current_version(home)
+    past = jsonl.read(home / "history.jsonl")
+    number, mode, pointer = len(past) + 1, chosen["mode"], current_version(home)
     before = pointer["path"] or "base"
     paths_ = pair_files(sources)
     if not paths_:
         raise InputError(f"no pair files (.csv, .tsv, .jsonl, .parquet, optionally .gz) in {' '.join(sources)} yet")
     files = {os.path.relpath(p): fingerprint(p) for p in paths_}  # no absolute path in the history
-    seen = {digest for row in history for digest in row["files"].values()}
+    seen = {digest for row in past for digest in row["files"].values()}
     new = [f for f, digest in files.items() if digest not in seen]
     if not new:
         raise InputError("no new pair files since the last round; drop some into --pairs")
@@ -164,12 +158,15 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     ledger = heldout.Ledger(home / "splits.jsonl")
     texts_before = len(ledger.split_of)
     splits = ledger.assign(pairs, curated_texts, chosen["fractions"], chosen["caps"])
+    if curated and len(splits["curated"]) == len(pairs):
+        raise InputError(f"all {len(pairs)} training pairs share a text with the curated --val/--test: the round has "
+                         "nothing to train on; send pairs about other texts")
     heldout.write_held_out(home, splits)
     row = {"round": number, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, "files": files,
            "new_files": len(new), "pairs_seen": sum(map(len, loaded.values())), "repeats_dropped": repeats,
            "conflicts_dropped": conflicts, "splits": {k: len(v) for k, v in splits.items()},
            "new_texts": len(ledger.split_of) - texts_before, "width": chosen["width"], "current": before}
-    row["unusable_new"] = row["splits"]["unusable"] - (history[-1]["splits"]["unusable"] if history and "splits" in history[-1] else 0)
+    row["unusable_new"] = row["splits"]["unusable"] - (past[-1]["splits"]["unusable"] if past and "splits" in past[-1] else 0)
     val, test = splits["validation"] + curated.get("val", []), splits["test"]
     missing = too_few(val, test)
     if missing:
@@ -209,7 +206,7 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     thresholds = {"candidate": candidate.encoder.decision["threshold"], "current": incumbent_threshold}
     right = {name: evaluate.correct(model, test, thresholds[name]) for name, model in
              (("candidate", candidate), ("current", incumbent))}
-    judged = [r for r in history if r.get("decision") in ("promoted", "refused")]
+    judged = [r for r in past if r.get("decision") in ("promoted", "refused")]
     spend = {"test_number": len(judged) + 1, "alpha_life": chosen["alpha"],
              "new_test_pairs": len(test) - (judged[-1]["test_pairs"] if judged else 0)}
     at = gate.level(spend["test_number"], chosen["alpha"], spend["new_test_pairs"], chosen["caps"]["test"])
@@ -223,22 +220,22 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
                           (("candidate", candidate), ("current", incumbent)))
         verdict = gate.decide(right["candidate"], right["current"], at, guard)
     promoted = verdict["decision"] == "promoted"
-    if promoted:
-        switch_current(home, folder)
     after = str(folder.relative_to(home)) if promoted else before
     row |= {"trained_on": len(kept), "candidate": str(folder.relative_to(home)), "test_pairs": len(test),
             "current_error": float(1 - right["current"].mean()), "candidate_error": float(1 - right["candidate"].mean()),
             "p_value": verdict["traffic"]["p_value"], "verdict": verdict["traffic"]["verdict"], **spend, **verdict,
             "objective": config.objective, "current_after": after}
-    row |= audit(home, history, row, candidate if promoted else incumbent, splits["audit"],
-                 thresholds["candidate" if promoted else "current"])
-    row["by_source"] = by_source(pair_sources(paths_), {"test": (test, right), "audit": (splits["audit"], None)},
-                                 candidate if promoted else incumbent, thresholds["candidate" if promoted else "current"])
-    row["seconds"] = time.perf_counter() - started
-    jsonl.append(home / "history.jsonl", row)
+    current, threshold = (candidate, thresholds["candidate"]) if promoted else (incumbent, thresholds["current"])
+    row |= history.audit(home, past, row, current, splits["audit"], threshold)
+    row["by_source"] = history.by_source(pair_sources(paths_), {"test": (test, right), "audit": (splits["audit"], None)},
+                                         current, threshold)
     if after != "base" and "audit" in row:
         card.add_audit(home / after, row)
-    print(describe(row))
+    row["seconds"] = time.perf_counter() - started
+    if promoted:  # everything measured first: the history's line follows the switch at once
+        switch_current(home, folder)
+    jsonl.append(home / "history.jsonl", row)
+    print(history.describe(row))
     return row
 
 
@@ -249,102 +246,6 @@ def too_few(val: list[data.Pair], test: list[data.Pair]) -> str | None:
         if len(pairs) < least or labels != {0, 1}:
             return f"{len(pairs)} {name} pairs so far ({sorted(labels)} labels); a round needs {least} with both labels"
     return None
-
-
-def audit(home: Path, history: list[dict], row: dict, model, audit_pairs: list[data.Pair], threshold: float) -> dict:
-    """The current model's error on the audit pairs, beside the error the decisions saw for it (its
-    test error when it was promoted; the base's, this round's); a disagreement of their 95%
-    intervals is the optimism of selection, and the history says so."""
-    version = Path(row["current_after"]).name
-    decided = [r for r in history + [row] if r.get("decision") == "promoted" and r["candidate"] == row["current_after"]]
-    seen_error, seen_n = (decided[-1]["candidate_error"], decided[-1]["test_pairs"]) if decided else \
-        (row["current_error"], row["test_pairs"])
-    seen = {"error": seen_error, "n": seen_n, "interval": paired.wilson_interval(round(seen_error * seen_n), seen_n)}
-    if not audit_pairs:
-        return {"seen": seen}
-    wrong = int((~evaluate.correct(model, audit_pairs, threshold)).sum())
-    result = {"version": version, "error": wrong / len(audit_pairs), "n": len(audit_pairs),
-              "interval": paired.wilson_interval(wrong, len(audit_pairs))}
-    agrees = result["interval"][0] <= seen["interval"][1] and seen["interval"][0] <= result["interval"][1]
-    out = {"audit": result, "seen": seen, "audit_agrees": agrees}
-    if not agrees:
-        direction = "optimistic" if seen_error < result["error"] else "pessimistic"
-        out["note"] = (f"the decisions saw {seen_error:.2%} for {version}, the audit measures {result['error']:.2%}: "
-                       f"their 95% intervals do not meet, so the history's test error is {direction} (selection on "
-                       "reused test pairs, or the traffic changed): trust the audit")
-    return out
-
-
-def by_source(sources: dict, sets: dict, current, threshold: float) -> dict:
-    """Each error broken down by the pairs' `source` (a field of /v1/pairs): where traffic changes
-    domain, each domain's held-out shows its own change."""
-    out: dict[str, dict] = {}
-    for name, (pairs, right) in sets.items():
-        labels = np.array([sources.get(key(p)) for p in pairs], dtype=object)
-        right = right or {"current_after": evaluate.correct(current, pairs, threshold) if pairs else np.array([], bool)}
-        for source in sorted({s for s in labels if s is not None}):
-            mask = labels == source
-            entry = out.setdefault(source, {})
-            entry[f"{name}_pairs"] = int(mask.sum())
-            for model_name, r in right.items():
-                entry[f"{name}_{model_name}_error"] = float(1 - r[mask].mean())
-    return out
-
-
-def key(pair: data.Pair) -> tuple[str, str]:
-    return tuple(sorted((data.normalise(pair[0]), data.normalise(pair[1]))))
-
-
-def describe(row: dict) -> str:
-    """The round in two or three lines: the decision on the traffic's test pairs, and the audit."""
-    line = (f"round {row['round']}: " + paired.describe(row["traffic"], "candidate", "current")
-            + f" (at this round's level {row['alpha_round']:.2g}: test {row['test_number']} of the home's life-long "
-            f"alpha {row['alpha_life']}) -> {row['decision'].upper()}")
-    if "curated" in row:
-        line += f"; on the curated test: {row['curated']['verdict']}"
-    if "audit" in row:
-        a = row["audit"]
-        line += (f"\naudit: {a['version']} {a['error']:.2%} [{a['interval'][0]:.1%}, {a['interval'][1]:.1%}] on {a['n']:,} "
-                 f"pairs no decision saw; {row['splits']['unusable']:,} pairs unusable (their texts lie in two splits)")
-    return line + (f"\nnote: {row['note']}" if row.get("note") else "")
-
-
-def plot(history_path: Path, figure: Path) -> None:
-    """Error against round: the current model's audit error with its 95% interval, the error the
-    decisions saw, and each candidate (filled: promoted)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [r for r in jsonl.read(history_path) if r.get("decision") in ("promoted", "refused")]
-    if not rows:
-        raise InputError(f"{history_path}: no round has judged a candidate yet")
-    rounds = [r["round"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    audited = [r for r in rows if "audit" in r]
-    if audited:
-        errors_ = np.array([100 * r["audit"]["error"] for r in audited])
-        bounds = np.array([[100 * r["audit"]["error"] - 100 * r["audit"]["interval"][0],
-                            100 * r["audit"]["interval"][1] - 100 * r["audit"]["error"]] for r in audited]).T
-        ax.errorbar([r["round"] for r in audited], errors_, yerr=bounds, fmt="s-", color="C0", capsize=3,
-                    label="current model, audit error (95%)")
-    ax.plot(rounds, [100 * r["seen"]["error"] for r in rows], "^:", color="C2", label="current model, as the decisions saw it")
-    for r in rows:
-        ax.plot(r["round"], 100 * r["candidate_error"], "o", color="C1" if r["decision"] == "promoted" else "C3",
-                fillstyle="full" if r["decision"] == "promoted" else "none", ms=8)
-        ax.annotate(f"{r['decision']}\np={r['p_value']:.1g}\n{r['trained_on']:,} pairs", (r["round"], 100 * r["candidate_error"]),
-                    textcoords="offset points", xytext=(8, -4), fontsize=7)
-    ax.plot([], [], "o", color="C1", label="candidate on test, promoted")
-    ax.plot([], [], "o", color="C3", fillstyle="none", label="candidate on test, refused")
-    ax.set_xticks(rounds)
-    ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.9)  # room for the last round's note
-    ax.set_xlabel("round")
-    ax.set_ylabel("error rate (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(figure, dpi=120)
-    plt.close(fig)
-    print(f"figure: {figure}")
 
 
 def parse_shares(text: str, flag: str, kind) -> dict:
@@ -381,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     errors.add_debug_flag(parser)
     args = paths.parse(parser, argv)
     if args.plot:
-        return plot(Path(args.plot), Path(args.plot).with_suffix(".png"))
+        return history.plot(Path(args.plot), Path(args.plot).with_suffix(".png"))
     if not args.home:
         raise InputError("a round needs --home")
     if args.alpha is not None and not 0 < args.alpha < 1:

@@ -10,7 +10,7 @@ survives a `kill -9` the moment after. Pairs whose label contradicts a stored on
 `conflicts/` instead, and are counted: a contradiction is a question for a person, never a silent
 overwrite.
 
-    fw/pairs/batch-20261201T204500-3f2a9c....jsonl      {"text1", "text2", "label", "id", "source"} a line
+    fw/pairs/batch-20261201T204500.123456-3f2a9c....jsonl   {"text1", "text2", "label", "id", "source"} a line
     fw/pairs/conflicts/batch-....jsonl                  the contradicting ones, kept apart
 
 Why a file per batch, not one file appended to: several server processes, or several containers on a
@@ -164,7 +164,8 @@ def write_batch(folder: Path, rows: list[dict]) -> Path:
     (the rename itself must reach the disk before the client hears "stored")."""
     text = "".join(json.dumps({k: row.get(k) for k in FIELDS}, ensure_ascii=False) + "\n" for row in rows)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    path = folder / f"batch-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest}.jsonl"
+    now = time.time_ns()  # to the microsecond: batches that arrive within one second keep their order by name
+    path = folder / f"batch-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}.{now // 1000 % 10**6:06d}-{digest}.jsonl"
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

@@ -22,9 +22,7 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,13 +33,14 @@ from starlette.exceptions import HTTPException
 
 import errors
 import flywheel
-import jsonl
+import history
 import modal
 import paths
 from api_contract import (MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key, embeddings_payload,
                           pair_list, read_json, text_list)
 from batcher import Batcher, QueueFull
 from errors import InputError
+from scheduler import RoundScheduler, parse_period
 from serve_metrics import Metrics
 
 INLINE_TEXTS = 64           # requests this small are tokenised and encoded on the event loop itself
@@ -202,7 +201,7 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request, read_key, "models")
-        audits = flywheel.latest_audits(home) if home is not None else {}
+        audits = history.latest_audits(home) if home is not None else {}
         return {"object": "list", "current": versions.current.id,
                 "data": [v.describe() | {"audit": audits.get(v.id)} for v in reversed(versions.held)]}
 
@@ -213,7 +212,7 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
         if version is None:
             held = ", ".join(v.id for v in versions.held)
             raise ApiError(404, f"model version '{version_id}' is not served here (served: {held})", "model", "model_not_found")
-        return version.describe() | {"audit": (flywheel.latest_audits(home) if home is not None else {}).get(version.id)}
+        return version.describe() | {"audit": (history.latest_audits(home) if home is not None else {}).get(version.id)}
 
     @app.get("/health")
     async def health():
@@ -225,70 +224,6 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
     return app
-
-
-# ------------------------------------------------------------------------------------ local rounds
-
-class RoundScheduler(threading.Thread):
-    """Every `every` seconds, a flywheel round in a process of its own (at low priority, so that
-    training does not stall serving) once `min_new_pairs` pairs have arrived that no round has read.
-    The round promotes through home/current.json; the server's watcher swaps the model in. A tick
-    that fails (a torn file dropped into the store, a full disk) is one log line, counted in
-    /metrics and shown by /health; the next tick goes on."""
-
-    def __init__(self, home: Path, every: float, min_new_pairs: int, metrics=None):
-        super().__init__(daemon=True, name="rounds")
-        self.home, self.every, self.min_new_pairs, self.metrics = home, every, min_new_pairs, metrics
-        self.stopped = threading.Event()
-        self.status = {"every_s": every, "min_new_pairs": min_new_pairs, "ticks": 0, "rounds": 0, "failures": 0,
-                       "last_decision": None, "last_error": None}
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.every):
-            self.status["ticks"] += 1
-            try:
-                self.tick()
-            except Exception as e:  # never the end of the scheduler: say it, count it, try again next tick
-                self.failed(f"round: the tick failed: {errors.first_line(e)}")
-
-    def tick(self) -> None:
-        new = flywheel.new_pair_count(self.home, self.home / "pairs")
-        if new < self.min_new_pairs:
-            return
-        print(f"round: {new} new pairs, starting (log: {self.home / 'rounds.log'})", flush=True)
-        with open(self.home / "rounds.log", "ab") as log:
-            done = subprocess.run([sys.executable, str(Path(__file__).with_name("flywheel.py")), "--home", str(self.home)],
-                                  stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
-        if done.returncode != 0:
-            return self.failed(f"round: exit code {done.returncode}; the last lines of {self.home / 'rounds.log'} say why")
-        last = (jsonl.read(self.home / "history.jsonl") or [{}])[-1]
-        self.status["rounds"] += 1
-        self.status["last_decision"] = {k: last.get(k) for k in ("round", "decision", "current_after", "p_value", "reason")}
-        print(f"round {last.get('round')}: {last.get('decision')} (current: {last.get('current_after')}; "
-              f"{last.get('reason') or last.get('verdict', '')})", flush=True)
-
-    def failed(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-        self.status["failures"] += 1
-        self.status["last_error"] = message
-        if self.metrics:
-            self.metrics.round_failures.inc()
-
-    def stop(self) -> None:
-        self.stopped.set()
-
-
-def parse_period(text: str) -> float:
-    """'90', '90s', '10m', '1h', '1d' to seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
-    try:
-        seconds = float(number) * units[unit]
-    except ValueError:
-        raise InputError(f"--round-every {text}: give a period such as 90s, 10m, 1h or 1d") from None
-    if seconds <= 0:
-        raise InputError(f"--round-every {text}: the period must be more than 0")
-    return seconds
 
 
 def make_app(home: Path | None, model: str | None, device: str = "auto", precision: str = "auto",
@@ -348,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
         app.state.rounds = RoundScheduler(home, period, args.min_new_pairs, app.state.metrics)
         app.state.rounds.start()
     import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    from shutdown import Drain, DrainingServer
+    drain = Drain(app)
+    server = DrainingServer(uvicorn.Config(drain, log_level="warning"), drain, getattr(app.state, "rounds", None))
     print(ready_line(app, f"http://{args.host}:{args.port}", period), flush=True)
     server.run(sockets=[listener])
 
@@ -392,7 +329,8 @@ image = (
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
                              "openai_embeddings", "paired", "paths", "flywheel", "pair_store", "versions",
-                             "batcher", "serve_metrics", "api_contract", "heldout", "gate", "file_lock")  # Modal adds serve.py
+                             "batcher", "serve_metrics", "api_contract", "heldout", "gate", "file_lock", "history",
+                             "scheduler")  # Modal adds serve.py
 )
 volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)
 HOME = Path("/flywheel/home")

@@ -198,12 +198,19 @@ def table_line(r: dict) -> str:
             f"level {h.get('alpha_round') or float('nan'):.2g}) | "
             + (f"{a['error']:.2%} [{a['interval'][0]:.1%}, {a['interval'][1]:.1%}]" if a else "-") + " | "
             + (f"{ref['error']:.2%} [{ref['interval'][0]:.1%}, {ref['interval'][1]:.1%}]" if ref else "-") + " | "
-            f"{r['unseen_quora']['error']:.2%} | {h['seconds'] or 0:.0f} |")
+            f"{r['unseen_quora']['error']:.2%} | {by_source(h)} | {h['seconds'] or 0:.0f} |")
+
+
+def by_source(h: dict) -> str:
+    """The current model's audit error on each source's audit pairs, as the history names them."""
+    parts = [f"{source} {100 * e['audit_current_after_error']:.1f}% ({e['audit_pairs']})"
+             for source, e in sorted((h.get("by_source") or {}).items()) if "audit_current_after_error" in e]
+    return ", ".join(parts) or "-"
 
 
 HEADER = ("| stream | round | arriving | trained on | test pairs | audit pairs | unusable (new) | decision | "
-          "audit error, current model | audit error, trained once on all | unseen Quora test error | seconds |\n"
-          "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+          "audit error, current model | audit error, trained once on all | unseen Quora test error | audit by source | seconds |\n"
+          "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: |")
 
 
 def figure(rows: list[dict], path: Path) -> None:
@@ -221,7 +228,7 @@ def figure(rows: list[dict], path: Path) -> None:
                  [100 * (r["history"]["audit"]["interval"][1] - r["history"]["audit"]["error"]) for r in mine]]
         axes[0].errorbar(rounds, errors_, yerr=spans, fmt="s-", color=colour, capsize=3, label=f"{label}: current model, audit")
         for r in mine:
-            axes[0].annotate(r["history"]["decision"][:4], (r["round"], 100 * r["history"]["audit"]["error"]),
+            axes[0].annotate(r["history"]["decision"], (r["round"], 100 * r["history"]["audit"]["error"]),
                              textcoords="offset points", xytext=(4, 6), fontsize=7, color=colour)
         refs = [r for r in mine if "reference" in r]
         if refs:
@@ -236,10 +243,11 @@ def figure(rows: list[dict], path: Path) -> None:
                           "audit_current_after_error" in r["history"]["by_source"][source]]
                 if points:
                     axes[1].plot(*zip(*points), marker + "-", label=f"shift stream: {source} audit pairs")
-    quora = [r for r in rows if r["stream"] == "quora"]
-    if quora:
-        axes[1].plot([r["round"] for r in quora], [100 * r["unseen_quora"]["error"] for r in quora], "s:", color="C0",
-                     label="quora stream: unseen Quora test split")
+    for label, colour in (("quora", "C0"), ("shift", "C3")):
+        mine = [r for r in rows if r["stream"] == label]
+        if mine:
+            axes[1].plot([r["round"] for r in mine], [100 * r["unseen_quora"]["error"] for r in mine], "s:", color=colour,
+                         label=f"{label} stream: unseen Quora test split")
     for ax, title in zip(axes, ("audit error by round (95% intervals)", "by domain")):
         ax.set_xlabel("round")
         ax.set_ylabel("error rate (%)")

@@ -20,7 +20,9 @@ from conftest import ROOT, TEST_DEVICE, LoopbackServer, free_port, run_cli, synt
 import api_contract
 import flywheel
 import jsonl
+import scheduler
 import serve
+import serve_metrics
 from model import Embedder, cpu_has_bf16
 from pair_store import PairStore
 
@@ -204,7 +206,7 @@ def test_the_loop_turns_a_round_promotes_under_load_and_no_request_fails(home, m
     answers with the new version without a restart, and its test error is the one the history records."""
     monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
     app = serve.make_app(home, None, device=TEST_DEVICE, watch_every=0.2)
-    rounds = serve.RoundScheduler(home, every=0.5, min_new_pairs=150)
+    rounds = scheduler.RoundScheduler(home, every=0.5, min_new_pairs=150)
     seen, failures, stop = [], [], threading.Event()
     with LoopbackServer(app) as server:
         def load():  # a bounded load: 4 in flight, until the swap is seen, at most 20,000 requests and 4 minutes
@@ -230,6 +232,8 @@ def test_the_loop_turns_a_round_promotes_under_load_and_no_request_fails(home, m
         for c in clients:
             c.join(timeout=30)
         rounds.stop()
+        while not jsonl.read(home / "history.jsonl") and time.time() < deadline:  # written right after the switch
+            time.sleep(0.1)
         assert not failures and "round-001" in seen, (failures[:3], seen[-3:], (home / "rounds.log").read_text()[-2000:])
         first_new = seen.index("round-001")
         assert seen[:first_new] == ["base"] * first_new and first_new > 0  # old, then new; interleaving is
@@ -273,9 +277,9 @@ def test_the_command_line_names_bad_options(tmp_path, capsys):
     assert code == 2 and "not a flywheel home" in err
     code, err = run_cli(serve.main, ["--model", str(tmp_path), "--round-every", "1h"], capsys)
     assert code == 2 and "--round-every needs --home" in err
-    assert serve.parse_period("90") == 90 and serve.parse_period("10m") == 600 and serve.parse_period("1h") == 3600
-    with pytest.raises(serve.InputError, match="90s, 10m, 1h"):
-        serve.parse_period("hourly")
+    assert scheduler.parse_period("90") == 90 and scheduler.parse_period("10m") == 600 and scheduler.parse_period("1h") == 3600
+    with pytest.raises(scheduler.InputError, match="90s, 10m, 1h"):
+        scheduler.parse_period("hourly")
     if not cpu_has_bf16():
         code, err = run_cli(serve.main, ["--model", str(tmp_path), "--precision", "bf16", "--device", "cpu"], capsys)
         assert code == 2 and "no bf16 units" in err
@@ -283,7 +287,7 @@ def test_the_command_line_names_bad_options(tmp_path, capsys):
 
 def test_the_scheduler_survives_every_state_of_the_store(home, capsys):
     """Missing, empty, only conflicts, a torn file, a file being written: never a dead scheduler."""
-    rounds = serve.RoundScheduler(home, every=0.05, min_new_pairs=10)
+    rounds = scheduler.RoundScheduler(home, every=0.05, min_new_pairs=10)
     pairs = home / "pairs"
     assert not pairs.exists()
     rounds.tick()                                                # missing: 0 new pairs
@@ -294,7 +298,7 @@ def test_the_scheduler_survives_every_state_of_the_store(home, capsys):
     rounds.tick()
     assert rounds.status["failures"] == 0 and rounds.status["rounds"] == 0
     (pairs / "dropped.jsonl").write_text('{"text1": "t1a", "text2": "t2b", "label": 1}\n{"text1": "t3a", "te')  # torn
-    metrics = serve.Metrics(lambda: 0, types.SimpleNamespace(held=[]))
+    metrics = serve_metrics.Metrics(lambda: 0, types.SimpleNamespace(held=[]))
     rounds.metrics = metrics
     rounds.start()
     deadline = time.time() + 10
@@ -379,3 +383,38 @@ def test_the_server_binds_first_says_when_it_is_ready_and_retrieves_a_model(save
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_sigterm_mid_load_finishes_every_admitted_request_and_refuses_new_ones(saved_model):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(saved_model), "--port", str(port),
+                               "--device", TEST_DEVICE], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().startswith("serving tiny-96")
+    texts = [" ".join(["t1a t2b why"] * 20)] * 64  # requests that take a moment each
+    outcomes = []
+
+    def client():  # bounded: at most 300 requests, until the server is gone
+        refused = False
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            for _ in range(300):
+                try:
+                    outcomes.append(c.post("/v1/embeddings", json={"input": texts}).status_code)
+                    refused = refused or outcomes[-1] == 503
+                except httpx.ConnectError:  # nobody listens any more: the server has exited
+                    return outcomes.append("gone")
+                except httpx.TransportError as e:  # after a 503: a connection the exiting server closed unread;
+                    return outcomes.append("gone" if refused else f"cut: {e!r}")  # before: a request cut mid-way
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for c in clients:
+        c.start()
+    while len(outcomes) < 8:
+        time.sleep(0.01)
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=60)
+    for c in clients:
+        c.join(timeout=60)
+    assert server.returncode == 0 and "shutting down: draining" in server.stdout.read()
+    assert all(o in (200, 503, "gone") for o in outcomes), outcomes  # none cut
+    first_refusal = outcomes.index(503)  # new requests, once draining, are refused with 503
+    assert outcomes[:first_refusal].count(200) >= 8 and outcomes.count("gone") == 4

@@ -1,0 +1,120 @@
+"""A home's history read back: each round's audit beside the error its decisions saw, the errors by
+source, the round in words, and the figure.
+
+The audit pairs are held out like the test pairs, but no decision ever looks at them: each round
+records the error of the model that is current after it, on all the audit pairs so far, with its
+95% interval, beside the error the decisions saw for that model (its test error when it was
+promoted). The test pairs choose the winners, so the winner's test error is optimistic by
+selection; the audit is not. Where their intervals do not meet, the history says so.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import data
+import evaluate
+import jsonl
+import paired
+from errors import InputError
+from pair_store import pair_key
+
+
+def latest_audits(home: Path) -> dict[str, dict]:
+    """Each version's latest audit in the history: {version id: {"error", "interval", "n", "round"}}."""
+    return {row["audit"]["version"]: row["audit"] | {"round": row["round"]}
+            for row in jsonl.read(home / "history.jsonl") if "audit" in row}
+
+
+def audit(home: Path, history: list[dict], row: dict, model, audit_pairs: list[data.Pair], threshold: float) -> dict:
+    """The current model's error on the audit pairs, beside the error the decisions saw for it (its
+    test error when it was promoted; the base's, this round's); a disagreement of their 95%
+    intervals is the optimism of selection, and the history says so."""
+    version = Path(row["current_after"]).name
+    decided = [r for r in history + [row] if r.get("decision") == "promoted" and r["candidate"] == row["current_after"]]
+    seen_error, seen_n = (decided[-1]["candidate_error"], decided[-1]["test_pairs"]) if decided else \
+        (row["current_error"], row["test_pairs"])
+    seen = {"error": seen_error, "n": seen_n, "interval": paired.wilson_interval(round(seen_error * seen_n), seen_n)}
+    if not audit_pairs:
+        return {"seen": seen}
+    wrong = int((~evaluate.correct(model, audit_pairs, threshold)).sum())
+    result = {"version": version, "error": wrong / len(audit_pairs), "n": len(audit_pairs),
+              "interval": paired.wilson_interval(wrong, len(audit_pairs))}
+    agrees = result["interval"][0] <= seen["interval"][1] and seen["interval"][0] <= result["interval"][1]
+    out = {"audit": result, "seen": seen, "audit_agrees": agrees}
+    if not agrees:
+        direction = "optimistic" if seen_error < result["error"] else "pessimistic"
+        out["note"] = (f"the decisions saw {seen_error:.2%} for {version}, the audit measures {result['error']:.2%}: "
+                       f"their 95% intervals do not meet, so the history's test error is {direction} (selection on "
+                       "reused test pairs, or the traffic changed): trust the audit")
+    return out
+
+
+def by_source(sources: dict, sets: dict, current, threshold: float) -> dict:
+    """Each error broken down by the pairs' `source` (a field of /v1/pairs): where traffic changes
+    domain, each domain's held-out shows its own change."""
+    out: dict[str, dict] = {}
+    for name, (pairs, right) in sets.items():
+        labels = np.array([sources.get(pair_key(a, b)) for a, b, _ in pairs], dtype=object)
+        right = right or {"current_after": evaluate.correct(current, pairs, threshold) if pairs else np.array([], bool)}
+        for source in sorted({s for s in labels if s is not None}):
+            mask = labels == source
+            entry = out.setdefault(source, {})
+            entry[f"{name}_pairs"] = int(mask.sum())
+            for model_name, r in right.items():
+                entry[f"{name}_{model_name}_error"] = float(1 - r[mask].mean())
+    return out
+
+
+
+def describe(row: dict) -> str:
+    """The round in two or three lines: the decision on the traffic's test pairs, and the audit."""
+    line = (f"round {row['round']}: " + paired.describe(row["traffic"], "candidate", "current")
+            + f" (at this round's level {row['alpha_round']:.2g}: test {row['test_number']} of the home's life-long "
+            f"alpha {row['alpha_life']}) -> {row['decision'].upper()}")
+    if "curated" in row:
+        line += f"; on the curated test: {row['curated']['verdict']}"
+    if "audit" in row:
+        a = row["audit"]
+        line += (f"\naudit: {a['version']} {a['error']:.2%} [{a['interval'][0]:.1%}, {a['interval'][1]:.1%}] on {a['n']:,} "
+                 f"pairs no decision saw; {row['splits']['unusable']:,} pairs unusable (their texts lie in two splits)")
+    return line + (f"\nnote: {row['note']}" if row.get("note") else "")
+
+
+def plot(history_path: Path, figure: Path) -> None:
+    """Error against round: the current model's audit error with its 95% interval, the error the
+    decisions saw, and each candidate (filled: promoted)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in jsonl.read(history_path) if r.get("decision") in ("promoted", "refused")]
+    if not rows:
+        raise InputError(f"{history_path}: no round has judged a candidate yet")
+    rounds = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    audited = [r for r in rows if "audit" in r]
+    if audited:
+        errors_ = np.array([100 * r["audit"]["error"] for r in audited])
+        bounds = np.array([[100 * r["audit"]["error"] - 100 * r["audit"]["interval"][0],
+                            100 * r["audit"]["interval"][1] - 100 * r["audit"]["error"]] for r in audited]).T
+        ax.errorbar([r["round"] for r in audited], errors_, yerr=bounds, fmt="s-", color="C0", capsize=3,
+                    label="current model, audit error (95%)")
+    ax.plot(rounds, [100 * r["seen"]["error"] for r in rows], "^:", color="C2", label="current model, as the decisions saw it")
+    for r in rows:
+        ax.plot(r["round"], 100 * r["candidate_error"], "o", color="C1" if r["decision"] == "promoted" else "C3",
+                fillstyle="full" if r["decision"] == "promoted" else "none", ms=8)
+        ax.annotate(f"{r['decision']}\np={r['p_value']:.1g}\n{r['trained_on']:,} pairs", (r["round"], 100 * r["candidate_error"]),
+                    textcoords="offset points", xytext=(8, -4), fontsize=7)
+    ax.plot([], [], "o", color="C1", label="candidate on test, promoted")
+    ax.plot([], [], "o", color="C3", fillstyle="none", label="candidate on test, refused")
+    ax.set_xticks(rounds)
+    ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.9)  # room for the last round's note
+    ax.set_xlabel("round")
+    ax.set_ylabel("error rate (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
+    print(f"figure: {figure}")
