@@ -40,6 +40,13 @@ def setup(device: str = "auto") -> tuple[int, int]:
     return dist.get_rank(), world_size
 
 
+def teardown() -> None:
+    """Leave the process group before the interpreter exits: gloo's threads, left running at exit,
+    abort the process now and then ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

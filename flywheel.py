@@ -196,13 +196,7 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     row["train_seconds"] = time.perf_counter() - trained
 
     candidate = evaluate.Remembered(Embedder.load(folder))
-    if before != "base":
-        incumbent = evaluate.Remembered(Embedder.load(home / before))
-        incumbent_threshold = incumbent.encoder.decision["threshold"]
-    else:  # nothing promoted yet: the base model as published (what a server of the home serves) is the one to beat
-        incumbent = evaluate.Remembered(base_model.to(candidate.encoder.device))
-        incumbent_threshold = evaluate.evaluate(incumbent, val)["val"]["threshold"]
-        jsonl.write_json(home / "base.json", {"threshold": incumbent_threshold, "round": number, "validation_pairs": len(val)})
+    incumbent, incumbent_threshold = the_model_to_beat(home, before, base_model.to(candidate.encoder.device), val, number)
     thresholds = {"candidate": candidate.encoder.decision["threshold"], "current": incumbent_threshold}
     right = {name: evaluate.correct(model, test, thresholds[name]) for name, model in
              (("candidate", candidate), ("current", incumbent))}
@@ -210,15 +204,7 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     spend = {"test_number": len(judged) + 1, "alpha_life": chosen["alpha"],
              "new_test_pairs": len(test) - (judged[-1]["test_pairs"] if judged else 0)}
     at = gate.level(spend["test_number"], chosen["alpha"], spend["new_test_pairs"], chosen["caps"]["test"])
-    if config.objective == "retrieval":
-        ranks = [np.array(evaluate.retrieval_metrics(m, test, per_query=True)["reciprocal_ranks"]) for m in (candidate, incumbent)]
-        verdict = gate.decide_queries(*ranks, at)
-    else:
-        guard = None
-        if curated:
-            guard = tuple(evaluate.correct(m, curated["test"], thresholds[n]) for n, m in
-                          (("candidate", candidate), ("current", incumbent)))
-        verdict = gate.decide(right["candidate"], right["current"], at, guard)
+    verdict = judge(candidate, incumbent, thresholds, right, test, curated.get("test"), at, config.objective)
     promoted = verdict["decision"] == "promoted"
     after = str(folder.relative_to(home)) if promoted else before
     row |= {"trained_on": len(kept), "candidate": str(folder.relative_to(home)), "test_pairs": len(test),
@@ -237,6 +223,30 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     jsonl.append(home / "history.jsonl", row)
     print(history.describe(row))
     return row
+
+
+def the_model_to_beat(home: Path, before: str, base_model, val: list[data.Pair], number: int):
+    """The current model and its threshold; before any promotion, the base model as published (what a
+    server of the home serves), its threshold tuned on validation and kept in HOME/base.json."""
+    if before != "base":
+        incumbent = evaluate.Remembered(Embedder.load(home / before))
+        return incumbent, incumbent.encoder.decision["threshold"]
+    incumbent = evaluate.Remembered(base_model)
+    threshold = evaluate.evaluate(incumbent, val)["val"]["threshold"]
+    jsonl.write_json(home / "base.json", {"threshold": threshold, "round": number, "validation_pairs": len(val)})
+    return incumbent, threshold
+
+
+def judge(candidate, incumbent, thresholds: dict, right: dict, test: list[data.Pair], curated_test, at: float,
+          objective: str) -> dict:
+    """The gate's verdict at level `at`: on pairs (with a curated test set as a guard), or on ranking."""
+    if objective == "retrieval":
+        ranks = [np.array(evaluate.retrieval_metrics(m, test, per_query=True)["reciprocal_ranks"]) for m in (candidate, incumbent)]
+        return gate.decide_queries(*ranks, at)
+    guard = None
+    if curated_test:
+        guard = tuple(evaluate.correct(m, curated_test, thresholds[n]) for n, m in (("candidate", candidate), ("current", incumbent)))
+    return gate.decide(right["candidate"], right["current"], at, guard)
 
 
 def too_few(val: list[data.Pair], test: list[data.Pair]) -> str | None:

@@ -322,7 +322,10 @@ def verdict(run: Run, tuned: evaluate.Remembered, tuned_right, test: list[data.P
 # ---------------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> None:
-    train(options.parse_args(argv, description=__doc__.split("\n\n")[0]))
+    try:
+        train(options.parse_args(argv, description=__doc__.split("\n\n")[0]))
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -214,3 +214,14 @@ def test_the_audit_names_its_disagreement_with_what_the_decisions_saw(tmp_path):
     card.add_audit(tmp_path, promoted | result | {"round": 1, "time": "now", "width": 2, "audit": result["audit"],
                                                    "seen": result["seen"]})
     assert "Note: the decisions saw 10.00%" in (tmp_path / "README.md").read_text()
+
+
+def test_a_retrieval_round_promotes_on_ranking(flywheel_setup):
+    drops, home, args = flywheel_setup
+    args = args[:-1] + [args[-1] + " objective=retrieval epochs=6"]
+    write_tsv(drops / "01.tsv", synthetic_pairs(600, 1))
+    flywheel.main(args)
+    first = jsonl.read(home / "history.jsonl")[0]
+    assert first["objective"] == "retrieval" and first["traffic"]["test"].startswith("sign test on per-query reciprocal ranks")
+    assert first["decision"] == "promoted" and first["traffic"]["mrr_a"] > first["traffic"]["mrr_b"]
+    assert first["p_value"] < first["alpha_round"]
