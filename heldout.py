@@ -33,9 +33,9 @@ import jsonl
 
 HELD_OUT = ("validation", "test", "audit")
 CURATED = "curated"
-# Chosen by a power calculation on real discordance and checked on the real stream (docs/flywheel.md):
-# early on, half of the new pairs are held out, most of them to decide promotions; once the test
-# set holds 5,000 pairs (enough to resolve about a point of error), everything new trains.
+# Chosen by reasoning about power and checked on one real stream, not swept (docs/flywheel.md): early
+# on, half of the new pairs are held out, most of them to decide promotions; once the test set
+# holds 5,000 pairs (enough to resolve about a point of error), everything new trains.
 FRACTIONS = {"validation": 0.1, "test": 0.3, "audit": 0.1}
 CAPS = {"validation": 1000, "test": 5000, "audit": 2000}
 
