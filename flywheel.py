@@ -212,9 +212,10 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
             "p_value": verdict["traffic"]["p_value"], "verdict": verdict["traffic"]["verdict"], **spend, **verdict,
             "objective": config.objective, "current_after": after}
     current, threshold = (candidate, thresholds["candidate"]) if promoted else (incumbent, thresholds["current"])
-    row |= history.audit(home, past, row, current, splits["audit"], threshold)
-    row["by_source"] = history.by_source(pair_sources(paths_), {"test": (test, right), "audit": (splits["audit"], None)},
-                                         current, threshold)
+    audit_right = evaluate.correct(current, splits["audit"], threshold) if splits["audit"] else np.array([], bool)
+    row |= history.audit(home, past, row, audit_right)
+    row["by_source"] = history.by_source(pair_sources(paths_), {"test": (test, right),
+                                                                "audit": (splits["audit"], {"current_after": audit_right})})
     if after != "base" and "audit" in row:
         card.add_audit(home / after, row)
     row["seconds"] = time.perf_counter() - started

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-import data
-import evaluate
 import jsonl
 import paired
 from errors import InputError
@@ -27,20 +25,21 @@ def latest_audits(home: Path) -> dict[str, dict]:
             for row in jsonl.read(home / "history.jsonl") if "audit" in row}
 
 
-def audit(home: Path, history: list[dict], row: dict, model, audit_pairs: list[data.Pair], threshold: float) -> dict:
+def audit(home: Path, history: list[dict], row: dict, audit_right: np.ndarray) -> dict:
     """The current model's error on the audit pairs, beside the error the decisions saw for it (its
     test error when it was promoted; the base's, this round's); a disagreement of their 95%
-    intervals is the optimism of selection, and the history says so."""
+    intervals is the optimism of selection, and the history says so. `audit_right`: True where the
+    current model decides an audit pair right."""
     version = Path(row["current_after"]).name
     decided = [r for r in history + [row] if r.get("decision") == "promoted" and r["candidate"] == row["current_after"]]
     seen_error, seen_n = (decided[-1]["candidate_error"], decided[-1]["test_pairs"]) if decided else \
         (row["current_error"], row["test_pairs"])
     seen = {"error": seen_error, "n": seen_n, "interval": paired.wilson_interval(round(seen_error * seen_n), seen_n)}
-    if not audit_pairs:
+    if not len(audit_right):
         return {"seen": seen}
-    wrong = int((~evaluate.correct(model, audit_pairs, threshold)).sum())
-    result = {"version": version, "error": wrong / len(audit_pairs), "n": len(audit_pairs),
-              "interval": paired.wilson_interval(wrong, len(audit_pairs))}
+    wrong = int((~audit_right).sum())
+    result = {"version": version, "error": wrong / len(audit_right), "n": len(audit_right),
+              "interval": paired.wilson_interval(wrong, len(audit_right))}
     agrees = result["interval"][0] <= seen["interval"][1] and seen["interval"][0] <= result["interval"][1]
     out = {"audit": result, "seen": seen, "audit_agrees": agrees}
     if not agrees:
@@ -51,13 +50,12 @@ def audit(home: Path, history: list[dict], row: dict, model, audit_pairs: list[d
     return out
 
 
-def by_source(sources: dict, sets: dict, current, threshold: float) -> dict:
+def by_source(sources: dict, sets: dict) -> dict:
     """Each error broken down by the pairs' `source` (a field of /v1/pairs): where traffic changes
-    domain, each domain's held-out shows its own change."""
+    domain, each domain's held-out shows its own change. `sets`: {name: (pairs, {model: right})}."""
     out: dict[str, dict] = {}
     for name, (pairs, right) in sets.items():
         labels = np.array([sources.get(pair_key(a, b)) for a, b, _ in pairs], dtype=object)
-        right = right or {"current_after": evaluate.correct(current, pairs, threshold) if pairs else np.array([], bool)}
         for source in sorted({s for s in labels if s is not None}):
             mask = labels == source
             entry = out.setdefault(source, {})

@@ -10,6 +10,7 @@ from conftest import ROOT, TEST_DEVICE, run_cli, synthetic_pairs, write_tsv
 
 import card
 import data
+import evaluate
 import flywheel
 import heldout
 import history
@@ -209,7 +210,7 @@ def test_the_audit_names_its_disagreement_with_what_the_decisions_saw(tmp_path):
             return np.array([[1.0, 0.0] if t in ("a", "c") else [0.0, 1.0] for t in texts])
 
     pairs = [("a", "b", 1), ("c", "d", 0)] * 200
-    result = history.audit(tmp_path, [], promoted, NothingIsADuplicate(), pairs, threshold=0.5)
+    result = history.audit(tmp_path, [], promoted, evaluate.correct(NothingIsADuplicate(), pairs, threshold=0.5))
     assert result["audit"]["error"] == 0.5 and not result["audit_agrees"] and "optimistic" in result["note"]
     card.add_audit(tmp_path, promoted | result | {"round": 1, "time": "now", "width": 2, "audit": result["audit"],
                                                    "seen": result["seen"]})
