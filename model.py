@@ -28,6 +28,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from errors import InputError, first_line
 from jsonl import write_json
+from packing import mean_by_text, pack
 from sources import model_kind
 
 CONFIG_FILE = "embedder.json"  # ours: trust_remote_code and the decision (threshold, metrics)
@@ -47,6 +48,7 @@ class Embedder(nn.Module):
         self.trust_remote_code = trust_remote_code
         self.decision = decision or {}  # {"threshold": ..., "constraint": ..., "val": {...}, "test": {...}}
         self.projection = None
+        self.packing: bool | None = None  # whether encode_ids packs texts (packs(), checked at first use)
         if dense_out_features:
             self.add_projection(dense_out_features)
 
@@ -128,10 +130,13 @@ class Embedder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **features) -> torch.Tensor:
         """Token ids (B, L) to unit-length embeddings (B, dim)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **features).last_hidden_state
-        embeddings = mean_pool(hidden, attention_mask)
+        return self.head(mean_pool(hidden, attention_mask))
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled token vectors to unit-length embeddings: the projection, if any, then normalising."""
         if self.projection is not None:
-            embeddings = self.projection(embeddings.to(self.projection.weight.dtype))
-        return F.normalize(embeddings.float(), dim=-1)
+            pooled = self.projection(pooled.to(self.projection.weight.dtype))
+        return F.normalize(pooled.float(), dim=-1)
 
     def encode(self, texts: list[str], batch_size: int = 128, progress: bool | None = None,
                bf16: bool | None = None) -> np.ndarray:
@@ -147,22 +152,51 @@ class Embedder(nn.Module):
     def encode_ids(self, input_ids: list[list[int]], batch_size: int = 128, progress: bool | None = None,
                    bf16: bool | None = None) -> np.ndarray:
         """Token ids (already truncated) to embeddings: what `encode` and the server's batcher share.
-        Texts are batched longest first, so a batch holds texts of similar length and pads little (and
-        an out-of-memory shows up at the first batch)."""
+        Texts go longest first (an out-of-memory shows at the first batch), and each batch is packed
+        end to end (packing.py: no pass computes padding but a row's tail), or, for an architecture
+        that does not give the same vectors packed, padded to its longest text."""
         order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
         was_training = self.training
-        self.eval()
+        if was_training:  # eval() walks every module (and transformers' kernel hooks): 2 ms a call on a CPU
+            self.eval()
+        embed = self.embed_packed if self.packs() else self.embed_padded
         vectors = np.empty((len(input_ids), self.dim), dtype=np.float32)
         starts = range(0, len(input_ids), batch_size)
         show = progress if progress is not None else len(starts) > 20
         for start in tqdm(starts, desc="encode", unit="batch", disable=not show, leave=False):
             chosen = order[start:start + batch_size]
-            features = self.tokenizer.pad({"input_ids": [input_ids[i] for i in chosen]}, return_tensors="pt")
             with autocast_for(self.device, bf16):
-                batch = self(**{k: v.to(self.device) for k, v in features.items()})
-            vectors[chosen] = batch.float().cpu().numpy()
-        self.train(was_training)
+                vectors[chosen] = embed([input_ids[i] for i in chosen]).cpu().numpy()
+        if was_training:
+            self.train()
         return vectors
+
+    def embed_padded(self, input_ids: list[list[int]]) -> torch.Tensor:
+        features = self.tokenizer.pad({"input_ids": input_ids}, return_tensors="pt")
+        return self(**{k: v.to(self.device) for k, v in features.items()})
+
+    def embed_packed(self, input_ids: list[list[int]]) -> torch.Tensor:
+        embeddings = self.encoder.embeddings
+        # RoBERTa's and MPNet's positions start after their padding index; BERT's at 0
+        first = embeddings.padding_idx + 1 if getattr(embeddings, "padding_idx", None) is not None else 0
+        rows = pack(input_ids, self.tokenizer.pad_token_id or 0, first)
+        hidden = self.encoder(input_ids=rows.ids.to(self.device), position_ids=rows.positions.to(self.device),
+                              attention_mask=rows.mask().to(self.device)).last_hidden_state
+        return self.head(mean_by_text(hidden, rows.texts, len(input_ids)))
+
+    @torch.inference_mode()
+    def packs(self) -> bool:
+        """Whether packed texts get the vectors padded ones do, on this architecture (checked once, in
+        fp32, on three probe texts); anything that fails or differs means padding."""
+        if self.packing is None:
+            probe = self.tokenizer(["a short text", "two", "and a third, somewhat longer, text"])["input_ids"]
+            try:
+                with autocast_for(self.device, False):
+                    gap = (self.embed_packed(probe) - self.embed_padded(probe)).abs().max().item()
+                self.packing = gap < 1e-4
+            except Exception:  # an attention that takes no 4-D mask, an encoder that takes no position ids
+                self.packing = False
+        return self.packing
 
     def similarity(self, texts_a: list[str], texts_b: list[str], batch_size: int = 128) -> np.ndarray:
         """The cosine similarity of each pair (texts_a[i], texts_b[i])."""

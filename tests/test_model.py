@@ -201,3 +201,20 @@ def test_on_a_gpu_attention_leaves_cudnn_whose_plans_cost_the_host_per_shape(mon
         assert pick_device("auto") == torch.device("cuda", 0) and not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def test_packed_batches_give_the_padded_vectors_and_an_architecture_that_cannot_pack_is_padded(embedder, monkeypatch):
+    ids = embedder.tokenizer(TEXTS[:3] + ["t2a", "how do i cook t1a t1b t1c"], truncation=True)["input_ids"]
+    embedder.eval()
+    assert embedder.packs()
+    with torch.inference_mode():
+        padded = embedder.embed_padded(ids).numpy()
+    np.testing.assert_allclose(embedder.encode_ids(ids, batch_size=5, bf16=False), padded, atol=1e-6)
+    unpackable = Embedder(embedder.encoder, embedder.tokenizer, None, embedder.max_length)
+    unpackable.projection = embedder.projection
+
+    def no_position_ids(*args, **kwargs):
+        raise TypeError("forward() got an unexpected keyword argument 'position_ids'")
+    monkeypatch.setattr(unpackable, "embed_packed", no_position_ids)
+    assert not unpackable.packs()
+    np.testing.assert_allclose(unpackable.encode_ids(ids, batch_size=2, bf16=False), padded, atol=1e-6)
