@@ -10,9 +10,10 @@ waits on the model.
 
 How a batch is made: from the oldest waiting request's model version only (a response is never
 computed by two versions), the waiting requests of that version take turns, `chunk` texts each,
-until the batch reaches `token_budget` padded tokens. So a request of 2,048 texts is cut into
-batches, and a 1-text request that arrives meanwhile rides in the next one instead of waiting for
-all of them. Each request's texts go longest first, so a batch pads little.
+until the batch holds `token_budget` tokens. So a request of 2,048 texts is cut into batches, and a
+1-text request that arrives meanwhile rides in the next one instead of waiting for all of them.
+A batch's texts, of every length, are one forward pass, packed end to end (packing.py), so that
+mixing requests costs no padding.
 
 When more than `max_queued` texts are waiting, `embed` refuses at once (`QueueFull`): the server
 answers 429 with Retry-After, rather than letting latency grow without bound.
@@ -20,11 +21,15 @@ answers 429 with Retry-After, rather than letting latency grow without bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from cpu_threads import ThreadChooser
 
 
 class QueueFull(Exception):
@@ -49,9 +54,12 @@ class Job:
 
 class Batcher:
     def __init__(self, token_budget: int = 4096, max_queued: int = 16384, chunk: int = 32, bf16: bool | None = None,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int], None] | None = None, threads: ThreadChooser | None = None,
+                 gap: float = 0.002, cap: float = 0.010):
         self.token_budget, self.max_queued, self.chunk, self.bf16 = token_budget, max_queued, chunk, bf16
-        self.on_batch = on_batch  # (texts, padded tokens) after each forward pass: the metrics
+        self.gap, self.cap = gap, cap  # seconds: see linger()
+        self.threads = threads  # on a CPU: how many threads each pass takes (cpu_threads.py)
+        self.on_batch = on_batch  # (texts, tokens) after each forward pass: the metrics
         self.jobs: list[Job] = []
         self.condition = threading.Condition()
         self.closed = False
@@ -72,6 +80,8 @@ class Batcher:
                   vectors=np.empty((len(input_ids), version.model.dim), np.float32))
         if not input_ids:
             return job.vectors
+        if self.threads:
+            self.threads.watch(threading.get_ident())  # this is the event loop's thread
         with self.condition:
             if self.closed:
                 raise RuntimeError("the batcher is closed")
@@ -96,23 +106,31 @@ class Batcher:
                     self.condition.wait()
                 if self.closed:
                     return
+                self.linger()
                 batch = self.take()
             self.run(batch)
+
+    def linger(self) -> None:
+        """Requests a client sends together reach the queue a little apart (the event loop parses and
+        tokenises them in turn): while they keep coming, `gap` apart at most, wait for them, up to `cap`."""
+        cap = time.monotonic() + self.cap
+        while (left := cap - time.monotonic()) > 0 and self.condition.wait(min(self.gap, left)):
+            pass
 
     def take(self) -> list[tuple[Job, list[int]]]:
         """Texts for one forward pass: one version, requests taking turns, within the token budget."""
         version = next(job for job in self.jobs if job.waiting).version
         jobs = [job for job in self.jobs if job.version is version and job.waiting]
         picked: dict[int, list[int]] = {}
-        count, longest = 0, 0
+        tokens = 0
         while any(job.waiting for job in jobs):
             for number, job in enumerate(jobs):
                 for i in job.order[job.taken:job.taken + self.chunk]:
                     length = len(job.input_ids[i])
-                    if count and max(longest, length) * (count + 1) > self.token_budget:
+                    if tokens and tokens + length > self.token_budget:
                         return [(jobs[n], rows) for n, rows in picked.items()]
                     picked.setdefault(number, []).append(i)
-                    count, longest = count + 1, max(longest, length)
+                    tokens += length
                     job.taken += 1
         return [(jobs[n], rows) for n, rows in picked.items()]
 
@@ -120,7 +138,7 @@ class Batcher:
         """One forward pass; each request whose last texts were in it gets its answer."""
         ids = [job.input_ids[i] for job, rows in batch for i in rows]
         try:
-            vectors = batch[0][0].version.model.encode_ids(ids, batch_size=len(ids), progress=False, bf16=self.bf16)
+            vectors = self.forward(batch[0][0].version.model, ids)
         except Exception as error:  # one bad batch fails its requests, not the server
             with self.condition:
                 for job, _ in batch:
@@ -129,7 +147,7 @@ class Batcher:
                     job.loop.call_soon_threadsafe(settle, job.future, None, error)
             return
         if self.on_batch:
-            self.on_batch(len(ids), len(ids) * max(map(len, ids)))
+            self.on_batch(len(ids), sum(map(len, ids)))
         start = 0
         for job, rows in batch:
             job.vectors[rows] = vectors[start:start + len(rows)]
@@ -139,6 +157,12 @@ class Batcher:
                 with self.condition:
                     self.jobs.remove(job)
                 job.loop.call_soon_threadsafe(settle, job.future, job.vectors, None)
+
+
+    def forward(self, model, ids: list[list[int]]) -> np.ndarray:
+        """One forward pass; on a CPU, on as many threads as the event loop's load leaves free."""
+        with self.threads.using(self.threads.pick()) if self.threads else contextlib.nullcontext():
+            return model.encode_ids(ids, batch_size=len(ids), progress=False, bf16=self.bf16)
 
 
 def settle(future: asyncio.Future, result, error: Exception | None) -> None:

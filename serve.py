@@ -39,6 +39,7 @@ import paths
 from api_contract import (MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key, embeddings_payload,
                           pair_list, read_json, text_list)
 from batcher import Batcher, QueueFull
+from cpu_threads import ThreadChooser
 from errors import InputError
 from scheduler import RoundScheduler, parse_period
 from serve_metrics import Metrics
@@ -246,8 +247,9 @@ def make_app(home: Path | None, model: str | None, device: str = "auto", precisi
     else:
         versions, store, ledger = Versions.from_folder(model, device), None, None
     keys = {k: os.environ.get(f"EMBED_FT_{k.upper()}_KEY") or None for k in ("read", "write")}
-    return build_app(versions, store, Batcher(token_budget=batch_tokens, bf16=bf16), keys["read"], keys["write"],
-                     ledger, after_write, home)
+    threads = ThreadChooser() if target.type == "cpu" else None
+    return build_app(versions, store, Batcher(token_budget=batch_tokens, bf16=bf16, threads=threads), keys["read"],
+                     keys["write"], ledger, after_write, home)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 where Embedder.encode would pick it (a GPU, a CPU with bf16 units)")
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens a forward pass at most")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens a batch at most, and padded tokens a forward pass")
     parser.add_argument("--round-every", help="with --home: look for new pairs this often (90s, 10m, 1h) ...")
     parser.add_argument("--min-new-pairs", type=int, default=1, help="... and run a round once this many have arrived")
     errors.add_debug_flag(parser)
@@ -326,10 +328,10 @@ image = (
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "matplotlib==3.10.7",
                     "fastapi==0.165.0", "uvicorn==0.54.0", "prometheus_client==0.26.0")
     .env({"HF_HOME": "/flywheel/huggingface", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses",
+    .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "packing", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
                              "openai_embeddings", "paired", "paths", "flywheel", "pair_store", "versions",
-                             "batcher", "serve_metrics", "api_contract", "heldout", "gate", "file_lock", "history",
+                             "batcher", "cpu_threads", "serve_metrics", "api_contract", "heldout", "gate", "file_lock", "history",
                              "scheduler")  # Modal adds serve.py
 )
 volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)

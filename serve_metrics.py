@@ -3,7 +3,7 @@
     embed_ft_requests_total{route, code}         requests answered, by route and HTTP status
     embed_ft_request_seconds{route}              latency histogram
     embed_ft_batch_texts                         texts a forward pass (the batcher at work)
-    embed_ft_batch_padded_tokens                 padded tokens a forward pass
+    embed_ft_batch_tokens                        tokens a forward pass (packed: no padding)
     embed_ft_queue_texts                         texts waiting for a forward pass, now
     embed_ft_texts_truncated_total               texts cut to the model's max_length
     embed_ft_pairs_total{outcome}                /v1/pairs: accepted, duplicate, conflict, self_pair, touching_held_out
@@ -34,7 +34,7 @@ class Metrics:
         self.latency = Histogram("embed_ft_request_seconds", "Request latency", ["route"], buckets=LATENCY_BUCKETS,
                                  registry=registry)
         self.batch_texts = Histogram("embed_ft_batch_texts", "Texts a forward pass", buckets=BATCH_BUCKETS, registry=registry)
-        self.batch_tokens = Histogram("embed_ft_batch_padded_tokens", "Padded tokens a forward pass",
+        self.batch_tokens = Histogram("embed_ft_batch_tokens", "Tokens a forward pass (packed end to end)",
                                       buckets=tuple(64 * b for b in BATCH_BUCKETS), registry=registry)
         self.queue = Gauge("embed_ft_queue_texts", "Texts waiting for a forward pass", registry=registry)
         self.queue.set_function(queued)
@@ -50,9 +50,9 @@ class Metrics:
         self.requests.labels(route, str(code)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def batch(self, texts: int, padded_tokens: int) -> None:
+    def batch(self, texts: int, tokens: int) -> None:
         self.batch_texts.observe(texts)
-        self.batch_tokens.observe(padded_tokens)
+        self.batch_tokens.observe(tokens)
 
     def pairs(self, outcome: dict, held_out_splits: dict[str, int]) -> None:
         for name, key in (("accepted", "accepted"), ("duplicate", "duplicates"), ("conflict", "conflicts"),

@@ -76,3 +76,4 @@ def test_a_batch_holds_one_version_and_a_full_queue_refuses():
     assert asyncio.run(main())
     assert old.model.passes == [10] and new.model.passes == [10]  # never mixed
     batcher.close()
+
