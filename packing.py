@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 MIN_WIDTH = 64  # tokens a row at least: wide enough to hold several short texts (docs/serving.md)
+STEP = 16       # row widths come in steps of this many tokens (from the longest text up): fewer shapes,
+                # so fewer kernels for oneDNN to build and cache (each shape its own, kept in memory)
 
 
 @dataclass
@@ -36,10 +38,11 @@ class Packed:
         return (self.texts[:, :, None] == self.texts[:, None, :])[:, None]
 
 
-def pack(input_ids: list[list[int]], pad_id: int, first_position: int = 0, min_width: int = MIN_WIDTH) -> Packed:
+def pack(input_ids: list[list[int]], pad_id: int, first_position: int = 0, min_width: int = MIN_WIDTH,
+         step: int = STEP) -> Packed:
     """First-fit-decreasing packing of the texts into rows (each text whole, in one row)."""
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
-    width = max(min_width, len(input_ids[order[0]]))
+    width = max(min_width, -(-len(input_ids[order[0]]) // step) * step)
     rows: list[list[int]] = []
     room: list[int] = []
     for i in order:
@@ -51,7 +54,7 @@ def pack(input_ids: list[list[int]], pad_id: int, first_position: int = 0, min_w
             row = len(rows) - 1
         rows[row].append(i)
         room[row] -= length
-    width -= min(room)  # no column that every row leaves empty
+    width -= min(room) // step * step  # no columns that every row leaves empty, in steps
     ids = np.full((len(rows), width), pad_id, np.int64)
     positions = np.zeros((len(rows), width), np.int64)
     texts = np.full((len(rows), width), -1, np.int64)

@@ -5,7 +5,7 @@ from packing import mean_by_text, pack
 
 def test_texts_are_packed_whole_longest_first_into_rows_as_wide_as_needed():
     ids = [[1, 2], [3, 4, 5, 6, 7], [8], [9, 10, 11]]
-    rows = pack(ids, pad_id=0, first_position=2, min_width=5)
+    rows = pack(ids, pad_id=0, first_position=2, min_width=5, step=1)
     # longest first, first fit into rows of 5: [text 1], [text 3 + text 0], [text 2]; no column all pad
     assert rows.ids.tolist() == [[3, 4, 5, 6, 7], [9, 10, 11, 1, 2], [8, 0, 0, 0, 0]]
     assert rows.texts.tolist() == [[1, 1, 1, 1, 1], [3, 3, 3, 0, 0], [2, -1, -1, -1, -1]]
@@ -17,9 +17,10 @@ def test_texts_are_packed_whole_longest_first_into_rows_as_wide_as_needed():
     assert mask[2, 0, 3].tolist() == [False, True, True, True, True]    # pad sees pad, never a text
 
 
-def test_a_row_is_as_wide_as_the_longest_text_when_that_is_wider():
-    rows = pack([[5] * 9, [6] * 2], pad_id=0, min_width=4)
-    assert rows.ids.shape == (2, 9)
+def test_rows_are_as_wide_as_the_longest_text_in_steps():
+    assert pack([[5] * 9, [6] * 2], pad_id=0, min_width=4, step=1).ids.shape == (2, 9)
+    assert pack([[5] * 9, [6] * 2], pad_id=0, min_width=4, step=4).ids.shape == (1, 12)  # 9 rounds up to 12: both fit
+    assert pack([[5] * 3, [6] * 2], pad_id=0, min_width=64, step=16).ids.shape == (1, 16)  # empty columns go, 16 at a time
 
 
 def test_each_text_gets_the_mean_of_its_own_tokens():
