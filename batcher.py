@@ -13,7 +13,9 @@ computed by two versions), the waiting requests of that version take turns, `chu
 until the batch holds `token_budget` tokens. So a request of 2,048 texts is cut into batches, and a
 1-text request that arrives meanwhile rides in the next one instead of waiting for all of them.
 A batch's texts, of every length, are one forward pass, packed end to end (packing.py), so that
-mixing requests costs no padding.
+mixing requests costs no padding. Before taking a batch the worker lingers while requests keep
+arriving (a client's burst reaches the queue a little apart), and on a CPU each pass takes the
+threads that cpu_threads.py leaves it.
 
 When more than `max_queued` texts are waiting, `embed` refuses at once (`QueueFull`): the server
 answers 429 with Retry-After, rather than letting latency grow without bound.

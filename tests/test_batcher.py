@@ -77,3 +77,18 @@ def test_a_batch_holds_one_version_and_a_full_queue_refuses():
     assert old.model.passes == [10] and new.model.passes == [10]  # never mixed
     batcher.close()
 
+
+
+def test_requests_arriving_a_millisecond_apart_wait_for_each_other():
+    version = FakeVersion("v1")
+    batcher = Batcher(token_budget=10_000)  # lingers while arrivals are at most 2 ms apart
+
+    async def main():
+        async def later(i):
+            await asyncio.sleep(0.001 * i)
+            return await batcher.embed(version, [[i]])
+        return await asyncio.gather(*(later(i) for i in range(4)))
+
+    assert [v[0, 0] for v in asyncio.run(main())] == [0, 1, 2, 3]
+    assert version.model.passes == [4]  # one pass, not one for the first and another for the rest
+    batcher.close()
