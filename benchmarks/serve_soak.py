@@ -12,8 +12,8 @@ Texts are Quora training questions, in file order. At a third and at two thirds 
 version is promoted as a round promotes (a complete model folder, then the pointer renamed over
 the old one), and the server swaps it in while serving. Reported: every error (a status other than
 200, a timeout, a refused connection; the goal is none), p50/p99 latency per --window-minutes, the
-versions the answers name, and the server's resident memory at the start and at the end (the goal:
-within 10%). The result is printed as a table and appended to --results.
+versions the answers name, and the server's resident memory: after the first minute, before each
+promotion, at the end (the goal: within 10%; from the first promotion on, two versions are held). The result is printed as a table and appended to --results.
 """
 from __future__ import annotations
 
@@ -149,7 +149,8 @@ def summarise(records: list, rss: list[tuple[float, float]], window_s: float) ->
             "errors_by_status": {str(s): sum(r[2] == s for r in records) for s in sorted({r[2] for r in records}) if s != 200},
             "windows": windows, "versions_seen": versions,
             "rss_start_mb": round(start_mb, 1), "rss_end_mb": round(rss[-1][1], 1),
-            "rss_max_mb": round(max(mb for _, mb in rss), 1), "rss_change": round(rss[-1][1] / start_mb - 1, 4)}
+            "rss_max_mb": round(max(mb for _, mb in rss), 1), "rss_change": round(rss[-1][1] / start_mb - 1, 4),
+            "rss_mb": [(round(t), round(mb)) for t, mb in rss]}
 
 
 def soak(base: str, minutes: float, rate: float, window_minutes: float, texts: list[str],
@@ -185,7 +186,8 @@ def soak(base: str, minutes: float, rate: float, window_minutes: float, texts: l
             server.terminate()
             _, log = server.communicate(timeout=60)
     summary = summarise(load.records, rss, 60 * window_minutes)
-    return summary | {"promoted": promoted, "late_ticks": load.late, "server_tracebacks": log.count("Traceback"),
+    before = [[mb for t, mb in rss if t < when][-1] for when in (seconds / 3, 2 * seconds / 3)]  # sampled from t = 0
+    return summary | {"rss_before_promotions_mb": [round(mb, 1) for mb in before], "promoted": promoted, "late_ticks": load.late, "server_tracebacks": log.count("Traceback"),
                       "minutes": minutes, "rate": rate}
 
 
@@ -208,8 +210,11 @@ def main() -> None:
         print(f"{w['from_min']:8g} {w['requests']:9d} {w['errors']:7d} {w['p50_ms']:7.1f} {w['p99_ms']:7.1f}")
     print(f"errors: {result['errors']} {result['errors_by_status'] or ''}; versions answered: "
           f"{' -> '.join(result['versions_seen'])}; server tracebacks: {result['server_tracebacks']}")
-    print(f"resident memory: {result['rss_start_mb']:.0f} MB after the first minute, {result['rss_end_mb']:.0f} MB at "
-          f"the end ({result['rss_change']:+.1%}), {result['rss_max_mb']:.0f} MB at most")
+    first, second = result["rss_before_promotions_mb"]
+    print(f"resident memory: {result['rss_start_mb']:.0f} MB after the first minute, {first:.0f} MB before the first "
+          f"promotion, {second:.0f} MB before the second (two versions held from the first on), "
+          f"{result['rss_end_mb']:.0f} MB at the end ({result['rss_change']:+.1%} on the first minute, "
+          f"{result['rss_end_mb'] / second - 1:+.1%} on the second promotion), {result['rss_max_mb']:.0f} MB at most")
     jsonl.append(Path(args.results), result | {"cpu": cpu, "model": Path(args.base).name})
 
 
