@@ -10,7 +10,9 @@ Loads (real Quora questions, no text sent twice in a run, warm-up texts apart fr
 The client is aiohttp, httpx's AsyncClient, or both in turn (--client): they cost the shared cores
 differently (httpx several times more CPU a request), and the server must be fast behind either.
 `--precision fp32` runs all three in fp32, which is what a CPU without bf16 units gets.
-Prints texts/s and p50/p99 latency per server and load, with the CPU and its precision beside each
+Load (a) also goes to a server that answers every request with the same canned bytes: what the
+client alone can send on these cores, the ceiling of any server's rate. Prints texts/s and p50/p99
+latency per server and load, with the CPU and its precision beside each
 figure, and appends the rows to --results. Needs aiohttp and httpx beside the project, and Infinity
 in a venv of its own. The client runs on the same machine as the servers: both pay for it alike.
 """
@@ -115,6 +117,30 @@ async def timed_posts(client: str, url: str, warm_up: list[bytes], measured: lis
             "p99_ms": 1000 * float(np.percentile(latencies, 99))}
 
 
+def serve_canned(port: int) -> None:
+    """A server that costs next to nothing: the same answer to every request, a 1-text embeddings
+    response of the model's size. Load (a) against it is what the client alone can send."""
+    answer = json.dumps({"object": "list", "model": "canned", "usage": {"prompt_tokens": 9, "total_tokens": 9},
+                         "data": [{"object": "embedding", "index": 0, "embedding": "A" * 2048}]}).encode()
+    response = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer)
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                writer.write(response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def run():
+        await (await asyncio.start_server(handle, "127.0.0.1", port)).serve_forever()
+    asyncio.run(run())
+
+
 def start(command: list[str], port: int) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until_up(f"http://127.0.0.1:{port}/health", process)
@@ -167,6 +193,8 @@ def main() -> None:
                     "infinity": [args.infinity, "v2", "--model-id", str(folder), "--url-prefix", "/v1", "--device",
                                  "cpu", "--engine", "torch", "--dtype", dtype] if args.infinity else None}
         names = {"embed-ft": "model", "infinity": str(folder)}
+        ports["client alone"] = free_port()  # load (a) against a canned answer: the client's own ceiling
+        commands["client alone"], names["client alone"] = [sys.executable, __file__, "--canned"], "canned"
         servers = {name: start(command + ["--port", str(ports[name])], ports[name])
                    for name, command in commands.items() if command}
         model = load_model(str(folder), None)
@@ -176,7 +204,7 @@ def main() -> None:
                 for client in clients:
                     for load, (per_request, in_flight) in LOADS.items():
                         warm_up, texts = take(WARM_UP), take(args.texts_a if load == "a" else args.texts_b)
-                        for name in servers:
+                        for name in (n for n in servers if load == "a" or n != "client alone"):
                             result = asyncio.run(timed_posts(client, f"http://127.0.0.1:{ports[name]}/v1/embeddings",
                                                              bodies(names[name], warm_up, per_request),
                                                              bodies(names[name], texts, per_request), in_flight))
@@ -217,4 +245,7 @@ def print_table(rows: list[dict], cpu: str, precision: str, repeats: int) -> Non
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--canned"]:  # the canned server, in a process of its own
+        serve_canned(int(sys.argv[3]))
+    else:
+        main()
