@@ -160,9 +160,8 @@ class Batcher:
                     self.jobs.remove(job)
                 job.loop.call_soon_threadsafe(settle, job.future, job.vectors, None)
 
-
     def forward(self, model, ids: list[list[int]]) -> np.ndarray:
-        """One forward pass; on a CPU, on as many threads as the event loop's load leaves free."""
+        """One forward pass; on a CPU, on the threads that the rest of the machine's load leaves it."""
         with self.threads.using(self.threads.pick()) if self.threads else contextlib.nullcontext():
             return model.encode_ids(ids, batch_size=len(ids), progress=False, bf16=self.bf16)
 

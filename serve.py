@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 where Embedder.encode would pick it (a GPU, a CPU with bf16 units)")
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens a batch at most, and padded tokens a forward pass")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens a batch (one packed forward pass) at most")
     parser.add_argument("--round-every", help="with --home: look for new pairs this often (90s, 10m, 1h) ...")
     parser.add_argument("--min-new-pairs", type=int, default=1, help="... and run a round once this many have arrived")
     errors.add_debug_flag(parser)
@@ -326,7 +326,8 @@ image = (
     modal.Image.debian_slim(python_version="3.11")
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0", "numpy==2.4.6",
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "matplotlib==3.10.7",
-                    "fastapi==0.165.0", "uvicorn==0.54.0", "prometheus_client==0.26.0")
+                    "fastapi==0.165.0", "uvicorn==0.54.0", "uvloop==0.23.0", "httptools==0.9.0",
+                    "prometheus_client==0.26.0")
     .env({"HF_HOME": "/flywheel/huggingface", "TOKENIZERS_PARALLELISM": "false"})
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "packing", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",

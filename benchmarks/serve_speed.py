@@ -143,7 +143,11 @@ def serve_canned(port: int) -> None:
 
 def start(command: list[str], port: int) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until_up(f"http://127.0.0.1:{port}/health", process)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process)
+    except BaseException:  # never left running behind a benchmark that stopped
+        process.kill()
+        raise
     return process
 
 
@@ -195,11 +199,13 @@ def main() -> None:
         names = {"embed-ft": "model", "infinity": str(folder)}
         ports["client alone"] = free_port()  # load (a) against a canned answer: the client's own ceiling
         commands["client alone"], names["client alone"] = [sys.executable, __file__, "--canned"], "canned"
-        servers = {name: start(command + ["--port", str(ports[name])], ports[name])
-                   for name, command in commands.items() if command}
-        model = load_model(str(folder), None)
+        servers: dict[str, subprocess.Popen] = {}
         runs: dict[tuple[str, str, str], list[dict]] = {}
         try:  # both servers up (an idle one sleeps), measured in turn, `repeats` times: machine noise hits all
+            for name, command in commands.items():
+                if command:
+                    servers[name] = start(command + ["--port", str(ports[name])], ports[name])
+            model = load_model(str(folder), None)
             for repeat in range(args.repeats):
                 for client in clients:
                     for load, (per_request, in_flight) in LOADS.items():
