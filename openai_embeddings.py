@@ -14,6 +14,7 @@ import numpy as np
 from errors import InputError
 
 BATCH_SIZE = 512  # texts per request
+OFFICIAL_ENDPOINT = "https://api.openai.com/v1"
 
 
 class OpenAIEmbedder:
@@ -21,8 +22,8 @@ class OpenAIEmbedder:
 
     Requests go in batches; the client retries rate limits (429) and server errors (5xx) with
     exponential backoff, honouring Retry-After. Every vector lands in an SQLite cache keyed by a hash
-    of (model, dimensions, text) as soon as its batch returns, so a rerun sends no request and an
-    interrupted run loses nothing. The API key is read by the client from OPENAI_API_KEY and is
+    of (endpoint, model, dimensions, text) as soon as its batch returns, so a rerun sends no request
+    and an interrupted run loses nothing; another server's vectors are never taken for these. The API key is read by the client from OPENAI_API_KEY and is
     never written anywhere.
     """
 
@@ -34,13 +35,17 @@ class OpenAIEmbedder:
             raise InputError("set OPENAI_API_KEY (any value will do for a local server that ignores it)")
         self.client = OpenAI(base_url=base_url, max_retries=max_retries)  # base_url None: OPENAI_BASE_URL or api.openai.com
         self.model, self.dimensions = model, dimensions
+        # The endpoint is part of each key: two servers may name different models alike. The official
+        # API's keys leave it out, as they always have, so that an existing cache stays valid.
+        endpoint = str(self.client.base_url).rstrip("/")
+        self.endpoint = [] if endpoint == OFFICIAL_ENDPOINT else [endpoint]
         cache_path = Path(cache_path).expanduser()
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         self.cache = sqlite3.connect(cache_path)
         self.cache.execute("CREATE TABLE IF NOT EXISTS embedding (key TEXT PRIMARY KEY, vector BLOB)")
 
     def key(self, text: str) -> str:
-        return hashlib.sha256(json.dumps([self.model, self.dimensions, text]).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.endpoint + [self.model, self.dimensions, text]).encode()).hexdigest()
 
     def encode(self, texts: list[str], batch_size: int = BATCH_SIZE) -> np.ndarray:
         from tqdm.auto import tqdm

@@ -1,7 +1,7 @@
 """A small server that speaks the OpenAI embeddings API on 127.0.0.1, for tests and offline demos.
 
 Embeddings are hashed bags of words (texts sharing words get similar vectors), of the requested
-`dimensions` (default 64). The first responses can be made to fail with given HTTP statuses, to
+`dimensions` (default 64), salted per server if asked (two servers, two models). The first responses can be made to fail with given HTTP statuses, to
 exercise the client's retries. Run it by hand with: python tests/fake_openai.py --port 8765
 """
 import argparse
@@ -13,16 +13,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 
-def bag_of_words(text: str, dimensions: int) -> list[float]:
+def bag_of_words(text: str, dimensions: int, salt: str = "") -> list[float]:
     vector = np.zeros(dimensions)
     for word in text.lower().split():
-        vector[int(hashlib.md5(word.encode()).hexdigest(), 16) % dimensions] += 1.0
+        vector[int(hashlib.md5((salt + word).encode()).hexdigest(), 16) % dimensions] += 1.0
     norm = np.linalg.norm(vector)
     return (vector / norm if norm else vector).tolist()
 
 
 class FakeOpenAI:
-    def __init__(self, failures: list[int] | None = None, port: int = 0, verbose: bool = False):
+    def __init__(self, failures: list[int] | None = None, port: int = 0, verbose: bool = False, salt: str = ""):
+        self.salt = salt                       # another salt, other vectors: another server's model
         self.failures = list(failures or [])   # statuses to answer with, in order, before succeeding
         self.requests: list[dict] = []         # every request received: path, headers, body
         server = self
@@ -40,7 +41,7 @@ class FakeOpenAI:
                 inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
                 if any(not t for t in inputs):
                     return self.reply(400, {"error": {"message": "'$.input' is invalid: empty string"}})
-                data = [{"object": "embedding", "index": i, "embedding": bag_of_words(t, dims)} for i, t in enumerate(inputs)]
+                data = [{"object": "embedding", "index": i, "embedding": bag_of_words(t, dims, server.salt)} for i, t in enumerate(inputs)]
                 self.reply(200, {"object": "list", "data": data[::-1], "model": body["model"],  # any order
                                  "usage": {"prompt_tokens": 0, "total_tokens": 0}})
 

@@ -1,3 +1,4 @@
+import hashlib
 import json
 from itertools import product
 
@@ -226,6 +227,22 @@ def test_openai_command_line_twice_sends_nothing_the_second_time(openai_env, tmp
         evaluate.main(args)
         assert len(server.requests) == n and (tmp_path / "r.json").read_text() == first
     assert KEY not in capsys.readouterr().out + first
+
+
+def test_the_cache_never_answers_for_another_server(openai_env, tmp_path):
+    val = write_tsv(tmp_path / "val.tsv", synthetic_pairs(30, 1))
+    test = write_tsv(tmp_path / "test.tsv", synthetic_pairs(30, 2))
+    results = []
+    with FakeOpenAI() as a, FakeOpenAI(salt="another model behind the same name") as b:
+        for server in (a, b, a):
+            evaluate.main(["--model", "openai:text-embedding-3-small", "--base-url", server.base_url, "--val", str(val),
+                           "--test", str(test), "--cache", str(openai_env), "--json", str(tmp_path / "r.json")])
+            results.append(json.loads((tmp_path / "r.json").read_text()))
+        assert len(b.requests) > 0          # B was asked, though the cache held A's vectors of every text
+        assert results[0] != results[1] and results[2] == results[0]  # and each server's numbers are its own
+        assert len(a.requests) == len(b.requests)  # A's second run came from the cache
+    official = openai_embeddings.OpenAIEmbedder("text-embedding-3-small", 32, None, openai_env)
+    assert official.key("x") == hashlib.sha256(json.dumps(["text-embedding-3-small", 32, "x"]).encode()).hexdigest()
 
 
 def test_openai_without_a_key_is_a_one_line_error(monkeypatch, tmp_path, capsys):
