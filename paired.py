@@ -92,7 +92,8 @@ def compare_queries(a_ranks: np.ndarray, b_ranks: np.ndarray, alpha: float = ALP
 def p_of_verdict(result: dict) -> float:
     """The one-sided p-value in the direction the verdict names ("worse": B better than A)."""
     if result["verdict"] == "worse":
-        return sign_test(result["only_b_right"], result["only_a_right"])
+        wins, losses = ("only_a_right", "only_b_right") if "only_a_right" in result else ("a_better_queries", "b_better_queries")
+        return sign_test(result[losses], result[wins])
     return result["p_value"]
 
 
@@ -107,14 +108,15 @@ def unpack(packed: dict) -> np.ndarray:
 
 
 def describe(result: dict, a: str, b: str) -> str:
-    """One line: the two numbers with their intervals, the discordant counts, p, the verdict."""
+    """One line: the two numbers with their intervals, the discordant counts, the verdict and the p
+    of its own direction (a "worse" quotes the p that B is better)."""
     if "only_a_right" in result:
         (la, ha), (lb, hb) = result["interval_a"], result["interval_b"]
         line = (f"{a} {result['error_a']:.2%} [{la:.1%}, {ha:.1%}] vs {b} {result['error_b']:.2%} [{lb:.1%}, {hb:.1%}] "
                 f"test error; {result['only_a_right']} vs {result['only_b_right']} pairs only one got right, "
-                f"p = {result['p_value']:.2g}: {result['verdict']}")
+                f"p = {p_of_verdict(result):.2g}: {result['verdict']}")
         if result["verdict"].startswith("no detectable") and result.get("pairs_needed"):
             line += f" (a difference this size needs about {result['pairs_needed']:,} test pairs)"
         return line
     return (f"{a} MRR {result['mrr_a']:.4f} vs {b} {result['mrr_b']:.4f}; {result['a_better_queries']} vs "
-            f"{result['b_better_queries']} queries one ranked higher, p = {result['p_value']:.2g}: {result['verdict']}")
+            f"{result['b_better_queries']} queries one ranked higher, p = {p_of_verdict(result):.2g}: {result['verdict']}")

@@ -45,3 +45,14 @@ def test_verdicts_both_ways():
     ranks = paired.compare_queries([1, 1, 0.5, 1], [0.5, 1, 0.5, 0.25])
     assert (ranks["a_better_queries"], ranks["b_better_queries"]) == (2, 0) and ranks["p_value"] == pytest.approx(0.25)
     assert "no detectable difference on 4 test queries" in paired.describe(ranks, "new", "old")
+
+
+def test_a_worse_verdict_quotes_the_p_of_its_own_direction():
+    """6 pairs only B got right, 0 only A: "worse" at p = 1/64, the chance of B winning all six under
+    no difference, never the p = 1 of A being better."""
+    a, b = np.r_[np.zeros(6), np.ones(4)].astype(bool), np.ones(10, bool)
+    result = paired.compare_pairs(a, b)
+    assert result["verdict"] == "worse" and result["p_value"] == 1.0 and paired.p_of_verdict(result) == 1 / 64
+    assert paired.describe(result, "new", "old").endswith("0 vs 6 pairs only one got right, p = 0.016: worse")
+    ranks = paired.compare_queries([0.5] * 6, [1.0] * 6)
+    assert paired.describe(ranks, "new", "old").endswith("0 vs 6 queries one ranked higher, p = 0.016: worse")
