@@ -142,6 +142,19 @@ def pair_list(body: dict, limit: int, labelled: bool) -> list[dict]:
     return checked
 
 
+def input_type(value, prompts: dict[str, str]) -> str:
+    """Our extension to OpenAI's embeddings request: which of the model's prompts the texts take.
+    "query" and "document" take the model's prompts for those roles (where it names them), a
+    prompt's own name takes that prompt; absent, the model's default prompt."""
+    allowed = ["query", "document"] + [name for name in prompts if name not in ("query", "document")]
+    if value is None:
+        return "default"
+    if value not in allowed:
+        raise ApiError(400, f"'input_type' must be one of {', '.join(map(json.dumps, allowed))} (got {json.dumps(value)})",
+                       "input_type")
+    return value
+
+
 def check_key(request, key: str | None, what: str) -> None:
     """A Bearer token, compared in constant time. `key` None: this kind of route is open."""
     if key is None:

@@ -42,6 +42,7 @@ class QueueFull(Exception):
 class Job:
     version: object                  # versions.Version: .model.encode_ids, .model.dim
     input_ids: list[list[int]]
+    skip: int                        # prompt tokens that pooling leaves out, each text (Embedder.tokenize)
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     order: list[int] = field(default_factory=list)  # longest first
@@ -74,10 +75,10 @@ class Batcher:
         with self.condition:
             return sum(job.waiting for job in self.jobs)
 
-    async def embed(self, version, input_ids: list[list[int]]) -> np.ndarray:
-        """The unit-length embeddings (n, dim) of these token ids, by this version's model."""
+    async def embed(self, version, input_ids: list[list[int]], skip: int = 0) -> np.ndarray:
+        """The embeddings (n, dim) of these token ids, by this version's model."""
         loop = asyncio.get_running_loop()
-        job = Job(version, input_ids, loop.create_future(), loop,
+        job = Job(version, input_ids, skip, loop.create_future(), loop,
                   order=sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i])),
                   vectors=np.empty((len(input_ids), version.model.dim), np.float32))
         if not input_ids:
@@ -139,8 +140,9 @@ class Batcher:
     def run(self, batch: list[tuple[Job, list[int]]]) -> None:
         """One forward pass; each request whose last texts were in it gets its answer."""
         ids = [job.input_ids[i] for job, rows in batch for i in rows]
+        skips = [job.skip for job, rows in batch for _ in rows]
         try:
-            vectors = self.forward(batch[0][0].version.model, ids)
+            vectors = self.forward(batch[0][0].version.model, ids, skips)
         except Exception as error:  # one bad batch fails its requests, not the server
             with self.condition:
                 for job, _ in batch:
@@ -160,10 +162,10 @@ class Batcher:
                     self.jobs.remove(job)
                 job.loop.call_soon_threadsafe(settle, job.future, job.vectors, None)
 
-    def forward(self, model, ids: list[list[int]]) -> np.ndarray:
+    def forward(self, model, ids: list[list[int]], skips: list[int]) -> np.ndarray:
         """One forward pass; on a CPU, on the threads that the rest of the machine's load leaves it."""
         with self.threads.using(self.threads.pick()) if self.threads else contextlib.nullcontext():
-            return model.encode_ids(ids, batch_size=len(ids), progress=False, bf16=self.bf16)
+            return model.encode_ids(ids, batch_size=len(ids), progress=False, bf16=self.bf16, skip=skips)
 
 
 def settle(future: asyncio.Future, result, error: Exception | None) -> None:

@@ -23,13 +23,22 @@ class Batch(NamedTuple):
 class TokenizedPairs:
     """Pairs tokenised once: each distinct text is tokenised a single time, pairs point at them."""
 
-    def __init__(self, pairs: list[data.Pair], tokenizer, max_length: int):
-        texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
-        index = {t: i for i, t in enumerate(texts)}
-        self.input_ids: list[list[int]] = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        self.pairs = np.array([(index[a], index[b]) for a, b, _ in pairs], dtype=np.int64).reshape(-1, 2)
+    def __init__(self, pairs: list[data.Pair], model, roles: tuple[str, str] = ("default", "default")):
+        """`model.tokenize(texts, role)` gives each text's ids after its role's prompt (model.Embedder):
+        the first texts of the pairs take the first role's, the second texts the second's. A text is
+        tokenised once for each role it takes."""
+        keyed = list(dict.fromkeys(k for a, b, _ in pairs for k in ((roles[0], a), (roles[1], b))))
+        self.input_ids: list[list[int]] = [[]] * len(keyed)
+        self.skips = [0] * len(keyed)  # each text's prompt tokens that pooling leaves out
+        for role in dict.fromkeys(roles):
+            rows = [i for i, (r, _) in enumerate(keyed) if r == role]
+            ids, skip = model.tokenize([keyed[i][1] for i in rows], role)
+            for i, row in zip(rows, ids):
+                self.input_ids[i], self.skips[i] = row, skip
+        index = {k: i for i, k in enumerate(keyed)}
+        self.pairs = np.array([(index[roles[0], a], index[roles[1], b]) for a, b, _ in pairs], dtype=np.int64).reshape(-1, 2)
         self.labels = np.array([y for _, _, y in pairs], dtype=np.int64)
-        self.tokenizer = tokenizer
+        self.tokenizer = model.tokenizer
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,6 +60,13 @@ class TokenizedPairs:
         whole = len(batches) - (len(batches[-1]) < batch_size)  # a short last batch stays last
         return np.concatenate([batches[i] for i in rng.permutation(whole)] + batches[whole:])
 
+    def group(self, text_ids: np.ndarray) -> dict:
+        """Texts padded to their longest, as the model's forward takes them (with the prompt tokens
+        each leaves out of pooling, where there are any)."""
+        features = dict(self.tokenizer.pad({"input_ids": [self.input_ids[i] for i in text_ids]}, return_tensors="pt"))
+        skips = [self.skips[i] for i in text_ids]
+        return features | ({"skip": torch.tensor(skips)} if any(skips) else {})
+
     def batches(self, order: np.ndarray, batch_size: int, length_groups: int = 1, rank: int = 0,
                 world_size: int = 1) -> Iterator[Batch]:
         """Batches of B pairs, in `order`: every pair of `order` is in exactly one batch.
@@ -70,8 +86,6 @@ class TokenizedPairs:
             chosen = np.resize(mine, len(parts[0]))  # a short part repeats its own pairs
             text_ids = np.concatenate([self.pairs[chosen, 0], self.pairs[chosen, 1]])
             by_length = np.argsort([len(self.input_ids[i]) for i in text_ids], kind="stable")
-            groups = [self.tokenizer.pad({"input_ids": [self.input_ids[i] for i in text_ids[group]]},
-                                         return_tensors="pt")
-                      for group in np.array_split(by_length, min(length_groups, len(by_length)))]
-            yield Batch([dict(g) for g in groups], torch.from_numpy(np.argsort(by_length)),
+            groups = [self.group(text_ids[group]) for group in np.array_split(by_length, min(length_groups, len(by_length)))]
+            yield Batch(groups, torch.from_numpy(np.argsort(by_length)),
                         torch.from_numpy(self.labels[chosen]), [len(p) for p in parts])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import paired
 from sources import is_hub_id
 
 TRANSFORMERS_SNIPPET = '''import json, torch, torch.nn.functional as F
@@ -13,15 +14,21 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 folder = Path("{folder}")
-tokenizer, encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder)
-batch = tokenizer(["How do I learn Python?", "What is the best way to learn Python?"], padding=True,
-                  truncation=True, max_length={max_length}, return_tensors="pt")
+tokenizer, encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder{remote})
+texts = [{prompt}"How do I learn Python?", {prompt}"What is the best way to learn Python?"]
+batch = tokenizer(texts, padding=True, truncation=True, max_length={max_length}, return_tensors="pt")
 with torch.no_grad():
     hidden = encoder(**batch).last_hidden_state
 mask = batch["attention_mask"].unsqueeze(-1).float()
-vectors = (hidden * mask).sum(1) / mask.sum(1)                      # mean pooling
+{pooling}
 {dense}vectors = F.normalize(vectors, dim=-1)
 print(vectors @ vectors.T)'''
+# The pooling line of the snippet for the modes plain transformers computes in one line (right padding).
+POOLING_LINES = {
+    "mean": "vectors = (hidden * mask).sum(1) / mask.sum(1)                      # mean pooling",
+    "cls": "vectors = hidden[:, 0]                                              # CLS pooling",
+    "max": "vectors = hidden.masked_fill(mask == 0, float('-inf')).max(1).values  # max pooling",
+    "lasttoken": "vectors = hidden[torch.arange(len(hidden)), batch['attention_mask'].sum(1) - 1]  # last token"}
 
 
 def write(directory: Path, metrics: dict) -> None:
@@ -31,7 +38,6 @@ def write(directory: Path, metrics: dict) -> None:
 def render(metrics: dict, directory: Path) -> str:
     config, training = metrics["config"], metrics["training"]
     decision = metrics["fine_tuned"]["val"]
-    dim = config["dense_out_features"] or "the encoder's"
     base = config["model"] if is_hub_id(config["model"]) else None
     dataset = config["data"] if is_hub_id(config["data"]) else None
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "embed-ft"]
@@ -43,15 +49,16 @@ def render(metrics: dict, directory: Path) -> str:
     front += ["---", ""]
     constraint = decision.get("constraint")
     rule = " under " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in constraint.items()) if constraint else ""
-    dense = ('vectors = vectors @ load_file(folder / "2_Dense/model.safetensors")["linear.weight"].T   # projection\n'
-             if config["dense_out_features"] else "")
+    folder = metrics.get("model") or {"pooling": "mean", "include_prompt": True, "published_dense": [], "normalize": True,
+                                      "projection": config["dense_out_features"] or None, "prompts": {}}
+    prompt = folder["prompts"].get(folder.get("default_prompt_name") or "", "")
+    # a run before "kept" was recorded kept the best epoch's weights
+    kept = training.get("kept") or f"the weights of epoch {training['best_epoch'] or training['epochs']}, the best on validation"
     lines = front + [
         f"# {directory.resolve().name}", "",
         f"A sentence embedding model fine-tuned with embed-ft from `{config['model']}` on "
         f"{training.get('train_pairs', training['pairs']):,} distinct labelled pairs of `{config['data']}` "
-        f"({training['epochs']} epoch(s), {training['pairs']:,} pairs seen; the weights of epoch "
-        f"{training['best_epoch'] or training['epochs']} were kept, the best on validation). Mean pooling, a linear "
-        f"projection to {dim} dimensions, unit-length embeddings: compare them by cosine (a dot product).", "",
+        f"({training['epochs']} epoch(s), {training['pairs']:,} pairs seen; kept: {kept}). " + pipeline(folder), "",
         f"Training: objective `{config.get('objective', 'classification')}` (epochs chosen by validation "
         f"{'MRR' if config.get('objective') == 'retrieval' else 'error'}), loss "
         f"`{'contrastive' if config.get('objective') == 'retrieval' else config['loss']}`, learning rate {config['lr']}, batch {config['batch_size']}, max length "
@@ -86,9 +93,42 @@ def render(metrics: dict, directory: Path) -> str:
         "--model-id /model",
         "curl 127.0.0.1:8080/embed -X POST -H 'Content-Type: application/json' -d '{\"inputs\": [\"How do I learn Python?\"]}'",
         "```", "", "Plain transformers:", "", "```python",
-        TRANSFORMERS_SNIPPET.format(folder=directory.name, max_length=config["max_length"], dense=dense), "```", "",
+        transformers_snippet(folder, directory.name, config, prompt), "```", "",
         "## Upload", "", "```bash", f"hf upload YOUR-NAME/{directory.resolve().name} {directory.name}", "```", ""]
     return "\n".join(lines)
+
+
+def pipeline(folder: dict) -> str:
+    """What the folder computes, in words: the published pooling and layers, ours, the prompts."""
+    origin = "as published" if folder.get("published_layout", True) else "(the base has no sentence-transformers modules)"
+    steps = [f"{folder['pooling']} pooling {origin}" + ("" if folder["include_prompt"] else " (prompt tokens left out)")]
+    steps += [f"{len(folder['published_dense'])} published Dense layer(s)"] if folder["published_dense"] else []
+    steps += [f"a linear projection of ours to {folder['projection']} dimensions" if folder["projection"] else "no projection of ours"]
+    steps += ["unit-length embeddings: compare them by cosine (a dot product)." if folder["normalize"] else
+              "embeddings not normalised (as published): compare them by cosine."]
+    prompts = {name: text for name, text in folder["prompts"].items() if text}
+    if not prompts:
+        return ", ".join(steps) + " No prompts."
+    default = folder.get("default_prompt_name")
+    return (", ".join(steps) + " Prompts (config_sentence_transformers.json): "
+            + ", ".join(f"`{name}`: `{text!r}`" for name, text in prompts.items())
+            + (f"; every text takes `{default}` unless another is asked for (sentence-transformers' "
+               "`encode_query` and `encode_document` take the query and document prompts)." if default else
+               "; texts take none unless one is asked for."))
+
+
+def transformers_snippet(folder: dict, name: str, config: dict, prompt: str) -> str:
+    """The plain-transformers lines that give this folder's vectors, where one line can pool it."""
+    if folder["pooling"] not in POOLING_LINES or folder["published_dense"] or not folder["include_prompt"]:
+        return (f"# {folder['pooling']} pooling" + (" without the prompt's tokens" if not folder["include_prompt"] else "")
+                + (" and published Dense layers" if folder["published_dense"] else "")
+                + ": use sentence-transformers (above), which reads the folder's modules.json")
+    dense = ('vectors = vectors @ load_file(folder / "2_Dense/model.safetensors")["linear.weight"].T   # projection\n'
+             if folder["projection"] else "")
+    snippet = TRANSFORMERS_SNIPPET.format(folder=name, max_length=config["max_length"], dense=dense,
+                                          pooling=POOLING_LINES[folder["pooling"]], prompt=f"{prompt!r} + " if prompt else "",
+                                          remote=", trust_remote_code=True" if config["trust_remote_code"] else "")
+    return snippet if folder["normalize"] else snippet.replace("vectors = F.normalize(vectors, dim=-1)\n", "")
 
 
 def verdict_lines(metrics: dict) -> list[str]:
@@ -98,8 +138,8 @@ def verdict_lines(metrics: dict) -> list[str]:
     pairs, ranks = metrics["verdict"]["pairs"], metrics["verdict"]["retrieval"]
     return [f"Against the model as published, on the same {pairs['n']:,} test pairs (McNemar's exact test, one-sided): "
             f"**{pairs['verdict']}** ({pairs['only_a_right']} pairs only the fine-tuned model got right, "
-            f"{pairs['only_b_right']} only the published one, p = {pairs['p_value']:.2g}). On retrieval (sign test over "
-            f"{ranks['n']:,} queries): **{ranks['verdict']}** (p = {ranks['p_value']:.2g}).", ""]
+            f"{pairs['only_b_right']} only the published one, p = {paired.p_of_verdict(pairs):.2g}). On retrieval (sign test "
+            f"over {ranks['n']:,} queries): **{ranks['verdict']}** (p = {paired.p_of_verdict(ranks):.2g}).", ""]
 
 
 def retrieval_row(name: str, result: dict) -> str:

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     if threshold is None:
         raise InputError(f"{args.model} stores no threshold (it was not saved by train.py); pass --threshold")
     started = time.perf_counter()
-    vectors = model.encode(texts, batch_size=args.batch_size, progress=True)
+    # the model's default prompt for every text: the one its threshold was tuned with
+    vectors = evaluate.unit_rows(model.encode(texts, batch_size=args.batch_size, progress=True))
     encoded = time.perf_counter()
     left, right = near_duplicate_pairs(vectors, threshold, args.chunk)
     groups = group(len(texts), left, right)

@@ -42,12 +42,40 @@ class Truncated:
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
+class Role:
+    """A model's texts in one role, "query" or "document": each takes the prompt the model names for
+    that role (model.Embedder.encode)."""
+
+    def __init__(self, model, role: str):
+        self.model, self.role = model, role
+
+    def encode(self, texts: list[str], batch_size: int = 128) -> np.ndarray:
+        return self.model.encode(texts, batch_size, role=self.role)
+
+
+def in_role(encoder: Encoder, role: str) -> Encoder:
+    """The encoder for texts in a retrieval role: the same one unless the model names a prompt for
+    that role apart from its default (e5's "query: ", bge's query instruction)."""
+    model = encoder.encoder if isinstance(encoder, Remembered) else encoder
+    layout = getattr(model, "layout", None)  # an open model's published layout; none for openai:
+    if layout is None or layout.prompt_for(role) == layout.prompt_for():
+        return encoder
+    return Remembered(Role(model, role))
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, so that dot products are cosines: a model published without a
+    Normalize module gives rows of any length. Rows already unit length are returned as they are."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors if np.allclose(norms, 1.0, atol=1e-4) else vectors / np.maximum(norms, 1e-12)
+
+
 # ------------------------------------------------------------------------------------------ metrics
 
 def cosine_scores(encoder: Encoder, pairs: list[data.Pair], batch_size: int = 128) -> np.ndarray:
-    """The cosine similarity of each pair (embeddings are unit length, so a dot product)."""
+    """The cosine similarity of each pair."""
     # Every text, pair by pair (a1, b1, a2, b2, ...); the encoders embed each distinct text once.
-    vectors = encoder.encode([t for a, b, _ in pairs for t in (a, b)], batch_size=batch_size)
+    vectors = unit_rows(encoder.encode([t for a, b, _ in pairs for t in (a, b)], batch_size=batch_size))
     return (vectors[0::2] * vectors[1::2]).sum(1)
 
 
@@ -159,7 +187,8 @@ def retrieval_metrics(encoder: Encoder, pairs: list[data.Pair], ks: tuple[int, .
 
     Relevant: the other members of its duplicate cluster (duplicates are transitive). recall@k is the
     share of them in the top k, MRR the mean of 1 / the rank of the first one, both averaged over
-    queries and computed exactly, chunk by chunk of queries, so memory stays chunk x corpus.
+    queries and computed exactly, chunk by chunk of queries, so memory stays chunk x corpus. Queries
+    and the corpus each take the model's prompt for their role, where it names them (`in_role`).
     `per_query` adds each query's reciprocal rank, in a fixed query order (for paired tests).
     """
     corpus = list(dict.fromkeys(data.normalise(t) for a, b, _ in pairs for t in (a, b)))
@@ -173,12 +202,15 @@ def retrieval_metrics(encoder: Encoder, pairs: list[data.Pair], ks: tuple[int, .
         members = [index[data.normalise(t)] for t in cluster]
         for m in members:
             relevant[m] = [x for x in members if x != m]
-    vectors = encoder.encode([spelling[t] for t in corpus], batch_size=batch_size)
-    queries = np.array(sorted(relevant))
+    vectors = unit_rows(in_role(encoder, "document").encode([spelling[t] for t in corpus], batch_size=batch_size))
+    queries = np.array(sorted(relevant), dtype=np.int64)
+    asking = in_role(encoder, "query")
+    query_vectors = vectors if asking is encoder else unit_rows(asking.encode([spelling[corpus[q]] for q in queries],
+                                                                              batch_size=batch_size))
     recall, reciprocal = {k: 0.0 for k in ks}, []
     for start in range(0, len(queries), chunk):
         rows = queries[start:start + chunk]
-        scores = vectors[rows] @ vectors.T
+        scores = (vectors[rows] if asking is encoder else query_vectors[start:start + chunk]) @ vectors.T
         scores[np.arange(len(rows)), rows] = -np.inf               # a text does not retrieve itself
         deepest = min(max(ks), len(corpus) - 1)                       # a tiny corpus has fewer than k others
         top = np.argpartition(-scores, deepest - 1, axis=1)[:, :deepest]   # the k best, unordered ...
@@ -223,16 +255,17 @@ def both_views(encoder: Encoder, val: list[data.Pair], test: list[data.Pair], ba
 # ------------------------------------------------------------------------- what --model names
 
 def open_encoder(model: str, dimensions: int | None = None, base_url: str | None = None,
-                 cache_path: str | None = None, device: str = "auto") -> Encoder:
+                 cache_path: str | None = None, device: str = "auto", prompt_name: str = "", prompt: str = "") -> Encoder:
     """Any encoder a command evaluates: `openai:MODEL` for the API baseline, else `model.load_model`
-    (a sentence-transformers folder, a run's output, whole; or a pretrained encoder). `dimensions`
-    truncates (Matryoshka) either."""
+    (a sentence-transformers folder, a run's output, whole; or a pretrained model as published),
+    with the prompt chosen. `dimensions` truncates (Matryoshka) either."""
     if model_kind(model) == "openai":
         from openai_embeddings import OpenAIEmbedder
         extra = {"cache_path": cache_path} if cache_path else {}
         return OpenAIEmbedder(model.removeprefix(OPENAI), dimensions, base_url, **extra)
     from model import load_model, pick_device
     encoder = load_model(model).to(pick_device(device))
+    encoder.choose_prompt(prompt_name, prompt)
     return Truncated(encoder, dimensions) if dimensions else encoder
 
 
@@ -275,7 +308,8 @@ def compare_models(models: list[str], val: list[data.Pair], test: list[data.Pair
     then a paired test of each against the first."""
     results, views = {}, {}
     for name in models:
-        encoder = Remembered(open_encoder(name, args.dimensions, args.base_url, args.cache, args.device))
+        encoder = Remembered(open_encoder(name, args.dimensions, args.base_url, args.cache, args.device,
+                                          args.prompt_name, args.prompt))
         batch_size = batch_size_for(name, args.batch_size)
         if args.retrieval:
             results[name] = {split: retrieval_metrics(encoder, pairs, batch_size=batch_size, per_query=split == "test")
@@ -293,7 +327,7 @@ def compare_models(models: list[str], val: list[data.Pair], test: list[data.Pair
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, action="append", metavar="MODEL", help="a folder written by train.py (or any "
-                        "sentence-transformers folder with mean pooling), a hub name or local encoder folder, or "
+                        "sentence-transformers folder), a hub name or local model folder (as published), or "
                         "openai:MODEL; repeat it to compare models on the same pairs, each against the first")
     parser.add_argument("--val", required=True, metavar="FILE", help="validation pairs (the threshold is tuned here)")
     parser.add_argument("--test", required=True, metavar="FILE", help="test pairs")
@@ -305,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-recall", type=float, default=0.0, help="tune the threshold under this recall floor")
     parser.add_argument("--min-precision", type=float, default=0.0, help="... and/or this precision floor")
     parser.add_argument("--retrieval", action="store_true", help="report recall@1/5/10 and MRR instead")
+    parser.add_argument("--prompt-name", default="", help="open models: one of the model's prompts for every text "
+                        "(default: its default_prompt_name; --retrieval: its query and document prompts)")
+    parser.add_argument("--prompt", default="", help="open models: a prompt of your own before every text")
     parser.add_argument("--base-url", help="openai: any OpenAI-compatible server (else OPENAI_BASE_URL)")
     parser.add_argument("--cache", metavar="OUT", help="openai: the embedding cache file")
     parser.add_argument("--batch-size", type=int, help="texts per forward pass, 128 (openai: per request, 512)")

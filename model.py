@@ -1,54 +1,64 @@
-"""An embedding model: a Hugging Face encoder, masked mean pooling, an optional linear projection
-to `dense_out_features`, and L2 normalisation, so that a dot product of two embeddings is their
-cosine similarity.
+"""An embedding model: a Hugging Face encoder pooled as the model was published to be pooled (CLS,
+mean, ...), its published Dense layers, an optional linear projection of ours to
+`dense_out_features`, and L2 normalisation where the model was published with it, so that a dot
+product of two embeddings is their cosine similarity.
 
     embedder = Embedder.from_pretrained("BAAI/bge-base-en-v1.5", dense_out_features=256)
     vectors = embedder.encode(["How do I learn Python?", "What is the best way to learn Python?"])
+    queries = embedder.encode(["learn python"], role="query")     # the model's query prompt, if it names one
     embedder.save("out")                      # and later: Embedder.load("out")
 
-`save` writes the sentence-transformers layout (Transformer, mean Pooling, Dense, Normalize), so the
-folder also loads, unchanged, in sentence-transformers, text-embeddings-inference and (with a few
-lines) plain transformers. `load` reads such folders, ours or anyone's, when the architecture is
-ours. The decision threshold tuned on validation travels in the folder too (`embedder.json`).
+The published pipeline (st_layout.py) is read from the source's sentence-transformers files: its
+pooling, `include_prompt`, Dense layers, Normalize and prompts, which a text takes as
+sentence-transformers gives them (the prompt's text before the text). A plain transformers model
+without such files is mean-pooled and normalised, as sentence-transformers pools it. `save` writes
+the same layout with our projection after the published layers, so the folder loads, unchanged, in
+sentence-transformers, Infinity, text-embeddings-inference and (with a few lines) plain
+transformers, giving our vectors. The decision threshold tuned on validation travels in the folder
+too (`embedder.json`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer
 
-from errors import InputError, first_line
+import st_layout
+from errors import InputError
 from jsonl import write_json
-from packing import mean_by_text, pack
+from packing import pack
+from pooling import pool_packed, pool_padded
 from sources import model_kind
+from st_layout import IDENTITY, Layout, as_projection, load_encoder, read_dense
 
-CONFIG_FILE = "embedder.json"  # ours: trust_remote_code and the decision (threshold, metrics)
-IDENTITY = "torch.nn.modules.linear.Identity"
-# The long-standing module names: every sentence-transformers version from 2 to 6 and TEI read them.
-MODULE_TYPES = {kind: f"sentence_transformers.models.{kind}" for kind in ("Transformer", "Pooling", "Dense", "Normalize")}
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "tokenizer.model")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+CONFIG_FILE = "embedder.json"  # ours: trust_remote_code, whether the last Dense is our projection, the decision
+CUSTOM_PROMPT = "custom"       # the name a --prompt of the user's own is saved under
 
 
 class Embedder(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer, dense_out_features: int | None = None,
-                 max_length: int = 256, trust_remote_code: bool = False, decision: dict | None = None):
+                 max_length: int = 256, trust_remote_code: bool = False, decision: dict | None = None,
+                 layout: Layout | None = None):
         super().__init__()
         self.encoder, self.tokenizer = encoder, tokenizer
         self.max_length = max_length
         self.trust_remote_code = trust_remote_code
         self.decision = decision or {}  # {"threshold": ..., "constraint": ..., "val": {...}, "test": {...}}
+        self.layout = layout or Layout(published=False)
+        self.dense = nn.ModuleList()    # the published Dense layers, before our projection
         self.projection = None
         self.packing: bool | None = None  # whether encode_ids packs texts (packs(), checked at first use)
+        self.prompt_lengths: dict[str, int] = {}
         if dense_out_features:
             self.add_projection(dense_out_features)
 
@@ -57,12 +67,15 @@ class Embedder(nn.Module):
         # rotation, which leaves every cosine exactly as the pretrained model had it; at a smaller
         # width it is a random orthonormal projection, which keeps cosines approximately
         # (Johnson-Lindenstrauss). A default (uniform) init scrambles the geometry at step 0.
-        self.projection = nn.Linear(self.encoder.config.hidden_size, out_features, bias=False)
+        in_features = self.dense[-1].linear.out_features if len(self.dense) else self.encoder.config.hidden_size
+        self.projection = nn.Linear(in_features, out_features, bias=False)
         nn.init.orthogonal_(self.projection.weight)
 
     @property
     def dim(self) -> int:
-        return self.projection.out_features if self.projection else self.encoder.config.hidden_size
+        if self.projection is not None:
+            return self.projection.out_features
+        return self.dense[-1].linear.out_features if len(self.dense) else self.encoder.config.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -73,89 +86,137 @@ class Embedder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dense_out_features: int | None = None,
                         max_length: int = 256, trust_remote_code: bool = False) -> "Embedder":
-        """A pretrained encoder from the hub or a local folder, with our mean pooling and a fresh
-        projection if asked (whatever pooling the model was published with)."""
-        tokenizer, encoder = load_encoder(name_or_path, trust_remote_code)
-        max_length = min(max_length, tokenizer.model_max_length,
+        """A pretrained model from the hub or a local folder as it was published (its pooling, Dense
+        layers, Normalize and prompts), with a fresh projection of ours if asked."""
+        layout, root = st_layout.published_layout(name_or_path)
+        local = model_kind(str(name_or_path)) != "hub"
+        source = Path(name_or_path) / layout.transformer if local else name_or_path
+        tokenizer, encoder = load_encoder(source, trust_remote_code, subfolder="" if local else layout.transformer)
+        max_length = min(max_length, layout.max_seq_length or tokenizer.model_max_length,
                          getattr(encoder.config, "max_position_embeddings", max_length))
-        return cls(encoder, tokenizer, dense_out_features, max_length, trust_remote_code)
+        embedder = cls(encoder, tokenizer, None, max_length, trust_remote_code, layout=layout)
+        embedder.dense.extend(read_dense(root / path) for path in layout.dense)
+        if dense_out_features:
+            embedder.add_projection(dense_out_features)
+        return embedder
 
     @classmethod
     def load(cls, directory: str | Path) -> "Embedder":
-        """A sentence-transformers folder: ours, or anyone's with a Transformer, mean Pooling, an
-        optional bias-free Dense with identity activation, and Normalize. Anything else is refused.
-        Only safetensors and JSON are read: nothing is unpickled."""
+        """A sentence-transformers folder, ours or anyone's: a Transformer, a Pooling of any mode,
+        Dense layers, a Normalize or none, prompts. Only safetensors and JSON are read: nothing is
+        unpickled."""
         directory = Path(directory)
-        modules = read_modules(directory)
+        if not (directory / "modules.json").is_file():
+            raise InputError(f"{directory} is not a sentence-transformers folder (no modules.json)")
+        layout = st_layout.read(directory)
         extras = json.loads((directory / CONFIG_FILE).read_text()) if (directory / CONFIG_FILE).is_file() else {}
-        transformer = directory / modules["Transformer"]
-        tokenizer, encoder = load_encoder(transformer, extras.get("trust_remote_code", False), safetensors_only=True)
-        bert_config = transformer / "sentence_bert_config.json"
-        max_length = json.loads(bert_config.read_text()).get("max_seq_length") if bert_config.is_file() else None
-        embedder = cls(encoder, tokenizer, None, max_length or tokenizer.model_max_length,
-                       extras.get("trust_remote_code", False), extras.get("decision"))
-        if "Dense" in modules:
-            embedder.projection = read_dense(directory / modules["Dense"], encoder.config.hidden_size)
+        trust = extras.get("trust_remote_code", False)
+        tokenizer, encoder = load_encoder(directory / layout.transformer, trust, safetensors_only=True)
+        embedder = cls(encoder, tokenizer, None, layout.max_seq_length or tokenizer.model_max_length, trust,
+                       extras.get("decision"), layout)
+        dense = [read_dense(directory / path) for path in layout.dense]
+        # Ours has a projection when embedder.json says so; a folder of the earlier layout had one
+        # exactly when it had a Dense layer.
+        if dense and extras.get("projection", bool(extras)):
+            embedder.projection = as_projection(dense.pop(), directory / layout.dense[-1])
+        embedder.dense.extend(dense)
         return embedder
 
     def save(self, directory: str | Path, decision: dict | None = None) -> None:
-        """Write the sentence-transformers layout (by hand: sentence-transformers 6's own `save`
-        writes module names and drops settings that older versions and TEI need), and our extras."""
+        """The sentence-transformers layout (st_layout.write), the weights, and our extras."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.decision = decision if decision is not None else self.decision
         self.encoder.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        kinds = ["Transformer", "Pooling"] + (["Dense"] if self.projection else []) + ["Normalize"]
-        paths = {kind: "" if kind == "Transformer" else f"{i}_{kind}" for i, kind in enumerate(kinds)}
-        write_json(directory / "modules.json", [{"idx": i, "name": str(i), "path": paths[kind], "type": MODULE_TYPES[kind]}
-                                                for i, kind in enumerate(kinds)])
-        write_json(directory / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
-        write_json(directory / paths["Pooling"] / "config.json", {
-            "word_embedding_dimension": self.encoder.config.hidden_size, "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": False})
+        layers = [(layer.config(), {f"linear.{k}": v for k, v in layer.linear.state_dict().items()}) for layer in self.dense]
         if self.projection is not None:
-            dense = directory / paths["Dense"]
-            # The activation is always written: without it sentence-transformers 6 applies Tanh.
-            write_json(dense / "config.json", {"in_features": self.projection.in_features, "out_features": self.dim,
-                                               "bias": False, "activation_function": IDENTITY})
-            save_file({"linear.weight": self.projection.weight.detach().contiguous().cpu()}, dense / "model.safetensors")
-        (directory / paths["Normalize"]).mkdir(exist_ok=True)
-        write_json(directory / CONFIG_FILE, {"trust_remote_code": self.trust_remote_code, "decision": self.decision})
+            # The activation is always written: without it sentence-transformers applies Tanh.
+            layers.append(({"in_features": self.projection.in_features, "out_features": self.dim, "bias": False,
+                            "activation_function": IDENTITY}, {"linear.weight": self.projection.weight}))
+        folders = st_layout.write(directory, dataclasses.replace(self.layout, transformer=""), self.encoder.config.hidden_size, [c for c, _ in layers], self.max_length)
+        for folder, (_, weights) in zip(folders, layers):
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, folder / "model.safetensors")
+        write_json(directory / CONFIG_FILE, {"trust_remote_code": self.trust_remote_code,
+                                             "projection": self.projection is not None, "decision": self.decision})
+
+    def describe(self) -> dict:
+        """What the folder holds, for metrics.json and the card."""
+        return {"pooling": self.layout.pooling, "include_prompt": self.layout.include_prompt,
+                "published_dense": [layer.config() for layer in self.dense],
+                "projection": self.projection.out_features if self.projection is not None else None,
+                "normalize": self.layout.normalize, "prompts": self.layout.prompts,
+                "default_prompt_name": self.layout.default_prompt_name, "published_layout": self.layout.published}
+
+    # -------------------------------------------------------------------------------- prompts
+
+    def choose_prompt(self, name: str = "", text: str = "") -> None:
+        """--prompt-name picks one of the model's prompts, --prompt gives one's own text: the prompt
+        every text then takes for duplicate detection, and the saved folder's default."""
+        if name and text:
+            raise InputError("give --prompt-name or --prompt, not both")
+        if name and name not in self.layout.prompts:
+            raise InputError(f"--prompt-name {name}: the model names {', '.join(map(repr, self.layout.prompts)) or 'no prompts'}")
+        if text:
+            self.layout.prompts = {**self.layout.prompts, CUSTOM_PROMPT: text}
+        if name or text:
+            self.layout.default_prompt_name = name or CUSTOM_PROMPT
+
+    def tokenize(self, texts: list[str], role: str = "default", truncate: bool = True) -> tuple[list[list[int]], int]:
+        """Token ids of the texts, each after the prompt of its role or name (Layout.prompt_for), and
+        how many leading tokens pooling leaves out: the prompt's, where the model excludes it."""
+        prompt = self.layout.prompt_for(role)
+        texts = [prompt + t for t in texts] if prompt else texts
+        if self.layout.do_lower_case:
+            texts = [t.lower() for t in texts]
+        ids = self.tokenizer(texts, truncation=truncate, max_length=self.max_length if truncate else None)["input_ids"]
+        return ids, self.prompt_length(prompt) if prompt and not self.layout.include_prompt else 0
+
+    def prompt_length(self, prompt: str) -> int:
+        """The prompt's tokens with the leading special token, as sentence-transformers counts them."""
+        if prompt not in self.prompt_lengths:
+            ids = self.tokenizer([prompt.lower() if self.layout.do_lower_case else prompt])["input_ids"][0]
+            self.prompt_lengths[prompt] = len(ids) - (ids[-1] in self.tokenizer.all_special_ids)
+        return self.prompt_lengths[prompt]
 
     # -------------------------------------------------------------------------------- embedding
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **features) -> torch.Tensor:
-        """Token ids (B, L) to unit-length embeddings (B, dim)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, skip: torch.Tensor | int = 0,
+                **features) -> torch.Tensor:
+        """Token ids (B, L) to embeddings (B, dim); `skip`: prompt tokens left out of pooling."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **features).last_hidden_state
-        return self.head(mean_pool(hidden, attention_mask))
+        return self.head(pool_padded(hidden, attention_mask, self.layout.pooling, skip))
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled token vectors to unit-length embeddings: the projection, if any, then normalising."""
+        """Pooled token vectors to embeddings: the published Dense layers, our projection, if any, then
+        normalising (where the model was published with a Normalize module)."""
+        for layer in self.dense:
+            pooled = layer(pooled.to(layer.linear.weight.dtype))
         if self.projection is not None:
             pooled = self.projection(pooled.to(self.projection.weight.dtype))
-        return F.normalize(pooled.float(), dim=-1)
+        return F.normalize(pooled.float(), dim=-1) if self.layout.normalize else pooled.float()
 
     def encode(self, texts: list[str], batch_size: int = 128, progress: bool | None = None,
-               bf16: bool | None = None) -> np.ndarray:
-        """Texts to a float32 array (n, dim) of unit-length rows; in bf16 where the hardware has it
-        (`bf16=None`), or as asked. Each distinct text is embedded once."""
+               bf16: bool | None = None, role: str = "default") -> np.ndarray:
+        """Texts to a float32 array (n, dim); in bf16 where the hardware has it (`bf16=None`), or as
+        asked. Each distinct text is embedded once, after its role's prompt ("default", "query" or
+        "document")."""
         unique = list(dict.fromkeys(texts))
-        input_ids = self.tokenizer(unique, truncation=True, max_length=self.max_length)["input_ids"]
-        vectors = self.encode_ids(input_ids, batch_size, progress, bf16)
+        input_ids, skip = self.tokenize(unique, role)
+        vectors = self.encode_ids(input_ids, batch_size, progress, bf16, skip)
         row = {t: i for i, t in enumerate(unique)}
         return vectors[[row[t] for t in texts]]
 
     @torch.inference_mode()
     def encode_ids(self, input_ids: list[list[int]], batch_size: int = 128, progress: bool | None = None,
-                   bf16: bool | None = None) -> np.ndarray:
-        """Token ids (already truncated) to embeddings: what `encode` and the server's batcher share.
-        Texts go longest first (an out-of-memory shows at the first batch), and each batch is packed
-        end to end (packing.py: no pass computes padding but a row's tail), or, for an architecture
-        that does not give the same vectors packed, padded to its longest text."""
+                   bf16: bool | None = None, skip: list[int] | int = 0) -> np.ndarray:
+        """Token ids (already truncated) to embeddings: what `encode` and the server's batcher share;
+        `skip`, for all texts or each, the prompt tokens pooling leaves out. Texts go longest first
+        (an out-of-memory shows at the first batch), and each batch is packed end to end
+        (packing.py: no pass computes padding but a row's tail), or, for an architecture that does
+        not give the same vectors packed, padded to its longest text."""
         order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
+        skips = np.broadcast_to(np.asarray(skip, dtype=np.int64), (len(input_ids),))
         was_training = self.training
         if was_training:  # eval() walks every module (and transformers' kernel hooks): 2 ms a call on a CPU
             self.eval()
@@ -166,33 +227,37 @@ class Embedder(nn.Module):
         for start in tqdm(starts, desc="encode", unit="batch", disable=not show, leave=False):
             chosen = order[start:start + batch_size]
             with autocast_for(self.device, bf16):
-                vectors[chosen] = embed([input_ids[i] for i in chosen]).cpu().numpy()
+                vectors[chosen] = embed([input_ids[i] for i in chosen], skips[chosen]).cpu().numpy()
         if was_training:
             self.train()
         return vectors
 
-    def embed_padded(self, input_ids: list[list[int]]) -> torch.Tensor:
+    def embed_padded(self, input_ids: list[list[int]], skip: np.ndarray | None = None) -> torch.Tensor:
         features = self.tokenizer.pad({"input_ids": input_ids}, return_tensors="pt")
-        return self(**{k: v.to(self.device) for k, v in features.items()})
+        skip = torch.from_numpy(np.array(skip)).to(self.device) if skip is not None and skip.any() else 0
+        return self(**{k: v.to(self.device) for k, v in features.items()}, skip=skip)
 
-    def embed_packed(self, input_ids: list[list[int]]) -> torch.Tensor:
+    def embed_packed(self, input_ids: list[list[int]], skip: np.ndarray | None = None) -> torch.Tensor:
         embeddings = self.encoder.embeddings
         # RoBERTa's and MPNet's positions start after their padding index; BERT's at 0
         first = embeddings.padding_idx + 1 if getattr(embeddings, "padding_idx", None) is not None else 0
         rows = pack(input_ids, self.tokenizer.pad_token_id or 0, first)
         hidden = self.encoder(input_ids=rows.ids.to(self.device), position_ids=rows.positions.to(self.device),
                               attention_mask=rows.mask().to(self.device)).last_hidden_state
-        return self.head(mean_by_text(hidden, rows.texts, len(input_ids)))
+        skip = torch.from_numpy(np.array(skip)) if skip is not None and skip.any() else 0
+        return self.head(pool_packed(hidden, rows.texts, rows.positions - first, len(input_ids), self.layout.pooling, skip))
 
     @torch.inference_mode()
     def packs(self) -> bool:
-        """Whether packed texts get the vectors padded ones do, on this architecture (checked once, in
-        fp32, on three probe texts); anything that fails or differs means padding."""
+        """Whether packed texts get the vectors padded ones do, on this architecture and pooling, with
+        the model's default prompt (checked once, in fp32, on three probe texts); anything that fails
+        or differs means padding."""
         if self.packing is None:
-            probe = self.tokenizer(["a short text", "two", "and a third, somewhat longer, text"])["input_ids"]
+            probe, skip = self.tokenize(["a short text", "two", "and a third, somewhat longer, text"])
+            skips = np.full(len(probe), skip)
             try:
                 with autocast_for(self.device, False):
-                    gap = (self.embed_packed(probe) - self.embed_padded(probe)).abs().max().item()
+                    gap = (self.embed_packed(probe, skips) - self.embed_padded(probe, skips)).abs().max().item()
                 self.packing = gap < 1e-4
             except Exception:  # an attention that takes no 4-D mask, an encoder that takes no position ids
                 self.packing = False
@@ -201,6 +266,8 @@ class Embedder(nn.Module):
     def similarity(self, texts_a: list[str], texts_b: list[str], batch_size: int = 128) -> np.ndarray:
         """The cosine similarity of each pair (texts_a[i], texts_b[i])."""
         vectors = self.encode([t for pair in zip(texts_a, texts_b) for t in pair], batch_size)
+        if not self.layout.normalize:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return (vectors[0::2] * vectors[1::2]).sum(1)
 
     def is_duplicate(self, texts_a: list[str], texts_b: list[str], threshold: float | None = None) -> np.ndarray:
@@ -240,11 +307,16 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def load_model(name_or_path: str, dense_out_features: int | None = None, max_length: int = 256,
                trust_remote_code: bool = False) -> Embedder:
-    """What --model names: a sentence-transformers folder (a run's output, say) is loaded whole, with
-    its projection; anything else is a pretrained encoder with our head on it. `dense_out_features`
+    """What --model names: a sentence-transformers folder (a run's output, a published model's) is
+    loaded whole, with its projection; anything else is a pretrained model as published, with a
+    fresh projection if asked. `dense_out_features`
     None keeps the folder's width; a width that contradicts the folder's projection is an error."""
     if model_kind(name_or_path) != "saved":
-        return Embedder.from_pretrained(name_or_path, dense_out_features or None, max_length, trust_remote_code)
+        embedder = Embedder.from_pretrained(name_or_path, dense_out_features or None, max_length, trust_remote_code)
+        if not embedder.layout.published:
+            print(f"note: {name_or_path} has no sentence-transformers modules (modules.json): mean pooling, as "
+                  f"sentence-transformers pools such a model", file=sys.stderr)
+        return embedder
     embedder = Embedder.load(name_or_path)
     embedder.max_length = min(embedder.max_length, max_length)
     width = embedder.projection.out_features if embedder.projection else 0
@@ -256,98 +328,7 @@ def load_model(name_or_path: str, dense_out_features: int | None = None, max_len
     return embedder
 
 
-def load_encoder(name_or_path: str | Path, trust_remote_code: bool, safetensors_only: bool = False):
-    """Tokenizer and AutoModel (fp32 weights, whatever the checkpoint's dtype), with PyTorch's fused
-    SDPA attention where the architecture supports it. A bad folder or name is one line."""
-    check_model_folder(name_or_path)
-    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32,
-                  use_safetensors=True if safetensors_only else None)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        try:
-            encoder = AutoModel.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
-        except (ValueError, ImportError):  # this architecture has no SDPA path: use its own attention
-            encoder = AutoModel.from_pretrained(name_or_path, **kwargs)
-    except OSError as e:  # unknown name, no network, unreadable files
-        if Path(name_or_path).is_dir():
-            raise InputError(f"could not load the model in {name_or_path}: {first_line(e)}") from e
-        raise InputError(f"could not load model '{name_or_path}': not a local folder, and the Hugging Face hub "
-                         f"has no such model or cannot be reached (offline?): {first_line(e)}") from e
-    except Exception as e:  # weights that do not read: safetensors' or torch's own error
-        if not Path(name_or_path).is_dir():
-            raise
-        raise damaged_weights(Path(name_or_path), e) from e
-    return tokenizer, encoder
-
-
-def damaged_weights(folder: Path, error: Exception) -> InputError:
-    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), folder)
-    return InputError(f"{weights} is damaged ({first_line(error)}): fetch or copy it again (a download that stopped?)")
-
-
-
-def check_model_folder(name: str | Path) -> None:
-    """A local model folder needs a config, a tokenizer and weights; say which is missing."""
-    if model_kind(str(name)) == "hub":
-        return
-    path = Path(name)
-    if not path.is_dir():
-        raise InputError(f"model folder not found: {path}")
-    for what, names in [("config.json", ("config.json",)), ("tokenizer", TOKENIZER_FILES), ("weights", WEIGHT_FILES)]:
-        if not any((path / name).is_file() for name in names):
-            raise InputError(f"{path} has no {what} ({', '.join(names)}); copy it from the base model's folder")
-
-
-def read_modules(directory: Path) -> dict[str, str]:
-    """{kind: path} from modules.json, checking that the pipeline is ours."""
-    if not (directory / "modules.json").is_file():
-        raise InputError(f"{directory} is not a sentence-transformers folder (no modules.json)")
-    modules = {}
-    for module in json.loads((directory / "modules.json").read_text()):
-        kind = module["type"].rsplit(".", 1)[-1]
-        if kind not in MODULE_TYPES or kind in modules:
-            raise InputError(f"{directory}: module {module['type']} is not supported "
-                             "(only Transformer, mean Pooling, one Dense and Normalize)")
-        modules[kind] = module["path"]
-    if list(modules)[:2] != ["Transformer", "Pooling"]:
-        raise InputError(f"{directory}: expected a Transformer then a Pooling module, found {list(modules)}")
-    pooling = json.loads((directory / modules["Pooling"] / "config.json").read_text())
-    if "pooling_mode" in pooling:  # sentence-transformers 6 names the mode
-        modes = [pooling["pooling_mode"]] if isinstance(pooling["pooling_mode"], str) else pooling["pooling_mode"]
-    else:  # earlier versions switch each mode on or off
-        modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
-                 for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
-    if modes != ["mean"]:
-        raise InputError(f"{directory}: pooling {modes} is not supported (only mean)")
-    return modules
-
-
-def read_dense(directory: Path, in_features: int) -> nn.Linear:
-    """A sentence-transformers Dense folder as our projection; only an identity activation will do."""
-    config = json.loads((directory / "config.json").read_text())
-    activation = config.get("activation_function", "missing (sentence-transformers then applies Tanh)")
-    if activation != IDENTITY:
-        raise InputError(f"{directory}: Dense activation {activation} is not supported (only {IDENTITY})")
-    if not (directory / "model.safetensors").is_file():
-        raise InputError(f"{directory} has no model.safetensors (pickled weights are not read)")
-    if config["in_features"] != in_features:
-        raise InputError(f"{directory}: Dense takes {config['in_features']} features, the encoder gives {in_features}")
-    projection = nn.Linear(in_features, config["out_features"], bias=config.get("bias", True))
-    try:
-        weights = load_file(directory / "model.safetensors")
-    except Exception as e:  # SafetensorError: cut short or overwritten
-        raise damaged_weights(directory, e) from e
-    projection.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
-    return projection
-
-
 # ------------------------------------------------------------------------------------------- maths
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token vectors, padding excluded."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-
 
 def autocast_for(device: torch.device, bf16: bool | None = None) -> contextlib.AbstractContextManager:
     """bf16 autocast for inference; by default on CUDA and on CPUs with bf16 units."""

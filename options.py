@@ -23,6 +23,9 @@ class Config:
     dense_out_features: int = field(default=256, metadata={"help": "projection width; 0 keeps the encoder's"})
     max_length: int = field(default=256, metadata={"help": "tokens per text, longer ones are truncated"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run the model repo's code (jina needs it)"})
+    prompt_name: str = field(default="", metadata={"help": "one of the model's published prompts for both texts of a "
+                             "pair (default: the model's default_prompt_name); retrieval also uses its query/document prompts"})
+    prompt: str = field(default="", metadata={"help": "a prompt of your own before every text (saved as the model's default)"})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the projection"})
     # data
     data: str = field(default=data.HUB_DEFAULT, metadata={"path": "DATA", "help": "hub dataset or local CSV/TSV/JSONL/Parquet"})

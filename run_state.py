@@ -52,6 +52,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     best_weights: dict | None = None
     best_val_vectors: dict | None = None  # the best epoch's validation embeddings (not checkpointed)
+    best_partial: str = ""  # how far into its epoch the best weights were, when stopped inside one
     start_weights: dict | None = None  # the starting model's, on the CPU, for --merge (not checkpointed)
     zero_shot_vectors: dict | None = None  # the published model's val and test embeddings (not checkpointed)
     stopped_by: str | None = None

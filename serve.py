@@ -5,7 +5,8 @@
     modal deploy serve.py                                         # the same app on Modal, with a Cron round
 
 Routes (docs/serving.md has the contract in full):
-    POST /v1/embeddings   the OpenAI embeddings contract: the official `openai` client works unchanged
+    POST /v1/embeddings   the OpenAI embeddings contract: the official `openai` client works unchanged;
+                          our extension `input_type` ("query", "document" or a prompt's name) picks the prompt
     POST /v1/duplicates   {"pairs": [{"text1", "text2"}]}: each pair's cosine and decision at the stored threshold
     POST /v1/pairs        {"pairs": [{"text1", "text2", "label", "id"?, "source"?}]}: into the flywheel's store
     GET  /v1/models       the versions served: width, threshold, training pairs, when promoted
@@ -37,9 +38,10 @@ import history
 import modal
 import paths
 from api_contract import (MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key, embeddings_payload,
-                          pair_list, read_json, text_list)
+                          input_type, pair_list, read_json, text_list)
 from batcher import Batcher, QueueFull
 from cpu_threads import ThreadChooser
+from evaluate import unit_rows
 from errors import InputError
 from scheduler import RoundScheduler, parse_period
 from serve_metrics import Metrics
@@ -49,12 +51,13 @@ INLINE_TEXTS = 64           # requests this small are tokenised and encoded on t
 
 # ---------------------------------------------------------------------------------------- the app
 
-def tokenize(model, texts: list[str]) -> tuple[list[list[int]], int]:
-    """Token ids as `Embedder.encode` makes them (truncated to max_length), and how many texts were cut."""
-    ids = model.tokenizer(texts, truncation=True, max_length=model.max_length)["input_ids"]
+def tokenize(model, texts: list[str], role: str = "default") -> tuple[list[list[int]], int, int]:
+    """Token ids as `Embedder.encode` makes them (after the role's prompt, truncated to max_length),
+    the prompt tokens pooling leaves out, and how many texts were cut."""
+    ids, skip = model.tokenize(texts, role)
     full = [i for i, row in enumerate(ids) if len(row) >= model.max_length]  # only these can have been cut
-    longer = model.tokenizer([texts[i] for i in full], truncation=False)["input_ids"] if full else []
-    return ids, sum(len(row) > model.max_length for row in longer)
+    longer = model.tokenize([texts[i] for i in full], role, truncate=False)[0] if full else []
+    return ids, skip, sum(len(row) > model.max_length for row in longer)
 
 
 class CountRequests:
@@ -111,10 +114,10 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
             raise ApiError(404, f"model version '{name}' is not served here (served: {held})", "model",
                            "model_not_found") from None
 
-    async def embed(version, texts: list[str]) -> tuple[np.ndarray, int, int]:
-        ids, truncated = await off_loop(len(texts), tokenize, version.model, texts)
+    async def embed(version, texts: list[str], role: str = "default") -> tuple[np.ndarray, int, int]:
+        ids, skip, truncated = await off_loop(len(texts), tokenize, version.model, texts, role)
         try:
-            vectors = await batcher.embed(version, ids)
+            vectors = await batcher.embed(version, ids, skip)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({e}): retry after {RETRY_AFTER_S} s", code="queue_full",
                            kind="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -150,7 +153,8 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
                                        or not 1 <= dimensions <= version.model.dim):
             raise ApiError(400, f"'dimensions' must be an integer from 1 to {version.model.dim} "
                            f"(trained with Matryoshka: {version.matryoshka_dims or 'none'})", "dimensions")
-        vectors, tokens, truncated = await embed(version, texts)
+        role = input_type(body.get("input_type"), version.model.layout.prompts)
+        vectors, tokens, truncated = await embed(version, texts, role)
         data_ = await off_loop(len(texts), embeddings_payload, vectors, dimensions, encoding)
         return JSONResponse({"object": "list", "data": data_, "model": version.id,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "truncated": truncated})
@@ -165,6 +169,7 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
             raise ApiError(400, f"model version '{version.id}' has no stored threshold (it was not saved by train.py)",
                            "model", "no_threshold")
         vectors, tokens, truncated = await embed(version, [t for p in pairs for t in (p["text1"], p["text2"])])
+        vectors = unit_rows(vectors)  # a model published without Normalize
         cosines = (vectors[0::2] * vectors[1::2]).sum(1)
         return {"object": "list", "model": version.id, "threshold": version.threshold,
                 "data": [{"index": i, "cosine": float(c), "is_duplicate": bool(c > version.threshold)}
@@ -333,7 +338,7 @@ image = (
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
                              "openai_embeddings", "paired", "paths", "flywheel", "pair_store", "versions",
                              "batcher", "cpu_threads", "serve_metrics", "api_contract", "heldout", "gate", "file_lock", "history",
-                             "scheduler")  # Modal adds serve.py
+                             "scheduler", "pooling", "st_layout")  # Modal adds serve.py
 )
 volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)
 HOME = Path("/flywheel/home")

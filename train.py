@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import batching
@@ -113,8 +114,16 @@ def prepare(config: Config):
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     splits = load_splits(config)
-    model = load_model(config.model, config.dense_out_features, config.max_length, config.trust_remote_code).to(device)
+    model = load_published(config, config.dense_out_features).to(device)
     return device, splits, model
+
+
+def load_published(config: Config, dense_out_features: int | None):
+    """--model as published (its pooling, layers and prompts), with the prompt the run chose; None:
+    no new projection (the zero-shot model)."""
+    model = load_model(config.model, dense_out_features, config.max_length, config.trust_remote_code)
+    model.choose_prompt(config.prompt_name, config.prompt)
+    return model
 
 
 def train(config: Config, on_checkpoint=None) -> dict:
@@ -133,7 +142,13 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
     log(f"pairs: {len(train_pairs)} train, {len(val)} val, {len(test)} test | {device} x{world_size} | {precision}", rank)
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
-    batches = batching.TokenizedPairs(train_pairs, model.tokenizer, model.max_length)
+    # Retrieval trains the first text of a pair as a query, the second as a document, each with its
+    # prompt where the model names one; a duplicate decision gives both texts the same prompt.
+    roles = ("query", "document") if config.objective == "retrieval" else ("default", "default")
+    batches = batching.TokenizedPairs(train_pairs, model, roles)
+    log(f"model: {config.model} as published ({model.layout.describe()}); prompt: "
+        f"{model.layout.prompt_for() or 'none'!r}" + ("" if model.layout.published else
+                                                       " (no sentence-transformers modules: mean pooling)"), rank)
     steps_per_epoch = math.ceil(len(batches) / config.batch_size)
     total = config.epochs * steps_per_epoch
     run = start_run(config, model, device, precision, total, world_size)
@@ -172,6 +187,10 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
     losses_seen.check()
     if run.stopped_by in ("SIGINT", "SIGTERM"):
         interrupted(run, saver, rank, total)
+    if p.step > p.epoch * steps_per_epoch and config.select_best:
+        # Stopped inside an epoch (--max-minutes): its weights are judged on validation like a
+        # whole epoch's, so that which weights are kept never depends on where the budget ran out.
+        end_of_epoch(run, val, rank, partial=f"{p.step - p.epoch * steps_per_epoch} of {steps_per_epoch} steps")
     return finish(run, val, test) if rank == 0 else {}
 
 
@@ -182,8 +201,7 @@ def begin(run: Run, val: list[data.Pair], test: list[data.Pair], rank: int) -> N
     if config.resume:
         log(f"resumed at step {run.progress.step} (epoch {run.progress.epoch + 1})", rank)
     elif config.zero_shot and rank == 0:
-        published = evaluate.Remembered(load_model(config.model, None, config.max_length, config.trust_remote_code)
-                                        .to(run.model.device))
+        published = evaluate.Remembered(load_published(config, None).to(run.model.device))
         zero_shot = evaluate.both_views(published, val, test, config.eval_batch_size, config.min_recall,
                                         config.min_precision)
         run.metrics["zero_shot"], run.zero_shot_vectors = zero_shot, published.vectors
@@ -218,6 +236,8 @@ def train_step(run: Run, batch: batching.Batch, loss_fn, autocast, device: torch
         embeddings = torch.cat([run.model(**{k: to_device(v, device) for k, v in g.items()}) for g in batch.groups])
     first, second = embeddings[to_device(batch.restore, device)].float().chunk(2)
     first, second, labels = (distributed.gather(x, batch.shares) for x in (first, second, to_device(batch.labels, device)))
+    if not run.model.layout.normalize:  # published without Normalize: the losses compare unit vectors
+        first, second = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
     loss = loss_fn(first, second, labels)  # losses run in fp32, outside autocast
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -237,24 +257,27 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
-def end_of_epoch(run: Run, val: list[data.Pair], rank: int) -> None:
+def end_of_epoch(run: Run, val: list[data.Pair], rank: int, partial: str = "") -> None:
     """The objective's validation metric after an epoch (error rate, or MRR for retrieval); the best
-    epoch's weights (on the CPU) are kept, and `patience` epochs without improvement stop the run."""
+    epoch's weights (on the CPU) are kept, and `patience` epochs without improvement stop the run.
+    `partial`: how far into the next epoch the run stopped (that epoch is judged as it stands)."""
     config, p = run.config, run.progress
+    epoch = p.epoch + 1 if partial else p.epoch
     value, vectors = validation(run, val) if rank == 0 else (None, None)
     value = distributed.from_rank0(value)
     p.val_history.append(value)
     earlier = p.val_history[:-1]
     better = value > max(earlier, default=-math.inf) if config.objective == "retrieval" else value < min(earlier, default=math.inf)
     if better:
-        p.best_epoch, p.bad_epochs = p.epoch, 0
+        p.best_epoch, p.bad_epochs = epoch, 0
+        run.best_partial = partial
         if rank == 0:
             run.best_weights = cpu_copy(run.model)
             run.best_val_vectors = vectors
     else:
         p.bad_epochs += 1
     name = "MRR" if config.objective == "retrieval" else "error"
-    log(f"epoch {p.epoch}: val {name} {value:.2%} (best: epoch {p.best_epoch})", rank)
+    log(f"epoch {epoch}{f' (partial: {partial})' if partial else ''}: val {name} {value:.2%} (best: epoch {p.best_epoch})", rank)
     run.model.train()
     if config.patience and p.bad_epochs >= config.patience:
         run.stopped_by = "patience"
@@ -283,7 +306,9 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     metrics["training"] = {"train_pairs": run.train_pairs, "steps": p.step, "pairs": p.pairs,
                            "seconds": p.seconds, "pairs_per_s": p.pairs / max(p.seconds, 1e-9), "epochs": p.epoch,
                            history: p.val_history, "best_epoch": p.best_epoch,
-                           "stopped_by": run.stopped_by or "completed"}
+                           "stopped_by": run.stopped_by or "completed", "kept": kept_weights(run)}
+    metrics["model"] = model.describe()
+    print(f"kept: {metrics['training']['kept']}")
     remembered = evaluate.Remembered(model, run.best_val_vectors)  # none after a resume: val is embedded again
     metrics["fine_tuned"] = evaluate.both_views(remembered, val, test, config.eval_batch_size, config.min_recall,
                                                 config.min_precision)
@@ -303,13 +328,25 @@ def finish(run: Run, val: list[data.Pair], test: list[data.Pair]) -> dict:
     return metrics
 
 
+def kept_weights(run: Run) -> str:
+    """Which weights the saved model has, and why, in words (the run's output and the card)."""
+    p, config = run.progress, run.config
+    if not config.select_best:
+        return f"the last step's (step {p.step}; --no-select-best)"
+    if not p.best_epoch:
+        return "the starting model's: no epoch was judged on validation"
+    partial = f" (partial: {run.best_partial})" if run.best_partial else ""
+    metric = "MRR" if config.objective == "retrieval" else "error"
+    return (f"epoch {p.best_epoch}{partial}, the best of {len(p.val_history)} judged on validation "
+            f"({metric} {p.val_history[p.best_epoch - 1]:.2%})")
+
+
 def verdict(run: Run, tuned: evaluate.Remembered, tuned_right, test: list[data.Pair]) -> dict:
     """Fine-tuned against the model as published, paired on the same test pairs and queries, each
     model at its own validation threshold. The published model's embeddings were kept from the
     zero-shot evaluation (after a resume it embeds them again)."""
     config, zero_shot = run.config, run.metrics["zero_shot"]
-    published = evaluate.Remembered(load_model(config.model, None, config.max_length, config.trust_remote_code)
-                                    .to(run.model.device), run.zero_shot_vectors)
+    published = evaluate.Remembered(load_published(config, None).to(run.model.device), run.zero_shot_vectors)
     published_right = evaluate.correct(published, test, zero_shot["val"]["threshold"], config.eval_batch_size)
     ranks = [evaluate.retrieval_metrics(m, test, batch_size=config.eval_batch_size, per_query=True)["reciprocal_ranks"]
              for m in (tuned, published)]

@@ -56,7 +56,7 @@ def main() -> None:
     second = timed(lambda: compiled_model.encode(texts, progress=False))
     print(f"{f'encode {len(texts)} texts, bf16 {bf16}':34} {eager:8.1f} {first:15.1f} {second:15.1f} {eager / second:7.2f}x")
     pairs = data.subsample(data.load_pairs(f"{args.splits}/train.tsv.gz"), 32 * args.steps, seed=0)
-    tokenized = batching.TokenizedPairs(pairs, model.tokenizer, 256)
+    tokenized = batching.TokenizedPairs(pairs, model)
     model.train()
     eager = timed(lambda: train_steps(model, model, tokenized, args.steps, bf16))
     compiled_model.train()

@@ -86,7 +86,7 @@ def training_flops_per_pair(model_dir: str, train_file: str, pairs: int, batch: 
     """FLOPs a training step computes per pair (padding included), over the batches train.py's defaults
     make of the pairs the runs train on (seed 0, epoch 0: the same order, buckets and length groups)."""
     model = Embedder.from_pretrained(model_dir, 256)
-    tokenized = batching.TokenizedPairs(data.subsample(data.load_pairs(train_file), pairs, seed=0), model.tokenizer, 256)
+    tokenized = batching.TokenizedPairs(data.subsample(data.load_pairs(train_file), pairs, seed=0), model)
     order = tokenized.epoch_order(Config.seed, 0, batch, Config.bucket_by_length)
     total = 0.0
     for features, _, labels, _ in tokenized.batches(order, batch, Config.length_groups):

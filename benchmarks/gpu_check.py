@@ -277,9 +277,10 @@ def main() -> None:
         print(f"tests on {device.type}: {report['tests']['summary']}", flush=True)
         save()
 
-    tokenizer = Embedder.from_pretrained(str(pack / "sentence-transformers-all-MiniLM-L6-v2-bf16")).tokenizer
+    minilm = Embedder.from_pretrained(str(pack / "sentence-transformers-all-MiniLM-L6-v2-bf16"))  # its tokenizer, 256 tokens
+    tokenizer = minilm.tokenizer
     pool = data.load_pairs(str(pack / "quora" / "train.tsv.gz"))  # length distribution of real Quora pairs
-    tokenized = batching.TokenizedPairs(data.subsample(pool, min(64 if dry else 20000, len(pool)), seed=1), tokenizer, 256)
+    tokenized = batching.TokenizedPairs(data.subsample(pool, min(64 if dry else 20000, len(pool)), seed=1), minilm)
     model = bge_shaped(tokenizer, dry, device)
     peak = flops.measured_peak(device, torch.bfloat16 if not dry else torch.float32, n=256 if dry else 8192)
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--freeze", choices=["no", "yes", "both"], default="both", help="freeze the token embeddings")
     args = parser.parse_args()
     pairs = data.subsample(data.load_pairs(args.data), (args.steps + args.warmup) * args.batch_size, seed=0)
-    tokenized = batching.TokenizedPairs(pairs, Embedder.from_pretrained(args.model).tokenizer, 256)
+    tokenized = batching.TokenizedPairs(pairs, Embedder.from_pretrained(args.model))
     precisions = ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
     peaks = {p: flops.measured_peak(torch.device("cpu"), {"fp32": torch.float32, "bf16": torch.bfloat16}[p], 2048)
              for p in precisions}

@@ -13,7 +13,7 @@ class FakeModel:
     def __init__(self, seconds: float = 0.0):
         self.passes, self.seconds = [], seconds
 
-    def encode_ids(self, ids, batch_size, progress, bf16):
+    def encode_ids(self, ids, batch_size, progress, bf16, skip=0):
         self.passes.append(len(ids))
         time.sleep(self.seconds)
         return np.array([[row[0], len(row)] for row in ids], np.float32)

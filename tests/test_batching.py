@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from model import Embedder
+
 import batching
 
 
@@ -10,7 +12,7 @@ def test_batches_cover_every_pair_once_with_dynamic_padding(tiny_model_dir, grou
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs = [("the t1a", "t1b of the a how", 1), ("t2a", "t3a", 0), ("what t4a", "t4b", 1), ("i t5a", "t1a", 0),
              ("t1a", "t9b", 0)]
-    tokenized = batching.TokenizedPairs(pairs, tokenizer, max_length=5)
+    tokenized = batching.TokenizedPairs(pairs, Embedder.from_pretrained(str(tiny_model_dir), max_length=5))
     assert len(tokenized.input_ids) == 9  # distinct texts are tokenised once
     seen = []
     for features, restore, labels, _ in tokenized.batches(np.random.default_rng(0).permutation(5), 2, groups):
@@ -32,7 +34,7 @@ def test_epoch_order_is_a_seeded_permutation_and_by_length_pads_less(tiny_model_
     words = ["the", "a", "of", "how", "what", "t1a", "t2b", "t3c"]
     pairs = [(" ".join(rng.choice(words, rng.integers(1, 20))), " ".join(rng.choice(words, rng.integers(1, 20))), i % 2)
              for i in range(250)]
-    tokenized = batching.TokenizedPairs(pairs, tokenizer, max_length=64)
+    tokenized = batching.TokenizedPairs(pairs, Embedder.from_pretrained(str(tiny_model_dir), max_length=64))
     for by_length in (False, True):
         order = tokenized.epoch_order(seed=3, epoch=1, batch_size=8, by_length=by_length)
         assert sorted(order) == list(range(250))

@@ -24,7 +24,7 @@ def loss_and_gradients(model_dir: str, rank: int, world_size: int) -> tuple[floa
     """One training step's loss and (averaged) gradients on this process's share of a global batch."""
     torch.manual_seed(0)
     model = Embedder.from_pretrained(model_dir, dense_out_features=16).eval()  # eval: no dropout draws to differ
-    tokenized = batching.TokenizedPairs(synthetic_pairs(GLOBAL_BATCH, seed=4), model.tokenizer, 64)
+    tokenized = batching.TokenizedPairs(synthetic_pairs(GLOBAL_BATCH, seed=4), model)
     groups, restore, labels, shares = next(tokenized.batches(np.arange(GLOBAL_BATCH), GLOBAL_BATCH, 2, rank, world_size))
     first, second = torch.cat([model(**g) for g in groups])[restore].chunk(2)
     first, second, labels = (distributed.gather(x, shares) for x in (first, second, labels))
@@ -96,7 +96,7 @@ def test_torchrun_takes_every_pair_that_one_process_takes(tiny_model_dir, pair_f
 @pytest.mark.parametrize("n_pairs, world_size", [(1, 2), (5, 2), (7, 4), (16, 3)])
 def test_every_pair_of_a_batch_is_taken_once_over_the_processes(tiny_model_dir, n_pairs, world_size):
     model = Embedder.from_pretrained(str(tiny_model_dir), dense_out_features=0)
-    tokenized = batching.TokenizedPairs(synthetic_pairs(n_pairs, seed=4), model.tokenizer, 64)
+    tokenized = batching.TokenizedPairs(synthetic_pairs(n_pairs, seed=4), model)
     tokenized.labels = np.arange(n_pairs)  # labels that name their pair
     taken = []
     for rank in range(world_size):

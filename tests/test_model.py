@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from errors import InputError
-from model import Embedder, load_model, mean_pool, pick_device
+from model import Embedder, load_model, pick_device
+from pooling import mean_pool
 
 TEXTS = ["how do i cook t1a", "t1b t1c", "what is the best way of t2a t2b t2c how do i", "", "t1b t1c"]
 
@@ -113,17 +114,21 @@ def test_load_reads_a_folder_saved_by_sentence_transformers_itself(tiny_model_di
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: patch_json(d / "1_Pooling" / "config.json", pooling_mode_mean_tokens=False, pooling_mode_cls_token=True),
-     r"pooling \['cls'\] is not supported \(only mean\)"),
+    (lambda d: patch_json(d / "1_Pooling" / "config.json", pooling_mode_cls_token=True),
+     r"pooling \['cls', 'mean'\] is not supported"),
+    (lambda d: patch_json(d / "1_Pooling" / "config.json", pooling_mode_mean_tokens=None, pooling_mode="attention"),
+     r"pooling \['attention'\] is not supported"),
+    (lambda d: patch_json(d / "2_Dense" / "config.json", activation_function="my_package.Swish"),
+     "Dense activation my_package.Swish is not supported"),
     (lambda d: patch_json(d / "2_Dense" / "config.json", activation_function="torch.nn.modules.activation.Tanh"),
-     "Dense activation torch.nn.modules.activation.Tanh is not supported"),
-    (lambda d: patch_json(d / "2_Dense" / "config.json", activation_function=None),
-     r"Dense activation missing \(sentence-transformers then applies Tanh\) is not supported"),
+     "our projection is a bias-free Dense with activation torch.nn.modules.linear.Identity"),
     (lambda d: (d / "modules.json").write_text(json.dumps(json.loads((d / "modules.json").read_text())
                                                           + [{"path": "4", "type": "sentence_transformers.models.LayerNorm"}])),
      "module sentence_transformers.models.LayerNorm is not supported"),
+    (lambda d: patch_json(d / "config_sentence_transformers.json", default_prompt_name="missing"),
+     "default_prompt_name 'missing' is not one of its prompts"),
 ])
-def test_load_refuses_what_is_not_our_architecture(embedder, tmp_path, change, message):
+def test_load_refuses_what_it_cannot_compute_as_published(embedder, tmp_path, change, message):
     embedder.save(tmp_path)
     change(tmp_path)
     with pytest.raises(InputError, match=message):
@@ -218,3 +223,60 @@ def test_packed_batches_give_the_padded_vectors_and_an_architecture_that_cannot_
     monkeypatch.setattr(unpackable, "embed_packed", no_position_ids)
     assert not unpackable.packs()
     np.testing.assert_allclose(unpackable.encode_ids(ids, batch_size=2, bf16=False), padded, atol=1e-6)
+
+
+REMOTE_CONFIG = '''from transformers import BertConfig
+
+
+class TinyRemoteConfig(BertConfig):
+    model_type = "tiny-remote"
+'''
+REMOTE_MODEL = '''from transformers import BertModel
+
+from .configuration_tiny import TinyRemoteConfig
+
+
+class TinyRemoteModel(BertModel):
+    """A BERT that numbers its positions itself, as ALiBi models (jina-embeddings-v2) do."""
+    config_class = TinyRemoteConfig
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+'''
+
+
+@pytest.fixture
+def remote_code_dir(tiny_model_dir, tmp_path):
+    """The tiny BERT as a model that runs its own code: auto_map in config.json, two .py files."""
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "configuration_tiny.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_tiny.py").write_text(REMOTE_MODEL)
+    patch_json(folder / "config.json", model_type="tiny-remote", architectures=["TinyRemoteModel"],
+               auto_map={"AutoConfig": "configuration_tiny.TinyRemoteConfig", "AutoModel": "modeling_tiny.TinyRemoteModel"})
+    return folder
+
+
+def test_a_model_that_runs_its_own_code_trains_saves_loads_in_sentence_transformers_and_is_served(
+        remote_code_dir, pair_files, tmp_path, capsys):
+    import openai
+    from conftest import TEST_DEVICE, LoopbackServer, run_cli, tiny_config
+    from sentence_transformers import SentenceTransformer
+
+    import serve
+    import train
+    code, err = run_cli(train.main, ["--model", str(remote_code_dir), "--data", str(pair_files["train"]),
+                                     "--out", str(tmp_path / "refused")], capsys)
+    assert code == 2 and "runs its own model code (auto_map in its config.json): pass --trust-remote-code" in err
+    out = tmp_path / "out"
+    train.train(tiny_config(remote_code_dir, pair_files, out, epochs=1, eval_size=32, trust_remote_code=True))
+    assert json.loads((out / "embedder.json").read_text())["trust_remote_code"] is True
+    assert (out / "modeling_tiny.py").is_file()  # the code travels with the folder
+    ours = Embedder.load(out)
+    assert type(ours.encoder).__name__ == "TinyRemoteModel" and not ours.packs()  # positions of its own: it pads
+    vectors = ours.encode(TEXTS, bf16=False)
+    theirs = SentenceTransformer(str(out), device="cpu", trust_remote_code=True)
+    np.testing.assert_allclose(theirs.encode(TEXTS), vectors, atol=1e-5)
+    with LoopbackServer(serve.make_app(None, str(out), device=TEST_DEVICE, precision="fp32")) as server:
+        served = openai.OpenAI(base_url=server.url + "/v1", api_key="unused").embeddings.create(model="any", input=TEXTS[:3])
+        np.testing.assert_allclose([d.embedding for d in served.data], vectors[:3], atol=1e-5)

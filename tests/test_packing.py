@@ -1,6 +1,7 @@
 import torch
 
-from packing import mean_by_text, pack
+from packing import pack
+from pooling import pool_packed
 
 
 def test_texts_are_packed_whole_longest_first_into_rows_as_wide_as_needed():
@@ -26,4 +27,5 @@ def test_rows_are_as_wide_as_the_longest_text_in_steps():
 def test_each_text_gets_the_mean_of_its_own_tokens():
     texts = torch.tensor([[1, 1, 0, 0], [2, 2, 2, -1]])
     hidden = torch.tensor([[[1.0], [3.0], [10.0], [20.0]], [[4.0], [5.0], [6.0], [1000.0]]])
-    assert mean_by_text(hidden, texts, 3).tolist() == [[15.0], [2.0], [5.0]]
+    positions = torch.tensor([[0, 1, 0, 1], [0, 1, 2, 0]])
+    assert pool_packed(hidden, texts, positions, 3).tolist() == [[15.0], [2.0], [5.0]]

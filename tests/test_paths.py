@@ -166,3 +166,57 @@ def test_a_flywheel_set_is_checked_before_the_round(tiny_model_dir, tmp_path, ca
                                         str(write_tsv(tmp_path / "t.tsv", synthetic_pairs(40, 2))), "--set", setting], capsys)
     assert code == 2 and expected in err
     assert not (tmp_path / "fw" / "flywheel.json").exists()
+
+
+def published(tiny_model_dir, folder, pooling: str, prompts: dict) -> str:
+    """A model folder as sentence-transformers itself saves one (a bge-style CLS model, an e5-style
+    model with prompts and a default)."""
+    from sentence_transformers import SentenceTransformer, models
+    modules = [models.Transformer(str(tiny_model_dir), max_seq_length=32), models.Pooling(32, pooling), models.Normalize()]
+    SentenceTransformer(modules=modules, prompts=prompts, default_prompt_name=next(iter(prompts), None),
+                        device="cpu").save(str(folder))
+    return str(folder)
+
+
+def accepts(entry: str, option: str, model: str, tmp_path, files: dict) -> list[str] | None:
+    """A short real invocation of the entry point with `model` as the option's value; None for
+    serve, whose main runs until stopped (its app is built and asked instead)."""
+    quick = ["--val", files["val"], "--test", files["test"], "--device", "cpu"]
+    out = str(tmp_path / f"{entry}-{option.strip('-')}")
+    return {("train", "--model"): ["--model", model, "--data", files["train"], "--epochs", "1", "--out", out] + quick,
+            ("evaluate", "--model"): ["--model", model] + quick,
+            ("dedup", "--model"): [files["val"], "--model", model, "--threshold", "0.9", "--device", "cpu", "--out", out],
+            ("flywheel", "--base"): ["--home", out, "--base", model, "--val", files["val"], "--test", files["test"], "--init"],
+            ("sweep", "--models"): ["--local", "--models", model, "--sizes", "40", "--dims", "8", "--data", files["train"],
+                                    "--results", out + ".jsonl", "--runs", out, "--set", "epochs=1"] + quick,
+            ("sweep", "--baseline"): ["--local", "--models", files["model"], "--sizes", "40", "--dims", "8", "--data",
+                                      files["train"], "--results", out + ".jsonl", "--runs", out, "--set", "epochs=1",
+                                      "--baseline", model] + quick,
+            ("serve", "--model"): None}[entry, option]
+
+
+@pytest.mark.parametrize("pooling, prompts", [("cls", {}), ("mean", {"duplicates": "the ", "query": "why "})])
+def test_a_folder_sentence_transformers_saved_is_accepted_wherever_a_model_is_named(tiny_model_dir, tmp_path, capsys,
+                                                                                     pooling, prompts):
+    import httpx
+    import numpy as np
+    from conftest import LoopbackServer
+
+    from model import load_model
+    model = published(tiny_model_dir, tmp_path / "published", pooling, prompts)
+    files = {name: str(write_tsv(tmp_path / f"{name}.tsv", synthetic_pairs(40, seed))) for name, seed in [("train", 3), ("val", 1), ("test", 2)]}
+    files["model"] = str(tiny_model_dir)
+    walked = [(entry, option) for entry, option, kind in CASES if kind == "MODEL"]
+    assert len(walked) >= 7
+    for entry, option in walked:
+        argv = accepts(entry, option, model, tmp_path, files)
+        if argv is None:
+            with LoopbackServer(serve.make_app(None, model, device="cpu", precision="fp32")) as server:
+                served = httpx.post(server.url + "/v1/embeddings", json={"input": ["t1a t1b"]}).json()
+            np.testing.assert_allclose(served["data"][0]["embedding"], load_model(model).encode(["t1a t1b"], bf16=False)[0],
+                                       atol=1e-5)
+            continue
+        ENTRY_POINTS[entry](argv)  # an error here is the test's failure, traceback and all
+    import json
+    ran = json.loads((tmp_path / "train-model" / "metrics.json").read_text())["model"]
+    assert (ran["pooling"], ran["default_prompt_name"]) == (pooling, next(iter(prompts), None))

@@ -90,6 +90,37 @@ def test_a_time_budget_ends_training_then_evaluates_and_saves(tiny_model_dir, pa
     assert "test" in metrics["fine_tuned"] and Embedder.load(tmp_path).dim == 16
 
 
+@pytest.mark.parametrize("stop_at_step", [3, 15])  # 12 steps an epoch: inside the first epoch, inside the second
+def test_a_budget_that_ends_inside_an_epoch_judges_it_like_any_epoch_and_says_which_weights_were_kept(
+        tiny_model_dir, pair_files, tmp_path, monkeypatch, capsys, stop_at_step):
+    requested = train.stop_requested
+
+    def budget_spent_at(run, stop, device):  # the clock, made exact: the budget runs out at this step
+        if run.progress.step == stop_at_step:
+            run.stopped_by = "time_budget"
+        return requested(run, stop, device)
+    monkeypatch.setattr(train, "stop_requested", budget_spent_at)
+    metrics = train.train(config_for(tiny_model_dir, pair_files, tmp_path, epochs=2, max_minutes=60))
+    training = metrics["training"]
+    assert training["steps"] == stop_at_step and training["stopped_by"] == "time_budget"
+    judged = training["val_errors"]
+    assert len(judged) == stop_at_step // 12 + 1  # every whole epoch, and the partial one
+    best = int(np.argmin(judged)) + 1
+    assert training["best_epoch"] == best and metrics["fine_tuned"]["val"]["error_rate"] == pytest.approx(judged[best - 1])
+    partial = " (partial: 3 of 12 steps)" if best == len(judged) else ""
+    assert training["kept"] == f"epoch {best}{partial}, the best of {len(judged)} judged on validation (error {judged[best - 1]:.2%})"
+    printed = capsys.readouterr().out
+    assert f"epoch {len(judged)} (partial: 3 of 12 steps): val error" in printed and f"kept: {training['kept']}" in printed
+    assert f"kept: {training['kept']}" in (tmp_path / "README.md").read_text()
+
+
+def test_the_card_names_what_the_folder_holds_and_no_projection_it_lacks(tiny_model_dir, pair_files, tmp_path):
+    train.train(config_for(tiny_model_dir, pair_files, tmp_path, epochs=1, dense_out_features=0))
+    card = (tmp_path / "README.md").read_text()
+    assert "mean pooling (the base has no sentence-transformers modules), no projection of ours, unit-length" in card
+    assert "projection to" not in card and "2_Dense" not in card and not (tmp_path / "2_Dense").exists()
+
+
 def test_satisficing_threshold_is_recorded(tiny_model_dir, pair_files, tmp_path):
     metrics = train.train(config_for(tiny_model_dir, pair_files, tmp_path, epochs=1, min_recall=0.95))
     assert metrics["fine_tuned"]["val"]["recall"] >= 0.95
@@ -145,7 +176,7 @@ def test_length_groups_give_the_same_embeddings_as_one_padded_batch(tiny_model_d
     model = Embedder.from_pretrained(str(tiny_model_dir), 16).eval()  # eval: no dropout to differ
     words = "how do i cook t1a t2b t3c what is the best way of".split()
     pairs = [(" ".join(words[: 1 + i % 12]), " ".join(words[i % 5:]), i % 2) for i in range(8)]  # many lengths
-    tokenized = train.batching.TokenizedPairs(pairs, model.tokenizer, 64)
+    tokenized = train.batching.TokenizedPairs(pairs, model)
     (one,), restore_one, *_ = next(tokenized.batches(np.arange(8), 8, length_groups=1))
     groups, restore, *_ = next(tokenized.batches(np.arange(8), 8, length_groups=4))
     with torch.no_grad():
