@@ -49,7 +49,9 @@ class Version:
         """The OpenAI model object, with what a client needs to trust the vectors."""
         return {"id": self.id, "object": "model", "owned_by": "embed-ft", "width": self.model.dim,
                 "threshold": self.threshold, "training_pairs": self.train_pairs, "promoted_at": self.promoted_at,
-                "matryoshka_dims": self.matryoshka_dims, "max_length": self.model.max_length}
+                "matryoshka_dims": self.matryoshka_dims, "max_length": self.model.max_length,
+                "pooling": self.model.layout.pooling, "prompts": self.model.layout.prompts,  # input_type's values
+                "default_prompt_name": self.model.layout.default_prompt_name}
 
 
 def load_version(version_id: str, folder: str, device: str = "auto", promoted_at: str | None = None) -> Version:
