@@ -136,7 +136,9 @@ def verdict_lines(metrics: dict) -> list[str]:
     if "verdict" not in metrics:
         return []
     pairs, ranks = metrics["verdict"]["pairs"], metrics["verdict"]["retrieval"]
-    return [f"Against the model as published, on the same {pairs['n']:,} test pairs (McNemar's exact test, one-sided): "
+    test = (f"{pairs['n']:,} test pairs in {pairs['groups']:,} groups of pairs that share texts (a sign-flip test over "
+            "groups, exact, one-sided)" if "groups" in pairs else f"{pairs['n']:,} test pairs (McNemar's exact test, one-sided)")
+    return [f"Against the model as published, on the same {test}: "
             f"**{pairs['verdict']}** ({pairs['only_a_right']} pairs only the fine-tuned model got right, "
             f"{pairs['only_b_right']} only the published one, p = {paired.p_of_verdict(pairs):.2g}). On retrieval (sign test "
             f"over {ranks['n']:,} queries): **{ranks['verdict']}** (p = {paired.p_of_verdict(ranks):.2g}).", ""]

@@ -281,13 +281,13 @@ def format_table(results: dict[str, dict]) -> str:
     """One row per (model, split): the numbers a reader compares first. Names are never cut."""
     width = max([5] + [len(name) for name in results])
     lines = [f"{'model':{width}} {'split':5} {'error':>7} {'95% interval':>15} {'F1':>6} {'AP':>6} {'AUC':>6} "
-             f"{'thresh':>7} {'pairs':>6}"]
+             f"{'thresh':>7} {'pairs':>6} {'groups':>6}"]
     for name, result in results.items():
         for split, m in result.items():
             ap, auc = (f"{m[k]:.3f}" if m[k] is not None else "-" for k in ("average_precision", "roc_auc"))
-            low, high = paired.wilson_interval(round(m["error_rate"] * m["n_pairs"]), m["n_pairs"])
+            low, high = m.get("interval") or paired.wilson_interval(round(m["error_rate"] * m["n_pairs"]), m["n_pairs"])
             lines.append(f"{name:{width}} {split:5} {m['error_rate']:7.2%} {f'[{low:.1%}, {high:.1%}]':>15} "
-                         f"{m['f1']:6.3f} {ap:>6} {auc:>6} {m['threshold']:7.3f} {m['n_pairs']:6d}")
+                         f"{m['f1']:6.3f} {ap:>6} {auc:>6} {m['threshold']:7.3f} {m['n_pairs']:6d} {m.get('groups', '-'):>6}")
     return "\n".join(lines)
 
 
@@ -305,8 +305,10 @@ def format_retrieval(results: dict[str, dict]) -> str:
 
 def compare_models(models: list[str], val: list[data.Pair], test: list[data.Pair], args) -> tuple[dict, list[dict]]:
     """Each model on the same pairs, at its own threshold (or on the same queries, --retrieval);
-    then a paired test of each against the first."""
+    then a paired test of each against the first. Pairs that share texts are counted by groups
+    (paired.groups_of) in the intervals and the tests."""
     results, views = {}, {}
+    groups = {"val": paired.groups_of(val), "test": paired.groups_of(test)}
     for name in models:
         encoder = Remembered(open_encoder(name, args.dimensions, args.base_url, args.cache, args.device,
                                           args.prompt_name, args.prompt))
@@ -317,10 +319,14 @@ def compare_models(models: list[str], val: list[data.Pair], test: list[data.Pair
             views[name] = results[name]["test"].pop("reciprocal_ranks")
         else:
             results[name] = evaluate(encoder, val, test, batch_size, args.min_recall, args.min_precision)
-            views[name] = correct(encoder, test, results[name]["val"]["threshold"], batch_size)
+            for split, pairs in [("val", val), ("test", test)]:
+                right = correct(encoder, pairs, results[name]["val"]["threshold"], batch_size)
+                results[name][split] |= {"groups": len(np.unique(groups[split])),
+                                         "interval": paired.error_interval(~right, groups[split])}
+            views[name] = right
     first = models[0]
-    tests = [{"model": name, "against": first, **(paired.compare_queries if args.retrieval else paired.compare_pairs)(
-        views[name], views[first])} for name in models[1:]]
+    compare = paired.compare_queries if args.retrieval else lambda a, b: paired.compare_pairs(a, b, groups=groups["test"])
+    tests = [{"model": name, "against": first, **compare(views[name], views[first])} for name in models[1:]]
     return results, tests
 
 

@@ -342,15 +342,16 @@ def kept_weights(run: Run) -> str:
 
 
 def verdict(run: Run, tuned: evaluate.Remembered, tuned_right, test: list[data.Pair]) -> dict:
-    """Fine-tuned against the model as published, paired on the same test pairs and queries, each
-    model at its own validation threshold. The published model's embeddings were kept from the
+    """Fine-tuned against the model as published, paired on the same test pairs (counted by groups
+    of pairs that share texts) and queries, each model at its own validation threshold. The published model's embeddings were kept from the
     zero-shot evaluation (after a resume it embeds them again)."""
     config, zero_shot = run.config, run.metrics["zero_shot"]
     published = evaluate.Remembered(load_published(config, None).to(run.model.device), run.zero_shot_vectors)
     published_right = evaluate.correct(published, test, zero_shot["val"]["threshold"], config.eval_batch_size)
     ranks = [evaluate.retrieval_metrics(m, test, batch_size=config.eval_batch_size, per_query=True)["reciprocal_ranks"]
              for m in (tuned, published)]
-    result = {"pairs": paired.compare_pairs(tuned_right, published_right), "retrieval": paired.compare_queries(*ranks)}
+    result = {"pairs": paired.compare_pairs(tuned_right, published_right, groups=paired.groups_of(test)),
+              "retrieval": paired.compare_queries(*ranks)}
     for view in result.values():
         print("verdict: " + paired.describe(view, "fine-tuned", "published"))
     return result

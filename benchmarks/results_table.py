@@ -54,7 +54,8 @@ def print_table(result: dict, reference: bool) -> None:
     print("| model | test error | 95% interval | vs zero-shot (McNemar) |" + (" vs all-mpnet-base-v2 |" if reference else ""))
     print("| --- | ---: | ---: | --- |" + (" --- |" if reference else ""))
     for row in result["rows"]:
-        low, high = paired.wilson_interval(round(row["test"]["error_rate"] * result["test_pairs"]), result["test_pairs"])
+        low, high = row.get("interval") or paired.wilson_interval(round(row["test"]["error_rate"] * result["test_pairs"]),
+                                                                  result["test_pairs"])
         cells = [cell(row["vs_zero_shot"])] + ([cell(row["vs_reference"])] if reference else [])
         print(f"| {row['label']} | {row['test']['error_rate']:.2%} | [{low:.1%}, {high:.1%}] | " + " | ".join(cells) + " |")
 
@@ -79,11 +80,12 @@ def main() -> None:
         rights[name] = evaluate.correct(encoder, test, result["val"]["threshold"])
         rows.append({"model": name, "label": label(name), "test": result["test"], "val_error": result["val"]["error_rate"]})
         print(f"{label(name)}: test {result['test']['error_rate']:.2%}", flush=True)
-    first = args.model[0]
+    first, groups = args.model[0], paired.groups_of(test)  # pairs that share texts count by groups
     for row in rows:
         name = row["model"]
-        row["vs_zero_shot"] = paired.compare_pairs(rights[name], rights[first]) if name != first else None
-        row["vs_reference"] = (paired.compare_pairs(rights[name], rights[args.reference])
+        row["interval"] = paired.error_interval(~rights[name], groups)
+        row["vs_zero_shot"] = paired.compare_pairs(rights[name], rights[first], groups=groups) if name != first else None
+        row["vs_reference"] = (paired.compare_pairs(rights[name], rights[args.reference], groups=groups)
                                if args.reference and name != args.reference else None)
     result = {"val_pairs": len(val), "test_pairs": len(test), "precision": args.precision, "rows": [r | {"model": Path(r["model"]).name} for r in rows]}
     jsonl.write_json(Path(args.results), result)

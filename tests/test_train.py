@@ -244,5 +244,5 @@ def test_the_run_ends_with_a_paired_verdict_against_the_published_model(tiny_mod
     # 30 test pairs and a model that barely moves: too few to tell, and it says how many would be needed
     few = config_for(tiny_model_dir, files | {"test": files["few"]}, tmp_path / "few", epochs=1, lr=1e-5)
     verdict = train.train(few)["verdict"]["pairs"]
-    assert verdict["verdict"] == "no detectable difference on 30 test pairs" and verdict["n"] == 30
+    assert verdict["verdict"] == f"no detectable difference on 30 test pairs in {verdict['groups']} groups" and verdict["n"] == 30
     assert Embedder.load(tmp_path / "few").dim == 16  # saved either way
