@@ -167,7 +167,8 @@ def add_audit(directory: Path, row: dict) -> None:
     audit, seen = row["audit"], row["seen"]
     lines = ["", AUDIT_HEADING, "",
              f"Round {row['round']} ({row['time']}): error **{audit['error']:.2%}** (95% interval {audit['interval'][0]:.1%} "
-             f"to {audit['interval'][1]:.1%}) on {audit['n']:,} audit pairs of the home's own traffic, which no promotion "
+             f"to {audit['interval'][1]:.1%}, counted by groups of pairs that share texts) on {audit['n']:,} audit pairs"
+             + (f" in {audit['groups']:,} groups" if "groups" in audit else "") + " of the home's own traffic, which no promotion "
              f"decision has seen; the decisions saw {seen['error']:.2%} on {seen['n']:,} test pairs. Width "
              f"{row['width']}." + (f" Note: {row['note']}" if row.get("note") else ""), ""]
     readme.write_text(text + "\n".join(lines))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import numpy as np
+
 import paired
 
 
@@ -19,22 +21,35 @@ def cut_short(run: dict) -> bool:
     return run["training"].get("stopped_by") == "time_budget"
 
 
+def test_groups(rows: list[dict], n: int) -> np.ndarray | None:
+    """The groups of the test pairs (pairs that share texts), as the zero-shot and baseline rows
+    recorded them; None where no row of `n` pairs did (results of earlier code)."""
+    recorded = next((r["test_groups"] for r in rows if len(r.get("test_groups") or []) == n), None)
+    return np.array(recorded) if recorded is not None else None
+
+
 def verdicts(run: dict, rows: list[dict]) -> dict:
     """The run against its zero-shot model and against each baseline, paired on the same test pairs
-    (McNemar): {"zero-shot" or the baseline's name: verdict}. Rows without outcomes are skipped."""
+    (by groups where they were recorded, else McNemar): {"zero-shot" or the baseline's name: verdict}.
+    Rows without outcomes are skipped."""
     if not run.get("test_correct"):
         return {}
     c, mine = run["config"], paired.unpack(run["test_correct"])
+    groups = test_groups(rows, len(mine))
     others = {("zero-shot" if r["kind"] == "zero_shot" else Path(r["model"]).name): r for r in rows
               if r.get("test_correct") and "test" in r and (r.get("kind") == "baseline" or (
                   r.get("kind") == "zero_shot" and r["model"] == c["model"] and r["dimensions"] == c["dense_out_features"]))}
-    return {name: paired.compare_pairs(mine, paired.unpack(r["test_correct"]))["verdict"]
+    return {name: paired.compare_pairs(mine, paired.unpack(r["test_correct"]), groups=groups)["verdict"]
             for name, r in others.items() if r["test_correct"]["n"] == len(mine)}
 
 
-def interval(row: dict) -> tuple[float, float]:
-    """The 95% Wilson interval of a row's test error."""
+def interval(row: dict, rows: list[dict]) -> tuple[float, float]:
+    """The 95% interval of a row's test error: by groups where its outcomes and the groups were
+    recorded, else Wilson's."""
     test = row.get("fine_tuned", row).get("test")
+    if row.get("test_correct"):
+        right = paired.unpack(row["test_correct"])
+        return paired.error_interval(~right, test_groups(rows, len(right)))
     return paired.wilson_interval(round(test["error_rate"] * test["n_pairs"]), test["n_pairs"])
 
 
@@ -46,11 +61,11 @@ def sweep_table(rows: list[dict]) -> str:
     others = [r for r in rows if r.get("kind") in ("zero_shot", "baseline") and "test" in r]
     width = max([5] + [len(r["config"]["model"]) for r in runs] + [len(r["model"]) + 12 for r in others])
     lines = [f"{'model':{width}} {'dim':>4} {'pairs':>7} {'epochs':>6} {'test error':>10} {'95% interval':>15} "
-             f"{'pairs/s':>8}  paired test (McNemar) / stopped"]
+             f"{'pairs/s':>8}  paired test (by groups of pairs that share texts) / stopped"]
     for r in runs:
         c, t = r["config"], r["training"]
         epochs = t["pairs"] / training_set_size(r)  # a run cut by the time budget did not finish its epochs
-        low, high = interval(r)
+        low, high = interval(r, rows)
         said = "; ".join(f"{v} than {name}" if v in ("better", "worse") else f"vs {name}: {v}"
                          for name, v in verdicts(r, rows).items())
         lines.append(f"{c['model']:{width}} {c['dense_out_features']:4d} {training_set_size(r):7d} "
@@ -58,7 +73,7 @@ def sweep_table(rows: list[dict]) -> str:
                      f"{t['pairs_per_s']:8.1f}  {said}{'; cut by the time budget' if cut_short(r) else ''}")
     for r in others:
         name = r["model"] + (" (zero-shot)" if r["kind"] == "zero_shot" else "")
-        low, high = interval(r)
+        low, high = interval(r, rows)
         lines.append(f"{name:{width}} {r['dimensions'] or 0:4d} {'-':>7} {'-':>6} {r['test']['error_rate']:10.2%} "
                      f"{f'[{low:.1%}, {high:.1%}]':>15}")
     failed = [r for r in rows if "error" in r]
@@ -85,7 +100,8 @@ def sweep_plot(rows: list[dict], figure: Path, title: str = "") -> None:
             line = sorted((r for r in mine if r["config"]["dense_out_features"] == dim), key=training_set_size)
             sizes = [training_set_size(r) for r in line]
             errors = [100 * r["fine_tuned"]["test"]["error_rate"] for r in line]
-            spans = [[e - 100 * interval(r)[0] for e, r in zip(errors, line)], [100 * interval(r)[1] - e for e, r in zip(errors, line)]]
+            spans = [[e - 100 * interval(r, rows)[0] for e, r in zip(errors, line)],
+                     [100 * interval(r, rows)[1] - e for e, r in zip(errors, line)]]
             ax.errorbar(sizes, errors, yerr=spans, fmt="o-", color=f"C{i}", capsize=3,
                         label=f"fine-tuned, {dim}-d (95% interval)")
             said = [verdicts(r, rows) for r in line]  # each run's paired tests, decoded once

@@ -52,6 +52,7 @@ import heldout
 import history
 import jsonl
 import options
+import paired
 import paths
 import run_folder
 import train
@@ -207,13 +208,17 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     verdict = judge(candidate, incumbent, thresholds, right, test, curated.get("test"), at, config.objective)
     promoted = verdict["decision"] == "promoted"
     after = str(folder.relative_to(home)) if promoted else before
+    test_groups = paired.groups_of(test)
     row |= {"trained_on": len(kept), "candidate": str(folder.relative_to(home)), "test_pairs": len(test),
+            "test_groups": len(np.unique(test_groups)),
             "current_error": float(1 - right["current"].mean()), "candidate_error": float(1 - right["candidate"].mean()),
+            "current_interval": paired.error_interval(~right["current"], test_groups),
+            "candidate_interval": paired.error_interval(~right["candidate"], test_groups),
             "p_value": verdict["traffic"]["p_value"], "verdict": verdict["traffic"]["verdict"], **spend, **verdict,
             "objective": config.objective, "current_after": after}
     current, threshold = (candidate, thresholds["candidate"]) if promoted else (incumbent, thresholds["current"])
     audit_right = evaluate.correct(current, splits["audit"], threshold) if splits["audit"] else np.array([], bool)
-    row |= history.audit(home, past, row, audit_right)
+    row |= history.audit(home, past, row, audit_right, paired.groups_of(splits["audit"]) if splits["audit"] else None)
     row["by_source"] = history.by_source(pair_sources(paths_), {"test": (test, right),
                                                                 "audit": (splits["audit"], {"current_after": audit_right})})
     if after != "base" and "audit" in row:
@@ -247,7 +252,8 @@ def judge(candidate, incumbent, thresholds: dict, right: dict, test: list[data.P
     guard = None
     if curated_test:
         guard = tuple(evaluate.correct(m, curated_test, thresholds[n]) for n, m in (("candidate", candidate), ("current", incumbent)))
-    return gate.decide(right["candidate"], right["current"], at, guard)
+    return gate.decide(right["candidate"], right["current"], at, guard, paired.groups_of(test),
+                       paired.groups_of(curated_test) if curated_test else None)
 
 
 def too_few(val: list[data.Pair], test: list[data.Pair]) -> str | None:

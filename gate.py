@@ -1,7 +1,7 @@
 """When a candidate replaces the current model: a rule that stays valid over the whole life of a home.
 
-Each round asks "is the candidate better?" on the traffic's test pairs (McNemar's exact test,
-`paired.py`). Asked at a fixed alpha every round, false promotions pile up: at 0.05, twenty rounds
+Each round asks "is the candidate better?" on the traffic's test pairs (an exact test over the
+groups of pairs that share texts, `paired.py`). Asked at a fixed alpha every round, false promotions pile up: at 0.05, twenty rounds
 with no real gain promote at least once with probability 1 - 0.95^20 = 64%, and each promotion
 changes every vector, so each false one costs a client a needless re-index of its whole store.
 
@@ -49,15 +49,18 @@ def level(test_number: int, alpha: float, new_test_pairs: int = 0, test_cap: int
 
 
 def decide(candidate_right: np.ndarray, current_right: np.ndarray, at: float,
-           curated: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """Promote when the candidate wins McNemar's test on the traffic's test pairs at this test's
-    level `at` and, with a curated set, is not significantly worse on it. Returns the verdicts and
-    the decision."""
-    traffic = paired.compare_pairs(candidate_right, current_right, alpha=at)
+           curated: tuple[np.ndarray, np.ndarray] | None = None, groups: np.ndarray | None = None,
+           curated_groups: np.ndarray | None = None) -> dict:
+    """Promote when the candidate wins on the traffic's test pairs at this test's level `at` and,
+    with a curated set, is not significantly worse on it. With `groups` (paired.groups_of: pairs
+    that share texts) the test is the sign-flip test over groups, exact however the pairs of a group
+    depend on each other, so the life-long promise holds on clustered traffic too; without, McNemar's.
+    Returns the verdicts and the decision."""
+    traffic = paired.compare_pairs(candidate_right, current_right, alpha=at, groups=groups)
     result = {"alpha_round": at, "traffic": traffic}
     promoted = traffic["p_value"] < at and traffic["only_a_right"] > traffic["only_b_right"]
     if curated is not None:
-        guard = paired.compare_pairs(*curated, alpha=GUARD_ALPHA)
+        guard = paired.compare_pairs(*curated, alpha=GUARD_ALPHA, groups=curated_groups)
         result["curated"] = guard
         if promoted and guard["verdict"] == "worse":
             promoted, result["refused_by"] = False, "curated"

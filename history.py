@@ -3,7 +3,7 @@ source, the round in words, and the figure.
 
 The audit pairs are held out like the test pairs, but no decision ever looks at them: each round
 records the error of the model that is current after it, on all the audit pairs so far, with its
-95% interval, beside the error the decisions saw for that model (its test error when it was
+95% interval counted by groups of pairs that share texts (paired.py), beside the error the decisions saw for that model (its test error when it was
 promoted). The test pairs choose the winners, so the winner's test error is optimistic by
 selection; the audit is not. Where their intervals do not meet, the history says so.
 """
@@ -25,21 +25,24 @@ def latest_audits(home: Path) -> dict[str, dict]:
             for row in jsonl.read(home / "history.jsonl") if "audit" in row}
 
 
-def audit(home: Path, history: list[dict], row: dict, audit_right: np.ndarray) -> dict:
+def audit(home: Path, history: list[dict], row: dict, audit_right: np.ndarray, groups: np.ndarray | None = None) -> dict:
     """The current model's error on the audit pairs, beside the error the decisions saw for it (its
     test error when it was promoted; the base's, this round's); a disagreement of their 95%
     intervals is the optimism of selection, and the history says so. `audit_right`: True where the
-    current model decides an audit pair right."""
+    current model decides an audit pair right; `groups`: the audit pairs' groups (pairs that share
+    texts), by which both intervals are counted."""
     version = Path(row["current_after"]).name
     decided = [r for r in history + [row] if r.get("decision") == "promoted" and r["candidate"] == row["current_after"]]
-    seen_error, seen_n = (decided[-1]["candidate_error"], decided[-1]["test_pairs"]) if decided else \
-        (row["current_error"], row["test_pairs"])
-    seen = {"error": seen_error, "n": seen_n, "interval": paired.wilson_interval(round(seen_error * seen_n), seen_n)}
+    seen_row, seen_of = (decided[-1], "candidate") if decided else (row, "current")
+    seen_error, seen_n = seen_row[f"{seen_of}_error"], seen_row["test_pairs"]
+    interval = seen_row.get(f"{seen_of}_interval") or paired.wilson_interval(round(seen_error * seen_n), seen_n)  # older rows
+    seen = {"error": seen_error, "n": seen_n, "groups": seen_row.get("test_groups"), "interval": tuple(interval)}
     if not len(audit_right):
         return {"seen": seen}
-    wrong = int((~audit_right).sum())
-    result = {"version": version, "error": wrong / len(audit_right), "n": len(audit_right),
-              "interval": paired.wilson_interval(wrong, len(audit_right))}
+    result = {"version": version, "error": float(np.mean(~audit_right)), "n": len(audit_right),
+              "groups": len(np.unique(groups)) if groups is not None else len(audit_right),
+              "design_effect": paired.design_effect(~audit_right, groups),
+              "interval": paired.error_interval(~audit_right, groups)}
     agrees = result["interval"][0] <= seen["interval"][1] and seen["interval"][0] <= result["interval"][1]
     out = {"audit": result, "seen": seen, "audit_agrees": agrees}
     if not agrees:
@@ -75,8 +78,9 @@ def describe(row: dict) -> str:
         line += f"; on the curated test: {row['curated']['verdict']}"
     if "audit" in row:
         a = row["audit"]
+        groups = f" in {a['groups']:,} groups" if "groups" in a else ""
         line += (f"\naudit: {a['version']} {a['error']:.2%} [{a['interval'][0]:.1%}, {a['interval'][1]:.1%}] on {a['n']:,} "
-                 f"pairs no decision saw; {row['splits']['unusable']:,} pairs unusable (their texts lie in two splits)")
+                 f"pairs{groups} no decision saw; {row['splits']['unusable']:,} pairs unusable (their texts lie in two splits)")
     return line + (f"\nnote: {row['note']}" if row.get("note") else "")
 
 

@@ -154,12 +154,14 @@ def evaluation(config: dict, baseline: str | None, base_url: str | None) -> dict
 
 
 def outcomes(encoder, val, test, batch_size: int) -> dict:
-    """The metrics, and each test pair's outcome (packed), so the table can pair runs with this row."""
+    """The metrics, each test pair's outcome (packed) so the table can pair runs with this row, and
+    the test pairs' groups (pairs that share texts), by which the table counts."""
     import evaluate
     import paired
     remembered = evaluate.Remembered(encoder)
     result = evaluate.evaluate(remembered, val, test, batch_size)
-    return result | {"test_correct": paired.pack(evaluate.correct(remembered, test, result["val"]["threshold"], batch_size))}
+    return result | {"test_correct": paired.pack(evaluate.correct(remembered, test, result["val"]["threshold"], batch_size)),
+                     "test_groups": paired.groups_of(test).tolist()}
 
 
 # -------------------------------------------------------------------------------------------- Modal

@@ -14,6 +14,18 @@ round promotes when McNemar's exact one-sided test falls below the rule's level.
 The promise: the share of homes that have ever promoted stays at or under 0.05 at every round.
 Then the power: one round in which the candidate is truly better (it wins 60% of the pairs the two
 disagree on), at the j-th round of such a home (300 j test pairs, up to the cap).
+
+    python benchmarks/gate_simulation.py --clustered   # results/gate_simulation_clustered.json
+
+Real traffic is not independent pairs: a home's test set is made of groups of pairs that share texts.
+With --clustered each home's test set grows by whole groups whose sizes are drawn from the real group
+sizes of the shared Quora training split (paired.groups_of; a group that would pass the cap is cut
+at it), and in each round a group's pairs disagree with probability 6% each and all its disagreements
+go the same way, to either model with probability 1/2 (they share the group's difficulty: the case
+the independent test cannot see). The flywheel's rule (spent by rounds and evidence) is applied with
+McNemar's test, which treats the pairs as independent, and with the sign-flip test over groups
+(paired.compare_pairs with groups), over 10,000 null rounds; then the power of both when each group's
+disagreements go to the candidate with probability 0.6.
 """
 from __future__ import annotations
 
@@ -25,7 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import gate  # noqa: E402
+import paired  # noqa: E402
 from heldout import CAPS, FRACTIONS  # noqa: E402
 
 HOMES, ROUNDS, ALPHA, DISAGREE = 2000, 10_000, 0.05, 0.06
@@ -86,7 +100,98 @@ def power(seed: int = 1, trials: int = 20_000, win_share: float = 0.6) -> dict:
     return out
 
 
+def real_group_sizes() -> np.ndarray:
+    """The sizes of the groups of pairs that share texts in the shared Quora training split."""
+    pairs = data.load_pairs(str(ROOT.parent / "shared" / "data" / "quora" / "splits" / "train.tsv.gz"))
+    return np.bincount(paired.groups_of(pairs))
+
+
+def home_groups(pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A home's test groups, in the order they arrive, sizes drawn from the pool until the cap (the last cut)."""
+    sizes = []
+    while sum(sizes) < CAPS["test"]:
+        sizes.append(int(min(rng.choice(pool), CAPS["test"] - sum(sizes))))
+    return np.array(sizes)
+
+
+def groups_at(sizes: np.ndarray, pairs: int) -> np.ndarray:
+    """The group sizes of the first `pairs` test pairs."""
+    ends = np.cumsum(sizes)
+    k = int(np.searchsorted(ends, pairs)) + 1
+    out = sizes[:k].copy()
+    out[-1] -= ends[k - 1] - pairs
+    return out[out > 0]
+
+
+def clustered_round(sizes: np.ndarray, rng: np.random.Generator, win_share: float = 0.5) -> tuple[float, float, bool]:
+    """One round's p-values, independent (McNemar) and by groups (sign flip), and whether the candidate leads."""
+    discordant = rng.binomial(sizes, DISAGREE)
+    towards_candidate = rng.random(len(sizes)) < win_share
+    d = np.where(towards_candidate, discordant, -discordant)
+    wins, losses = int(d[d > 0].sum()), int(-d[d < 0].sum())
+    if wins <= losses:  # the candidate does not lead: neither test can promote (every level is under 1/2)
+        return 1.0, 1.0, False
+    return paired.sign_test(wins, losses), paired.sign_flip_test(d), True
+
+
+def clustered_lives(pool: np.ndarray, homes: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    levels = rule_levels(ROUNDS)["spent by rounds and evidence"]
+    sizes_by_round = test_sizes(ROUNDS)
+    ever = {"McNemar (pairs as independent)": np.zeros(ROUNDS), "sign flip over groups": np.zeros(ROUNDS)}
+    for _ in range(homes):
+        groups = home_groups(pool, rng)
+        promoted = {name: False for name in ever}
+        at_cap = groups_at(groups, CAPS["test"])
+        for r in range(ROUNDS):
+            sizes = at_cap if sizes_by_round[r] >= CAPS["test"] else groups_at(groups, int(sizes_by_round[r]))
+            p_pairs, p_groups, leads = clustered_round(sizes, rng)
+            promoted["McNemar (pairs as independent)"] |= leads and p_pairs < levels[r]
+            promoted["sign flip over groups"] |= leads and p_groups < levels[r]
+            for name in ever:
+                ever[name][r] += promoted[name]
+    return {name: {"share_ever_promoted": {str(t): float(ever[name][t - 1] / homes) for t in CHECKPOINTS},
+                   "worst_share_over_all_rounds": float((ever[name] / homes).max())} for name in ever}
+
+
+def clustered_power(pool: np.ndarray, trials: int = 2000, win_share: float = 0.6, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    levels, sizes_by_round, out = rule_levels(100)["spent by rounds and evidence"], test_sizes(100), {}
+    for j in (1, 2, 3, 5, 8, 16, 20, 100):
+        hits = np.zeros(2)
+        for _ in range(trials):
+            p_pairs, p_groups, leads = clustered_round(groups_at(home_groups(pool, rng), int(sizes_by_round[j - 1])), rng,
+                                                       win_share)
+            hits += [leads and p_pairs < levels[j - 1], leads and p_groups < levels[j - 1]]
+        out[str(j)] = {"test_pairs": int(sizes_by_round[j - 1]), "McNemar (pairs as independent)": hits[0] / trials,
+                       "sign flip over groups": hits[1] / trials}
+    return out
+
+
+def clustered_main(homes: int) -> None:
+    pool = real_group_sizes()
+    result = {"homes": homes, "rounds": ROUNDS, "alpha": ALPHA, "disagree": DISAGREE,
+              "group_sizes": {"groups": int(len(pool)), "mean": float(pool.mean()), "largest": int(pool.max())},
+              "null": clustered_lives(pool, homes), "power": clustered_power(pool)}
+    path = ROOT / "results" / "gate_simulation_clustered.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{homes:,} homes x {ROUNDS:,} rounds, test sets of real groups, candidate never better: share ever promoted")
+    print("| test | " + " | ".join(f"round {t:,}" for t in CHECKPOINTS) + " | worst over all rounds |")
+    print("| --- |" + " ---: |" * (len(CHECKPOINTS) + 1))
+    for name, r in result["null"].items():
+        print(f"| {name} | " + " | ".join(f"{r['share_ever_promoted'][str(t)]:.4f}" for t in CHECKPOINTS)
+              + f" | {r['worst_share_over_all_rounds']:.4f} |")
+    print("\npower: the j-th round, each group's disagreements going to the candidate with probability 0.6")
+    print("| round | test pairs | McNemar (pairs as independent) | sign flip over groups |\n| ---: | ---: | ---: | ---: |")
+    for j, row in result["power"].items():
+        print(f"| {j} | {row['test_pairs']:,} | {row['McNemar (pairs as independent)']:.2f} | {row['sign flip over groups']:.2f} |")
+    print(f"written to {path}")
+
+
 def main() -> None:
+    if "--clustered" in sys.argv:
+        homes = int(sys.argv[sys.argv.index("--homes") + 1]) if "--homes" in sys.argv else 1000
+        return clustered_main(homes)
     result = {"homes": HOMES, "rounds": ROUNDS, "alpha": ALPHA, "disagree": DISAGREE, "null": null_lives(), "power": power()}
     path = ROOT / "results" / "gate_simulation.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

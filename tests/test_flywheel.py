@@ -14,6 +14,7 @@ import evaluate
 import flywheel
 import heldout
 import history
+import paired
 import jsonl
 from model import Embedder
 
@@ -53,6 +54,8 @@ def test_a_home_from_a_base_alone_grows_its_held_out_promotes_and_audits(flywhee
     audit = first["audit"]
     assert audit["version"] == "round-001" and audit["n"] == first["splits"]["audit"]
     assert audit["interval"][0] <= audit["error"] <= audit["interval"][1] and first["audit_agrees"]
+    assert 0 < audit["groups"] <= audit["n"] and audit["design_effect"] >= 1 and 0 < first["test_groups"] <= first["test_pairs"]
+    assert first["traffic"]["groups"] == first["test_groups"]  # the decision counted by groups too
     assert "## Audit by the flywheel" in (home / "rounds/round-001/README.md").read_text()
     splits_after_one = dict(heldout.Ledger(home / "splits.jsonl").split_of)
     out = capsys.readouterr().out
@@ -210,8 +213,14 @@ def test_the_audit_names_its_disagreement_with_what_the_decisions_saw(tmp_path):
             return np.array([[1.0, 0.0] if t in ("a", "c") else [0.0, 1.0] for t in texts])
 
     pairs = [("a", "b", 1), ("c", "d", 0)] * 200
-    result = history.audit(tmp_path, [], promoted, evaluate.correct(NothingIsADuplicate(), pairs, threshold=0.5))
+    right = evaluate.correct(NothingIsADuplicate(), pairs, threshold=0.5)
+    result = history.audit(tmp_path, [], promoted, right)
     assert result["audit"]["error"] == 0.5 and not result["audit_agrees"] and "optimistic" in result["note"]
+    # the same 400 audit pairs as 2 texts' worth of groups: "a"-"b" 200 times is one group, "c"-"d" another;
+    # they tell two stories (all right, all wrong), so the interval by groups covers almost anything
+    grouped = history.audit(tmp_path, [], promoted, right, paired.groups_of(pairs))
+    assert grouped["audit"]["groups"] == 2 and grouped["audit"]["interval"][1] - grouped["audit"]["interval"][0] > 0.5
+    assert grouped["audit_agrees"] and "note" not in grouped
     card.add_audit(tmp_path, promoted | result | {"round": 1, "time": "now", "width": 2, "audit": result["audit"],
                                                    "seen": result["seen"]})
     assert "Note: the decisions saw 10.00%" in (tmp_path / "README.md").read_text()

@@ -56,3 +56,14 @@ def test_null_homes_stay_under_alpha_while_a_fixed_level_does_not():
     fixed = (p < 0.05) & ahead
     assert spending.any(axis=1).mean() <= 0.05 and fixed.any(axis=1).mean() > 0.5
     assert tail[42, 30] == pytest.approx(0.00401, abs=1e-4)  # the same tail as by hand above
+
+
+def test_wins_that_all_share_two_groups_are_two_wins_not_twelve():
+    """12 pairs only the candidate got right, in two groups of 6 that share their texts: as
+    independent pairs p = 1/4096 promotes at 0.01; by groups it is two coins, p = 1/4: refused."""
+    candidate, current = np.ones(20, bool), np.r_[np.zeros(12), np.ones(8)].astype(bool)
+    groups = np.r_[np.zeros(6), np.ones(6), np.arange(2, 10)].astype(int)
+    assert gate.decide(candidate, current, 0.01)["decision"] == "promoted"
+    decided = gate.decide(candidate, current, 0.01, groups=groups)
+    assert decided["decision"] == "refused" and decided["traffic"]["p_value"] == pytest.approx(1 / 4)
+    assert decided["traffic"]["groups"] == 10

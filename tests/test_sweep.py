@@ -209,7 +209,7 @@ def test_local_sweep_writes_results_and_figure_and_skips_what_is_done(sweep_args
         assert len(mine) == 96 and 1 - mine.mean() == pytest.approx(run["fine_tuned"]["test"]["error_rate"])
         assert figures.verdicts(run, rows) == {"zero-shot": paired.compare_pairs(mine, theirs)["verdict"]}
     table = figures.sweep_table(rows)
-    assert "paired test (McNemar)" in table and table.count("zero-shot") >= 4 and sweep_args[1] in table
+    assert "paired test (by groups of pairs that share texts)" in table and table.count("zero-shot") >= 4 and sweep_args[1] in table
     monkeypatch.setattr(train, "train", lambda config, on_checkpoint=None: pytest.fail("a finished configuration ran again"))
     sweep.main(["--local"] + sweep_args)
     assert "4 configurations, 4 already done, running 0" in capsys.readouterr().out
