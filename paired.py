@@ -125,11 +125,17 @@ def verdict(p_better: float, p_worse: float, n: int, unit: str, alpha: float = A
 
 def pairs_needed(differences: np.ndarray, n: int, alpha: float = ALPHA) -> int | None:
     """About how many test pairs would make a difference of this size significant: the smallest
-    multiple of the test set (its groups repeated) whose test falls below alpha (None if A is not ahead)."""
-    if np.sum(differences) <= 0:
+    multiple of the test set (its groups repeated) whose test falls below alpha (None if A is not
+    ahead). Exact where no group has two discordant pairs (McNemar's counts, multiplied); with larger
+    groups by the normal approximation of the signed sum, whose z grows as the root of the multiple."""
+    d = np.asarray(differences, dtype=np.int64)
+    if d.sum() <= 0:
         return None
+    wins, losses, z = int(np.sum(d == 1)), int(np.sum(d == -1)), float(d.sum() / np.sqrt(np.sum(d ** 2)))
     for factor in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100):
-        if sign_flip_test(np.tile(differences, factor)) < alpha:
+        p = sign_test(wins * factor, losses * factor) if np.all(np.abs(d) <= 1) else \
+            0.5 * math.erfc(z * math.sqrt(factor) / math.sqrt(2))
+        if p < alpha:
             return n * factor
     return None
 
