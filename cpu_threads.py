@@ -51,8 +51,10 @@ def busy_seconds(cores: list[int]) -> float | None:
 
 
 class ThreadChooser:
-    def __init__(self, cores: list[int] | None = None, busy: float = BUSY, window: float = 0.5):
+    def __init__(self, cores: list[int] | None = None, busy: float = BUSY, window: float = 0.5, counter=None):
+        """`counter()`: the busy CPU seconds of the cores so far (default: /proc/stat, `busy_seconds`)."""
         self.cores, self.busy, self.window = cores or available_cores(), busy, window
+        self.counter = counter or (lambda: busy_seconds(self.cores))
         self.loop_clock: int | None = None
         self.others = 0.0        # cores' worth used by everything but the passes, over the last window
         self.since: tuple[float, float | None, float] | None = None  # (wall, machine busy, our passes) then
@@ -73,7 +75,7 @@ class ThreadChooser:
         if self.since is not None and now - self.since[0] < self.window:
             return
         loop = time.clock_gettime(self.loop_clock) if self.loop_clock is not None else 0.0
-        sample = now, busy_seconds(self.cores), time.process_time() - loop
+        sample = now, self.counter(), time.process_time() - loop
         if self.since is not None and now - self.since[0] > 4 * self.window:  # the first pass after a pause:
             self.since, self.others = sample, 0.0  # what others did while we idled says nothing of now
             return

@@ -11,26 +11,36 @@ from cpu_threads import ThreadChooser, available_cores, busy_seconds
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 
 
+class OthersAtWork:
+    """A counter of the cores' busy seconds in which "others" work at a rate the test sets (cores' worth),
+    beside this process's own CPU time: the chooser sees no one else's work on a busy machine."""
+
+    def __init__(self):
+        self.rate, self.others, self.at = 0.0, 0.0, time.perf_counter()
+
+    def __call__(self) -> float:
+        now = time.perf_counter()
+        self.others, self.at = self.others + self.rate * (now - self.at), now
+        return self.others + time.process_time()
+
+    def work(self, rate: float) -> None:
+        self()
+        self.rate = rate
+
+
 def test_a_pass_leaves_a_core_to_others_while_they_are_busy_and_takes_all_when_they_are_not():
-    cores = available_cores()[:2]
-    if len(cores) < 2:
-        pytest.skip("needs two cores")
-    chooser = ThreadChooser(cores, window=0.3)
-    chooser.watch(threading.get_ident())
+    counter = OthersAtWork()
+    chooser = ThreadChooser([0, 1], window=0.3, counter=counter)
     assert chooser.pick() == 2  # nothing measured yet: torch's default, every core
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.4)
-        chooser.pick()  # the window began before the spinner
-        time.sleep(0.4)
-        assert chooser.pick() == 1 and chooser.others > 0.6  # a core's worth of someone else's work
-        busy = chooser.others
-    finally:
-        spinner.kill()
-        spinner.wait()
+    counter.work(1.0)
     time.sleep(0.4)
-    chooser.pick()
-    assert chooser.others < busy - 0.5
+    chooser.pick()  # the window began before the others' work
+    time.sleep(0.4)
+    assert chooser.pick() == 1 and 0.9 < chooser.others < 1.1  # a core's worth of someone else's work
+    counter.work(0.0)
+    time.sleep(0.4)
+    assert chooser.pick() == 2 and chooser.others < 0.1
+    counter.work(1.0)
     time.sleep(2)  # a pause longer than four windows: what happened during it is not counted
     assert chooser.pick() == 2 and chooser.others == 0.0
 

@@ -1,0 +1,243 @@
+"""The labelled pairs that users send to `POST /v1/pairs`, in a database: SQLite in the home by
+default, PostgreSQL when several machines serve one home.
+
+    store = PairDB("sqlite:///fw/pairs.db")                   # or postgresql://embed@db:5432/flywheel
+    store.add([{"text1": "How do I learn Python?", "text2": "Best way to learn Python?", "label": 1}])
+    # -> {"accepted": 1, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": 0}
+
+The store's promises are the database's, so they hold for every process that shares it:
+- a pair is stored once, by its key (its two texts normalised as everywhere else, `data.normalise`,
+  in either order: a duplicate relation is symmetric), and a client's `id` names one pair: both are
+  UNIQUE columns;
+- a batch is one transaction, and `add` returns after it commits: an acknowledged pair survives
+  `kill -9` of the server (and, on SQLite with synchronous=FULL, a power cut);
+- a post whose label contradicts the stored one, or whose id names another pair, is a conflict: kept
+  in a table of its own (once, however often it is retried) for a person to settle, never trained on;
+- the answer to a post is the same from every process, because it is decided inside the transaction
+  against what is committed.
+
+Writers take turns (SQLite's write lock, `BEGIN IMMEDIATE`; on PostgreSQL a transaction-level
+advisory lock): a batch reads the rows its pairs might meet, decides, and inserts, with no other
+batch in between. Taking turns also makes `seq` (the arrival order) commit order, so "the pairs after
+seq N" that a round reads never skips one that commits late. A batch of 100 pairs holds the turn for
+a few milliseconds (measured in docs/serving.md).
+
+A PostgreSQL URL carries no password: libpq takes it from PGPASSWORD (or ~/.pgpass), so a home's
+settings never hold one.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from errors import InputError
+from pair_store import pair_key
+
+ADD_LOCK = 0x656D6264  # the advisory lock id that PostgreSQL writers take turns on ("embd")
+SELECT_CHUNK = 500     # keys a SELECT ... IN (...) names at most (SQLite limits bound parameters)
+EXPORT_FIELDS = ("text1", "text2", "label", "id", "source", "received")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pairs (
+    seq {serial},
+    pair_key TEXT NOT NULL UNIQUE,
+    text1 TEXT NOT NULL,
+    text2 TEXT NOT NULL,
+    label SMALLINT NOT NULL CHECK (label IN (0, 1)),
+    client_id TEXT UNIQUE,
+    source TEXT,
+    received TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    seq {serial},
+    post_key TEXT NOT NULL UNIQUE,
+    stored_key TEXT NOT NULL REFERENCES pairs (pair_key),
+    reason TEXT NOT NULL CHECK (reason IN ('label', 'id')),
+    text1 TEXT NOT NULL,
+    text2 TEXT NOT NULL,
+    label SMALLINT NOT NULL,
+    client_id TEXT,
+    source TEXT,
+    received TEXT NOT NULL
+);
+"""
+SERIAL = {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"}
+
+
+def key_digest(key: tuple[str, ...]) -> str:
+    """What the UNIQUE column holds: a fixed-width digest (a B-tree index refuses very long texts)."""
+    return hashlib.sha256("\t".join(key).encode()).hexdigest()
+
+
+def check_url(url: str) -> str:
+    """A database URL that a home may keep: sqlite:///PATH or postgresql://USER@HOST:PORT/DB, no password."""
+    if url.startswith("sqlite:///"):
+        return url
+    if url.startswith(("postgresql://", "postgres://")):
+        credentials = url.split("://", 1)[1].split("@", 1)[0] if "@" in url else ""
+        if ":" in credentials:
+            raise InputError("--database: give the password in PGPASSWORD (or ~/.pgpass), not in the URL: "
+                             "the URL is kept in the home's settings")
+        return url
+    raise InputError(f"--database {url}: give sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+
+
+class PairDB:
+    """The pairs and the conflicts of one home. Thread-safe; shared by processes through the database."""
+
+    def __init__(self, url: str, home: Path | None = None):
+        """The store at `url` (a relative sqlite path is under `home`), its tables made if new."""
+        self.url = check_url(url)
+        self.dialect = "sqlite" if self.url.startswith("sqlite:///") else "postgresql"
+        if self.dialect == "sqlite":
+            path = Path(self.url.removeprefix("sqlite:///"))
+            path = home / path if home is not None and not path.is_absolute() else path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            self.connection.execute("PRAGMA journal_mode=WAL")   # readers never wait for the writer
+            self.connection.execute("PRAGMA synchronous=FULL")  # a commit is on the disk when add returns
+            self.lock = threading.Lock()                         # one connection: this process's threads take turns
+        else:
+            import psycopg_pool  # only where a home uses PostgreSQL
+            self.pool = psycopg_pool.ConnectionPool(self.url, min_size=1, max_size=4, open=False,
+                                                    check=psycopg_pool.ConnectionPool.check_connection)
+            try:
+                self.pool.open(wait=True, timeout=10)
+            except psycopg_pool.PoolTimeout:
+                self.pool.close()
+                raise InputError(f"cannot reach the database {self.url} (is it up? PGPASSWORD set?)") from None
+        with self.transaction(writing=True) as cursor:
+            for statement in SCHEMA.format(serial=SERIAL[self.dialect]).split(";"):
+                if statement.strip():
+                    cursor.execute(statement)
+
+    @contextlib.contextmanager
+    def transaction(self, writing: bool = False):
+        """A cursor inside one transaction, committed on a clean exit and rolled back on an exception.
+        A writing one takes its turn with every other writer, in every process."""
+        if self.dialect == "sqlite":
+            with self.lock:
+                cursor = self.connection.cursor()
+                cursor.execute("BEGIN IMMEDIATE" if writing else "BEGIN")
+                try:
+                    yield cursor
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
+                cursor.execute("COMMIT")
+        else:  # the pool commits a clean block and rolls back a failed one; a dropped connection is replaced
+            with self.pool.connection() as connection, connection.cursor() as cursor:
+                if writing:
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", (ADD_LOCK,))
+                yield cursor
+
+    def sql(self, statement: str) -> str:
+        """Our statements use SQLite's ? placeholders; psycopg's are %s."""
+        return statement.replace("?", "%s") if self.dialect == "postgresql" else statement
+
+    # ------------------------------------------------------------------------------- the writes
+
+    def add(self, pairs: list[dict], received: str | None = None) -> dict:
+        """Store a batch (already validated: text1, text2, label 0/1, optional id and source) in one
+        transaction, and return, after it commits, how many were accepted, duplicates, conflicts and
+        pairs of a text with itself (dropped, as train.py drops them)."""
+        received = received or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        posted = [(key_digest(pair_key(p["text1"], p["text2"])), p) for p in pairs]
+        keep = [(k, p) for k, p in posted if len(set(pair_key(p["text1"], p["text2"]))) == 2]
+        counts = {"accepted": 0, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": len(posted) - len(keep)}
+        with self.transaction(writing=True) as cursor:
+            by_key = self.rows(cursor, "pair_key", [k for k, _ in keep])
+            by_id = self.rows(cursor, "client_id", sorted({str(p["id"]) for _, p in keep if p.get("id") is not None}))
+            fresh, conflicts = [], []
+            for key, pair in keep:
+                pair_id = None if pair.get("id") is None else str(pair["id"])
+                named, known = by_id.get(pair_id), by_key.get(key)
+                if named is not None and named[0] != key:  # one id, two pairs: a question for a person
+                    conflicts.append(conflict_row(pair, pair_id, named[0], "id", received))
+                elif known is not None and known[1] != pair["label"]:
+                    conflicts.append(conflict_row(pair, pair_id, key, "label", received))
+                elif known is not None:
+                    counts["duplicates"] += 1
+                else:
+                    row = (key, pair["text1"], pair["text2"], pair["label"], pair_id, pair.get("source"), received)
+                    fresh.append(row)
+                    by_key[key] = (key, pair["label"], pair_id)
+                    if pair_id is not None:
+                        by_id[pair_id] = by_key[key]
+            cursor.executemany(self.sql("INSERT INTO pairs (pair_key, text1, text2, label, client_id, source, received) "
+                                        "VALUES (?, ?, ?, ?, ?, ?, ?)"), fresh) if fresh else None
+            cursor.executemany(self.sql("INSERT INTO conflicts (post_key, stored_key, reason, text1, text2, label, "
+                                        "client_id, source, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                                        "ON CONFLICT (post_key) DO NOTHING"), conflicts) if conflicts else None
+        counts["accepted"], counts["conflicts"] = len(fresh), len(conflicts)
+        return counts
+
+    def rows(self, cursor, column: str, values: list[str]) -> dict[str, tuple]:
+        """The stored (pair_key, label, client_id) whose `column` is one of `values`, by that value."""
+        found = {}
+        for start in range(0, len(values), SELECT_CHUNK):
+            chunk = values[start:start + SELECT_CHUNK]
+            cursor.execute(self.sql(f"SELECT pair_key, label, client_id FROM pairs WHERE {column} IN "
+                                    f"({', '.join('?' * len(chunk))})"), chunk)
+            for row in cursor.fetchall():
+                found[row[0] if column == "pair_key" else row[2]] = tuple(row)
+        return found
+
+    # -------------------------------------------------------------------------------- the reads
+
+    def pairs(self, after: int = 0) -> list[dict]:
+        """Every stored pair after seq `after`, in arrival order: {seq, text1, text2, label, id, source, received}."""
+        with self.transaction() as cursor:
+            cursor.execute(self.sql("SELECT seq, text1, text2, label, client_id, source, received FROM pairs "
+                                    "WHERE seq > ? ORDER BY seq"), (after,))
+            return [dict(zip(("seq", "text1", "text2", "label", "id", "source", "received"), r)) for r in cursor.fetchall()]
+
+    def count(self, after: int = 0) -> int:
+        """Pairs stored after seq `after` (all of them by default)."""
+        with self.transaction() as cursor:
+            cursor.execute(self.sql("SELECT count(*) FROM pairs WHERE seq > ?"), (after,))
+            return cursor.fetchone()[0]
+
+    def last_seq(self) -> int:
+        with self.transaction() as cursor:
+            cursor.execute("SELECT coalesce(max(seq), 0) FROM pairs")
+            return cursor.fetchone()[0]
+
+    def conflicts(self) -> list[dict]:
+        """Each contradiction beside the stored pair it contradicts, oldest first."""
+        with self.transaction() as cursor:
+            cursor.execute("SELECT c.reason, c.text1, c.text2, c.label, c.client_id, c.source, c.received, "
+                           "p.text1, p.text2, p.label, p.client_id, p.received "
+                           "FROM conflicts c JOIN pairs p ON p.pair_key = c.stored_key ORDER BY c.seq")
+            names = ("reason", "text1", "text2", "label", "id", "source", "received",
+                     "stored_text1", "stored_text2", "stored_label", "stored_id", "stored_received")
+            return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+    def export(self, folder: Path) -> dict[str, int]:
+        """folder/pairs.tsv (every stored pair once) and folder/conflicts.tsv, as pair files that
+        `train.py --data` reads (text1, text2, label, then id, source, received)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for name, rows in (("pairs", self.pairs()), ("conflicts", self.conflicts())):
+            with open(folder / f"{name}.tsv", "w", encoding="utf-8", newline="") as f:
+                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+                writer.writerow(EXPORT_FIELDS + (("reason", "stored_label", "stored_id") if name == "conflicts" else ()))
+                for row in rows:
+                    extra = (row["reason"], row["stored_label"], row["stored_id"]) if name == "conflicts" else ()
+                    writer.writerow([row[k] if row[k] is not None else "" for k in EXPORT_FIELDS] + list(extra))
+            written[name] = len(rows)
+        return written
+
+    def close(self) -> None:
+        (self.connection if self.dialect == "sqlite" else self.pool).close()
+
+
+def conflict_row(pair: dict, pair_id: str | None, stored_key: str, reason: str, received: str) -> tuple:
+    """A conflicts row; its post_key is the same for the same post, so a retried one is kept once."""
+    post_key = key_digest((stored_key, reason, *pair_key(pair["text1"], pair["text2"]), str(pair["label"]), pair_id or ""))
+    return (post_key, stored_key, reason, pair["text1"], pair["text2"], pair["label"], pair_id, pair.get("source"), received)

@@ -1,0 +1,79 @@
+"""The database pair store: the same guarantees on SQLite and on a real PostgreSQL, across processes."""
+import multiprocessing
+
+import pytest
+
+from pair_db import PairDB, check_url
+from errors import InputError
+import throwaway_postgres
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    why = throwaway_postgres.available()
+    if why:
+        pytest.skip(why)
+    with throwaway_postgres.ThrowawayPostgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'pairs.db'}"
+    return request.getfixturevalue("postgres").database(f"t_{abs(hash(str(tmp_path)))}")
+
+
+def pair(a, b, label, pair_id=None):
+    return {"text1": a, "text2": b, "label": label} | ({"id": pair_id} if pair_id else {})
+
+
+def test_a_pair_is_stored_once_and_contradictions_and_reused_ids_are_kept_apart(url):
+    db = PairDB(url)
+    batch = [pair("How do I learn Python?", "Best way to learn Python", 1, "a"), pair("x y", "X  y", 0),
+             pair("cats", "dogs", 0, "b")]
+    assert db.add(batch) == {"accepted": 2, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": 1}
+    assert db.add(batch) == {"accepted": 0, "duplicates": 2, "conflicts": 0, "dropped_self_pairs": 1}  # a retry
+    contradicting = [pair("best way to learn  python", "how do i learn python?", 0, "c"), pair("cats", "birds", 0, "b")]
+    assert db.add(contradicting)["conflicts"] == 2
+    assert db.add(contradicting)["conflicts"] == 2  # the same answer again, and kept once
+    assert db.count() == 2 and [c["reason"] for c in db.conflicts()] == ["label", "id"]
+    assert db.conflicts()[0]["stored_label"] == 1 and db.conflicts()[1]["stored_id"] == "b"
+    assert [p["seq"] for p in db.pairs()] == sorted(p["seq"] for p in db.pairs()) and len(db.pairs(after=db.last_seq())) == 0
+    db.close()
+
+
+def add_batches(url, batches, answers):
+    db = PairDB(url)
+    for batch in batches:
+        answers.append(db.add(batch))
+    db.close()
+
+
+def test_three_processes_retrying_each_others_batches_store_each_pair_once(url):
+    batches = [[pair(f"q{b} {i}", f"r{b} {i}", i % 2, f"id-{b}-{i}") for i in range(20)] for b in range(12)]
+    clash = [pair("q0 0", "r0 0", 1, "other-id")]                    # contradicts batch 0's first pair
+    plans = [batches[0:6] + batches[6:8], batches[6:12] + batches[0:2] + [clash], batches[2:6] + batches[8:12] + [clash]]
+    with multiprocessing.Manager() as manager:
+        answers = manager.list()
+        workers = [multiprocessing.get_context("spawn").Process(target=add_batches, args=(url, plan, answers))
+                   for plan in plans]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        answers = list(answers)
+    assert all(w.exitcode == 0 for w in workers)
+    db = PairDB(url)
+    assert db.count() == 240 and sum(a["accepted"] for a in answers) == 240   # none lost, none doubled
+    assert sum(a["duplicates"] for a in answers) == 12 * 20  # each of the 12 batches was sent twice, over processes
+    assert sum(a["conflicts"] for a in answers) == 2 and len(db.conflicts()) == 1
+    db.close()
+
+
+def test_a_url_with_a_password_or_of_another_kind_is_one_line():
+    with pytest.raises(InputError, match="PGPASSWORD"):
+        check_url("postgresql://embed:secret@db:5432/fw")
+    with pytest.raises(InputError, match="sqlite:///PATH"):
+        check_url("mysql://db/fw")
+    assert check_url("postgresql://embed@db:5432/fw") == "postgresql://embed@db:5432/fw"
