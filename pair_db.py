@@ -19,8 +19,8 @@ The store's promises are the database's, so they hold for every process that sha
 Writers take turns (SQLite's write lock, `BEGIN IMMEDIATE`; on PostgreSQL a transaction-level
 advisory lock): a batch reads the rows its pairs might meet, decides, and inserts, with no other
 batch in between. Taking turns also makes `seq` (the arrival order) commit order, so "the pairs after
-seq N" that a round reads never skips one that commits late. A batch of 100 pairs holds the turn for
-a few milliseconds (measured in docs/serving.md).
+seq N" that a round reads never skips one that commits late. What taking turns costs in throughput is
+not measured yet.
 
 A PostgreSQL URL carries no password: libpq takes it from PGPASSWORD (or ~/.pgpass), so a home's
 settings never hold one.
@@ -147,20 +147,20 @@ class PairDB:
         transaction, and return, after it commits, how many were accepted, duplicates, conflicts and
         pairs of a text with itself (dropped, as train.py drops them)."""
         received = received or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        posted = [(key_digest(pair_key(p["text1"], p["text2"])), p) for p in pairs]
-        keep = [(k, p) for k, p in posted if len(set(pair_key(p["text1"], p["text2"]))) == 2]
-        counts = {"accepted": 0, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": len(posted) - len(keep)}
+        keyed = [(pair_key(p["text1"], p["text2"]), p) for p in pairs]
+        keep = [(key_digest(texts), texts, p) for texts, p in keyed if texts[0] != texts[1]]
+        counts = {"accepted": 0, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": len(keyed) - len(keep)}
         with self.transaction(writing=True) as cursor:
-            by_key = self.rows(cursor, "pair_key", [k for k, _ in keep])
-            by_id = self.rows(cursor, "client_id", sorted({str(p["id"]) for _, p in keep if p.get("id") is not None}))
+            by_key = self.rows(cursor, "pair_key", [k for k, _, _ in keep])
+            by_id = self.rows(cursor, "client_id", sorted({str(p["id"]) for *_, p in keep if p.get("id") is not None}))
             fresh, conflicts = [], []
-            for key, pair in keep:
+            for key, texts, pair in keep:
                 pair_id = None if pair.get("id") is None else str(pair["id"])
                 named, known = by_id.get(pair_id), by_key.get(key)
                 if named is not None and named[0] != key:  # one id, two pairs: a question for a person
-                    conflicts.append(conflict_row(pair, pair_id, named[0], "id", received))
+                    conflicts.append(conflict_row(pair, texts, pair_id, named[0], "id", received))
                 elif known is not None and known[1] != pair["label"]:
-                    conflicts.append(conflict_row(pair, pair_id, key, "label", received))
+                    conflicts.append(conflict_row(pair, texts, pair_id, key, "label", received))
                 elif known is not None:
                     counts["duplicates"] += 1
                 else:
@@ -237,7 +237,8 @@ class PairDB:
         (self.connection if self.dialect == "sqlite" else self.pool).close()
 
 
-def conflict_row(pair: dict, pair_id: str | None, stored_key: str, reason: str, received: str) -> tuple:
+def conflict_row(pair: dict, texts: tuple[str, str], pair_id: str | None, stored_key: str, reason: str,
+                 received: str) -> tuple:
     """A conflicts row; its post_key is the same for the same post, so a retried one is kept once."""
-    post_key = key_digest((stored_key, reason, *pair_key(pair["text1"], pair["text2"]), str(pair["label"]), pair_id or ""))
+    post_key = key_digest((stored_key, reason, *texts, str(pair["label"]), pair_id or ""))
     return (post_key, stored_key, reason, pair["text1"], pair["text2"], pair["label"], pair_id, pair.get("source"), received)

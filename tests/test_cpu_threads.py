@@ -1,6 +1,4 @@
-import subprocess
 import sys
-import threading
 import time
 
 import pytest

@@ -10,6 +10,7 @@ loopback port, trust authentication, stopped and removed at the end.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -37,9 +38,7 @@ def available() -> str | None:
             pwd.getpwnam("postgres")
         except KeyError:
             return "running as root and there is no postgres system user for initdb"
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("psycopg") is None:
         return "psycopg is not installed (pip install -e '.[serve]')"
     return None
 
