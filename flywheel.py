@@ -1,44 +1,49 @@
 """The data flywheel: as labelled pairs keep arriving, retrain, and promote a model only if it wins.
 
-    python flywheel.py --home fw --base DIR --init      # once: a home from a base model alone
-    python flywheel.py --home fw                         # a round over fw/pairs/ (or --pairs FILES ...)
+    python flywheel.py --home fw --base DIR --init      # once: a home from a base model alone (SQLite inside it)
+    python flywheel.py --home fw --base DIR --init --database postgresql://embed@db:5432/fw   # many servers
+    python flywheel.py --home fw                         # a round over the pairs stored since the last one
+    python flywheel.py --home fw --conflicts             # the contradictions, for a person to settle
+    python flywheel.py --home fw --export DIR            # every stored pair once, as pair files
+    python flywheel.py --home fw --migrate               # a home made before the database: into it, once
     python flywheel.py --plot fw/history.jsonl
 
-One call is one round, and one round at a time: it holds HOME/round.lock (a second one exits with one
-line, or waits its turn with --wait; a lock left by a killed round is released by the kernel). The
-pairs collected so far are the files in --pairs (by default HOME/pairs/, where `serve.py`'s
-`POST /v1/pairs` stores them; any folder that files are dropped into, or files), each pair counted
-once (`pair_store.settle`).
+One call is one round, and one round at a time: it holds the home's round lock (an advisory lock on
+PostgreSQL, HOME/round.lock on one machine; a second round exits with one line, or waits its turn
+with --wait; a lock left by a killed round goes with it). The pairs are those that `serve.py`'s
+`POST /v1/pairs` stored in the home's database (`home_db.py`), each once, contradictions kept apart;
+`--pairs FILES` adds pair files to them first. (A home made before the database reads the files in
+HOME/pairs/ or --pairs, each pair counted once, `pair_store.settle`.)
 
 A round:
 1. gives every text no round has seen a split, train, validation, test or audit, kept in the home
    for good (`heldout.py`); the held-out pairs are written to HOME/heldout/;
 2. trains a candidate on the training pairs, from the base model (`--mode scratch`, the default) or
-   from the current model on the files no earlier round has seen (`--mode continue`), at the home's
+   from the current model on the pairs no earlier round has read (`--mode continue`), at the home's
    one width, decided at --init, so that a client's vector index never changes width;
 3. compares it with the current model on the traffic's test pairs, each model at its own threshold
-   tuned on validation, and promotes it only if it wins McNemar's test at the level this round may
-   spend of the home's life-long alpha (`gate.py`), and, where the home has a curated --test, is not
-   significantly worse there;
+   tuned on validation, and promotes it only if it wins the paired test (by groups of pairs that
+   share texts) at the level this round may spend of the home's life-long alpha (`gate.py`), and,
+   where the home has a curated --test, is not significantly worse there;
 4. audits the model that is current after the round on the audit pairs, which no decision sees, and
    says so in the history where the audit disagrees with the error the decisions saw.
 
 Before any promotion the model to beat is the base model as published. Promotion writes nothing
-into the current model: the candidate's folder is complete before HOME/current.json, a small pointer
-file, is replaced by an atomic rename, so a crash leaves the old model in place, and a server
-watching the pointer (`serve.py`) sees the old model or the new one, never half of one (a pointer
-file, not a symbolic link: a home may live on a Modal Volume). A refused candidate stays in
-HOME/rounds/ for inspection. Each round appends a line to HOME/history.jsonl. Interrupted, a round
-resumes its training from the candidate's checkpoint when run again. The settings given once are kept
-in HOME/flywheel.json, so that a scheduled round needs only --home.
+into the current model: the candidate's folder (HOME/rounds/round-NNN, the model alone; the
+traffic it trained on stays in HOME/work/) is complete before the pointer changes, one row in
+the database, so a crash leaves the old model in place, and every server polling it (`serve.py`)
+sees the old model or the new one, never half of one. A refused candidate stays in HOME/rounds/ for
+inspection. Each round appends a line to HOME/history.jsonl. Interrupted, a round resumes its
+training from the candidate's checkpoint when run again. The settings given once are kept in
+HOME/flywheel.json, so that a scheduled round needs only --home.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -57,9 +62,12 @@ import paths
 import run_folder
 import train
 from errors import InputError
+import home_state
 from file_lock import FileLock
+from home_db import check_url
+from home_state import fingerprint, pair_files
 from model import Embedder, load_model
-from pair_store import pair_sources, settle
+from pair_store import pair_key, pair_sources, settle
 
 SETTINGS = ("base", "val", "test", "mode", "alpha", "set", "fractions", "caps")
 DEFAULTS = {"mode": "scratch", "alpha": 0.05, "set": "", "val": "", "test": "",
@@ -89,83 +97,76 @@ def settings(home: Path, given: dict) -> dict:
     return merged
 
 
-def current_version(home: Path) -> dict:
-    """What home/current.json points at: {"version", "path", "promoted_at"}; "base" before any promotion."""
-    return jsonl.read_json(home / "current.json") or {"version": "base", "path": None, "promoted_at": None}
-
-
-def switch_current(home: Path, target: Path) -> None:
-    """Point home/current.json at target: the new pointer is written beside it, then renamed over it."""
-    jsonl.write_json(home / "current.json", {"version": target.name, "path": str(target.relative_to(home)),
-                                             "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-
-def pair_files(sources: list[str]) -> list[Path]:
-    """The pair files in the given files and folders, in name order (files are read as train.py does)."""
-    files = []
-    for source in map(Path, sources):
-        if source.is_dir():
-            files += sorted(p for p in source.iterdir() if p.name.endswith(data.LOCAL_SUFFIXES) and p.is_file())
-        elif source.is_file():
-            files.append(source)
-        else:
-            raise InputError(f"--pairs: {source} is neither a file nor a folder")
-    return files
-
-
-def fingerprint(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def new_pair_count(home: Path, folder: Path) -> int:
-    """Pairs in the files of `folder` that no round has read yet (by content, whatever their names):
-    what a scheduler weighs before it starts a round. A store with no pair file yet has 0."""
-    seen = {digest for row in jsonl.read(home / "history.jsonl") for digest in row["files"].values()}
-    files = pair_files([str(folder)]) if folder.is_dir() else []
-    return sum(len(data.load_pairs(str(p))) for p in files if fingerprint(p) not in seen)
-
-
-def base_threshold(home: Path) -> float | None:
-    """The base model's threshold, as the last round tuned it on validation (HOME/base.json)."""
-    return (jsonl.read_json(home / "base.json") or {}).get("threshold")
-
-
 # ------------------------------------------------------------------------------------ a round
 
-def run_round(home: Path, chosen: dict, sources: list[str], wait: bool = False) -> dict:
-    """One round, holding the home's lock: assign, train, decide, audit, log."""
+def run_round(home: Path, chosen: dict, sources: list[str] | None = None, wait: bool = False,
+              commit: Callable[[], None] | None = None) -> dict:
+    """One round, holding the home's lock: assign, train, decide, audit, log. `sources`: pair files
+    or folders (a file home reads them, by default HOME/pairs; a database home adds them first).
+    `commit()` makes the home's files durable where a rename is not (a Modal Volume): it runs before
+    the pointer names a new folder, and after the history's line."""
     home.mkdir(parents=True, exist_ok=True)
-    with FileLock(home / "round.lock", wait=wait):
-        return locked_round(home, chosen, sources)
+    db = home_state.database(home)
+    with db.round_lock(wait) if db is not None else FileLock(home / "round.lock", wait=wait):
+        return locked_round(home, chosen, sources, commit or (lambda: None))
 
 
-def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
-    started = time.perf_counter()
-    past = jsonl.read(home / "history.jsonl")
-    number, mode, pointer = len(past) + 1, chosen["mode"], current_version(home)
-    before = pointer["path"] or "base"
+def pairs_from_files(home: Path, sources: list[str], past: list[dict]) -> tuple[list, set, dict, dict]:
+    """A file home's round reads every pair file, each pair once (`settle`): (pairs, the new ones,
+    the history's facts about them, each pair's source)."""
     paths_ = pair_files(sources)
     if not paths_:
         raise InputError(f"no pair files (.csv, .tsv, .jsonl, .parquet, optionally .gz) in {' '.join(sources)} yet")
     files = {os.path.relpath(p): fingerprint(p) for p in paths_}  # no absolute path in the history
-    seen = {digest for row in past for digest in row["files"].values()}
+    seen = {digest for row in past for digest in row.get("files", {}).values()}
     new = [f for f, digest in files.items() if digest not in seen]
     if not new:
         raise InputError("no new pair files since the last round; drop some into --pairs")
     loaded = {f: data.load_pairs(f) for f in files}
     pairs, repeats, conflicts = settle([p for f in files for p in loaded[f]])
+    facts = {"files": files, "new_files": len(new), "pairs_seen": sum(map(len, loaded.values())),
+             "repeats_dropped": repeats, "conflicts_dropped": conflicts}
+    return pairs, {p for f in new for p in loaded[f]}, facts, pair_sources(paths_)
+
+
+def pairs_from_database(home: Path, db, sources: list[str] | None) -> tuple[list, set, dict, dict]:
+    """A database home's round reads the stored pairs in arrival order (each once already; the
+    conflicts are kept apart), after adding the pair files it was given."""
+    repeats = 0
+    for path in pair_files(sources or []):
+        outcome = db.add(*home_state.stored_rows(path))
+        repeats += outcome["duplicates"]
+        print(f"{path}: {outcome['accepted']} pairs stored, {outcome['duplicates']} already there, "
+              f"{outcome['conflicts']} conflicts")
+    rows, read_before = db.pairs(), home_state.pairs_read(home)
+    new = [(r["text1"], r["text2"], r["label"]) for r in rows if r["seq"] > read_before]
+    if not new:
+        raise InputError(f"no new pairs since the last round ({len(rows)} stored); send some to POST /v1/pairs")
+    facts = {"pairs_through": rows[-1]["seq"], "new_pairs": len(new), "pairs_seen": len(rows), "repeats_dropped": repeats,
+             "conflicts_kept_apart": db.conflict_count()}
+    sources_ = {pair_key(r["text1"], r["text2"]): r["source"] for r in rows if r["source"]}
+    return [(r["text1"], r["text2"], r["label"]) for r in rows], set(new), facts, sources_
+
+
+def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Callable[[], None]) -> dict:
+    started = time.perf_counter()
+    past = jsonl.read(home / "history.jsonl")
+    number, mode, pointer = len(past) + 1, chosen["mode"], home_state.current_version(home)
+    before = pointer["path"] or "base"
+    db = home_state.database(home)
+    pairs, new_pairs, facts, sources_of = (pairs_from_database(home, db, sources) if db is not None else
+                                           pairs_from_files(home, sources or [str(home / "pairs")], past))
     curated = {name: data.load_pairs(chosen[name]) for name in ("val", "test") if chosen[name]}
     curated_texts = {data.normalise(t) for ps in curated.values() for a, b, _ in ps for t in (a, b)}
-    ledger = heldout.Ledger(home / "splits.jsonl")
+    ledger = home_state.ledger(home)
     texts_before = len(ledger.split_of)
     splits = ledger.assign(pairs, curated_texts, chosen["fractions"], chosen["caps"])
     if curated and len(splits["curated"]) == len(pairs):
         raise InputError(f"all {len(pairs)} training pairs share a text with the curated --val/--test: the round has "
                          "nothing to train on; send pairs about other texts")
     heldout.write_held_out(home, splits)
-    row = {"round": number, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, "files": files,
-           "new_files": len(new), "pairs_seen": sum(map(len, loaded.values())), "repeats_dropped": repeats,
-           "conflicts_dropped": conflicts, "splits": {k: len(v) for k, v in splits.items()},
+    row = {"round": number, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, **facts,
+           "splits": {k: len(v) for k, v in splits.items()},
            "new_texts": len(ledger.split_of) - texts_before, "width": chosen["width"], "current": before}
     row["unusable_new"] = row["splits"]["unusable"] - (past[-1]["splits"]["unusable"] if past and "splits" in past[-1] else 0)
     val, test = splits["validation"] + curated.get("val", []), splits["test"]
@@ -173,11 +174,12 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     if missing:
         row |= {"decision": "waiting", "reason": missing, "current_after": before, "seconds": time.perf_counter() - started}
         jsonl.append(home / "history.jsonl", row)
+        commit()
         print(f"round {number}: {missing}; the pairs are assigned, training waits for more")
         return row
 
-    folder = home / "rounds" / f"round-{number:03d}"
-    new_pairs = {p for f in new for p in loaded[f]}
+    folder = home / "rounds" / f"round-{number:03d}"  # the model alone: the traffic stays in the home
+    work = home / "work" / folder.name                 # the round's training and validation pairs
     chosen_train = [p for p in splits["train"] if mode == "scratch" or before == "base" or p in new_pairs]
     kept = data.drop_overlap(chosen_train, *curated.values(), remedy="the round has nothing to train on yet; "
                              "send more pairs") if curated else chosen_train
@@ -188,8 +190,8 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     config = options.Config(**overrides | {
         "model": str(home / before) if mode == "continue" and before != "base" else chosen["base"],
         "dense_out_features": chosen["width"] if base_model.projection is not None else 0,  # the base's own width
-        "data": str(data.write_pairs(kept, folder / "pairs.tsv.gz")),
-        "val": str(data.write_pairs(val, folder / "val.tsv.gz")), "test": str(home / "heldout" / "test.tsv.gz"),
+        "data": str(data.write_pairs(kept, work / "pairs.tsv.gz")),
+        "val": str(data.write_pairs(val, work / "val.tsv.gz")), "test": str(home / "heldout" / "test.tsv.gz"),
         "zero_shot": False, "out": str(folder), "resume": checkpoint.exists(folder)})
     trained = time.perf_counter()
     if run_folder.finished_metrics(folder) is None:  # a round stopped after its training needs no second one
@@ -219,27 +221,29 @@ def locked_round(home: Path, chosen: dict, sources: list[str]) -> dict:
     current, threshold = (candidate, thresholds["candidate"]) if promoted else (incumbent, thresholds["current"])
     audit_right = evaluate.correct(current, splits["audit"], threshold) if splits["audit"] else np.array([], bool)
     row |= history.audit(home, past, row, audit_right, paired.groups_of(splits["audit"]) if splits["audit"] else None)
-    row["by_source"] = history.by_source(pair_sources(paths_), {"test": (test, right),
+    row["by_source"] = history.by_source(sources_of, {"test": (test, right),
                                                                 "audit": (splits["audit"], {"current_after": audit_right})})
     if after != "base" and "audit" in row:
         card.add_audit(home / after, row)
     row["seconds"] = time.perf_counter() - started
     if promoted:  # everything measured first: the history's line follows the switch at once
-        switch_current(home, folder)
+        commit()
+        home_state.switch_current(home, folder)
     jsonl.append(home / "history.jsonl", row)
+    commit()
     print(history.describe(row))
     return row
 
 
 def the_model_to_beat(home: Path, before: str, base_model, val: list[data.Pair], number: int):
     """The current model and its threshold; before any promotion, the base model as published (what a
-    server of the home serves), its threshold tuned on validation and kept in HOME/base.json."""
+    server of the home serves), its threshold tuned on validation and kept in the home."""
     if before != "base":
         incumbent = evaluate.Remembered(Embedder.load(home / before))
         return incumbent, incumbent.encoder.decision["threshold"]
     incumbent = evaluate.Remembered(base_model)
     threshold = evaluate.evaluate(incumbent, val)["val"]["threshold"]
-    jsonl.write_json(home / "base.json", {"threshold": threshold, "round": number, "validation_pairs": len(val)})
+    home_state.keep_base_threshold(home, threshold, len(val), number)  # every server polls it
     return incumbent, threshold
 
 
@@ -281,20 +285,28 @@ def parse_shares(text: str, flag: str, kind) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", metavar="OUTDIR", help="the flywheel's folder: flywheel.json, current.json, pairs/, "
-                        "heldout/, rounds/, history.jsonl")
+    parser.add_argument("--home", metavar="OUTDIR", help="the flywheel's folder: flywheel.json, pairs.db, rounds/, "
+                        "heldout/, work/, history.jsonl")
     parser.add_argument("--base", metavar="MODEL", help="the base encoder (hub name or folder) that training starts from")
-    parser.add_argument("--pairs", nargs="+", metavar="PAIRS", help="pair files, or folders of them (default: HOME/pairs)")
+    parser.add_argument("--database", help="with --init (or --migrate): where the home's pairs, splits and versions live, "
+                        f"{home_state.DEFAULT_DATABASE} (default, in the home) or postgresql://USER@HOST:PORT/DB "
+                        "(the password in PGPASSWORD, never in the home)")
+    parser.add_argument("--pairs", nargs="+", metavar="PAIRS", help="pair files, or folders of them, added to the store "
+                        "before the round")
     parser.add_argument("--val", metavar="FILE", help="optional curated validation pairs, beside the traffic's own")
     parser.add_argument("--test", metavar="FILE", help="optional curated test pairs: a candidate must not be worse there")
     parser.add_argument("--mode", choices=["scratch", "continue"],
-                        help="scratch (default): base model on all pairs; continue: current model on new files only")
+                        help="scratch (default): base model on all pairs; continue: current model on new pairs only")
     parser.add_argument("--alpha", type=float, help="the home's budget of false promotions over its life (default 0.05)")
     parser.add_argument("--fractions", help="of new pairs, the shares held out as VALIDATION,TEST,AUDIT (default 0.1,0.3,0.1)")
     parser.add_argument("--caps", help="... until each holds this many pairs (default 1000,5000,2000)")
     parser.add_argument("--set", help="training options as option=value ... (see python train.py --help)")
     parser.add_argument("--init", action="store_true", help="only keep the settings in HOME/flywheel.json")
     parser.add_argument("--wait", action="store_true", help="wait for a round already running, instead of exiting")
+    parser.add_argument("--conflicts", action="store_true", help="only list the stored contradictions")
+    parser.add_argument("--export", metavar="OUTDIR", help="only write every stored pair once (pairs.tsv) and the "
+                        "conflicts (conflicts.tsv) into this folder")
+    parser.add_argument("--migrate", action="store_true", help="only move a home made before the database into it")
     parser.add_argument("--plot", metavar="FILE", help="only draw this history.jsonl as a figure")
     errors.add_debug_flag(parser)
     args = paths.parse(parser, argv)
@@ -305,15 +317,61 @@ def main(argv: list[str] | None = None) -> None:
     if args.alpha is not None and not 0 < args.alpha < 1:
         raise InputError("--alpha must be between 0 and 1")
     home = Path(args.home)
+    if args.database:
+        check_url(args.database)
+    is_new = not (home / "flywheel.json").is_file()
+    if args.migrate:
+        return migrate(home, args.database or home_state.DEFAULT_DATABASE)
+    if args.database and not is_new:
+        raise InputError("--database is chosen when a home is made (--init), or with --migrate for a home made before it")
+    if args.conflicts or args.export:
+        return show_data(home, args.conflicts, args.export)
     if args.set:
         options.parse_overrides(args.set)  # a bad --set is named before it is kept
     given = {k: getattr(args, k) for k in SETTINGS}
     given["fractions"] = parse_shares(args.fractions, "--fractions", float) if args.fractions else None
     given["caps"] = parse_shares(args.caps, "--caps", int) if args.caps else None
+    if is_new:
+        given["database"] = args.database or home_state.DEFAULT_DATABASE
+        home_state.open_database(given["database"], home.resolve())  # reachable, its tables made, before it is kept
     chosen = settings(home, given)
     if args.init:
         return print(f"{home}/flywheel.json: {chosen}")
-    run_round(home, chosen, args.pairs or [str(home / "pairs")], args.wait)
+    run_round(home, chosen, args.pairs, args.wait)
+
+
+def show_data(home: Path, conflicts: bool, export: str | None) -> None:
+    """--conflicts and --export: what a person needs to see and take."""
+    db = home_state.database(home)
+    if db is None:
+        raise InputError(f"{home} keeps its pairs in files (pairs/, made before the database): run "
+                         f"python flywheel.py --home {home} --migrate first")
+    if conflicts:
+        rows = db.conflicts()
+        for c in rows:
+            why = "another label" if c["reason"] == "label" else f"id {c['id']!r} names another pair"
+            print(f"{c['received']}  {why}: posted label {c['label']} (id {c['id']}, source {c['source']}) for "
+                  f"{c['text1']!r} / {c['text2']!r}; stored label {c['stored_label']} (id {c['stored_id']}, "
+                  f"{c['stored_received']}) for {c['stored_text1']!r} / {c['stored_text2']!r}")
+        print(f"{len(rows)} conflicts (none trains; settle one by posting the right label under a new id, or export them)")
+    if export:
+        written = db.export(Path(export))
+        print(f"{export}: pairs.tsv ({written['pairs']} pairs, each once), conflicts.tsv ({written['conflicts']}); "
+              f"python train.py --data {Path(export) / 'pairs.tsv'} reads them")
+
+
+def migrate(home: Path, url: str) -> None:
+    """--migrate: a file home's pairs, splits and versions into the database, once."""
+    if not (home / "flywheel.json").is_file():
+        raise InputError(f"{home} is not a flywheel home (no flywheel.json)")
+    if home_state.database(home) is not None:
+        raise InputError(f"{home} is already in a database ({home_state.database(home).url}); nothing to migrate")
+    with FileLock(home / "round.lock", wait=False):  # no round of the file home reads while it moves
+        counts = home_state.migrate(home, url)
+    print(f"{home} now keeps its state in {url}: {counts['read']} pairs that rounds have read and {counts['unread']} "
+          f"not yet read, {counts['duplicates']} repeats dropped, {counts['conflicts']} conflicts kept apart, "
+          f"{counts['texts']} texts keep their splits, serving {counts['version']}. The files stay as they were; "
+          "restart the servers of this home.")
 
 
 if __name__ == "__main__":

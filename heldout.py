@@ -2,7 +2,8 @@
 
 A home made from a base model alone has no test set: its first labels are its traffic. So each
 round, before it trains, gives every text that no round has seen yet a split (train, validation,
-test or audit) and keeps it in HOME/splits.jsonl, one line a text, appended and never rewritten:
+test or audit) and keeps it for good: in the home's database (`home_db.py`), or, in a home made
+before there was one, in HOME/splits.jsonl, one line a text, appended and never rewritten:
 
     {"text": "how do i learn python?", "split": "test"}
 
@@ -52,28 +53,48 @@ def draw(key: tuple[str, str], counts: dict, fractions: dict, caps: dict) -> str
     return "train"
 
 
-class Ledger:
-    """HOME/splits.jsonl read into memory: each normalised text's split. `refresh()` reads only what
-    was appended since the last read (a server calls it on every batch of pairs)."""
+class SplitsFile:
+    """HOME/splits.jsonl, the ledger of a home whose state is in files (a database home keeps it in
+    its `splits` table: `home_db.HomeDB` has the same two methods)."""
 
     def __init__(self, path: Path):
-        self.path, self.split_of, self.offset = Path(path), {}, 0
-        self.refresh()
+        self.path = Path(path)
 
-    def refresh(self) -> None:
+    def splits_after(self, offset: int) -> tuple[list[tuple[str, str]], int]:
+        """The (text, split) rows appended after byte `offset`, and the offset to read on from."""
         if not self.path.is_file():
-            return
+            return [], offset
         with open(self.path, "rb") as f:
-            f.seek(self.offset)
+            f.seek(offset)
             chunk = f.read()
         complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being appended right now is read next time
+        rows = []
         for line in complete.decode("utf-8").splitlines():
             try:
                 row = json.loads(line)
             except ValueError:  # a line torn by a crash: its text is decided again, the same way
                 continue
-            self.split_of.setdefault(row["text"], row["split"])
-        self.offset += len(complete)
+            rows.append((row["text"], row["split"]))
+        return rows, offset + len(complete)
+
+    def add_splits(self, rows: list[tuple[str, str]]) -> None:
+        jsonl.append_rows(self.path, [{"text": text, "split": split} for text, split in rows])
+
+
+class Ledger:
+    """Each normalised text's split, read into memory from HOME/splits.jsonl or a home's database.
+    `refresh()` reads only what was added since the last read (a server calls it on every batch of
+    pairs)."""
+
+    def __init__(self, source):
+        self.source = SplitsFile(source) if isinstance(source, (str, Path)) else source
+        self.split_of, self.offset = {}, 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        rows, self.offset = self.source.splits_after(self.offset)
+        for text, split in rows:
+            self.split_of.setdefault(text, split)
 
     def assign(self, pairs: list[data.Pair], curated: set[str] = frozenset(), fractions: dict = FRACTIONS,
                caps: dict = CAPS) -> dict[str, list[data.Pair]]:
@@ -94,9 +115,8 @@ class Ledger:
                     decided[text] = split
             split_a, split_b = known(a), known(b)
             out[split_a if split_a == split_b else "unusable"].append(pair)
-        jsonl.append_rows(self.path, [{"text": t, "split": s} for t, s in decided.items()])
-        self.split_of.update(decided)
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.source.add_splits(list(decided.items()))
+        self.refresh()
         return out
 
     def split(self, text: str) -> str | None:

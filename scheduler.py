@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import errors
-import flywheel
+import home_state
 import jsonl
 from errors import InputError
 
@@ -40,7 +40,7 @@ class RoundScheduler(threading.Thread):
                 self.failed(f"round: the tick failed: {errors.first_line(e)}")
 
     def tick(self) -> None:
-        new = flywheel.new_pair_count(self.home, self.home / "pairs")
+        new = home_state.new_pair_count(self.home)
         if new < self.min_new_pairs:
             return
         print(f"round: {new} new pairs, starting (log: {self.home / 'rounds.log'})", flush=True)

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 import errors
 import flywheel
 import history
+import home_state
 import modal
 import paths
 from api_contract import (MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key, embeddings_payload,
@@ -47,6 +48,7 @@ from scheduler import RoundScheduler, parse_period
 from serve_metrics import Metrics
 
 INLINE_TEXTS = 64           # requests this small are tokenised and encoded on the event loop itself
+WATCH_EVERY_S = 2.0         # how often a home's server polls the versions it should serve
 
 
 # ---------------------------------------------------------------------------------------- the app
@@ -92,12 +94,11 @@ async def off_loop(size: int, function, *args):
 
 
 def build_app(versions, store=None, batcher=None, read_key: str | None = None, write_key: str | None = None,
-              ledger=None, after_write=None, home: Path | None = None):
-    """The FastAPI app over `versions` (versions.Versions). `store` (pair_store.PairStore) enables
-    /v1/pairs; `ledger` (heldout.Ledger) knows the split of each text a round has seen (a stored pair
-    that touches a held-out text will go where that text's split says: it is counted by split);
-    `after_write()` runs after each stored batch (Modal commits its Volume there); `home` adds each
-    version's latest audit to /v1/models."""
+              ledger=None, home: Path | None = None):
+    """The FastAPI app over `versions` (versions.Versions). `store` (home_db.HomeDB, or a file home's
+    pair_store.PairStore) enables /v1/pairs; `ledger` (heldout.Ledger) knows the split of each text a
+    round has seen (a stored pair that touches a held-out text will go where that text's split says:
+    it is counted by split); `home` adds each version's latest audit to /v1/models."""
     metrics = Metrics(lambda: batcher.queued, versions)
     batcher = batcher or Batcher(on_batch=metrics.batch)
     batcher.on_batch = metrics.batch
@@ -110,6 +111,9 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
         try:
             return versions.resolve(name)
         except KeyError:
+            if name in versions.expected:  # the home serves it; this process is still loading it
+                raise ApiError(503, f"model version '{name}' is being loaded here: retry after {RETRY_AFTER_S} s",
+                               "model", "model_loading", "server_error", {"Retry-After": str(RETRY_AFTER_S)}) from None
             held = ", ".join(v.id for v in versions.held)
             raise ApiError(404, f"model version '{name}' is not served here (served: {held})", "model",
                            "model_not_found") from None
@@ -122,6 +126,7 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
             raise ApiError(429, f"the server is busy ({e}): retry after {RETRY_AFTER_S} s", code="queue_full",
                            kind="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         metrics.truncated.inc(truncated)
+        metrics.by_version.labels(version.id).inc()
         return vectors, sum(map(len, ids)), truncated
 
     app.add_middleware(CountRequests, metrics=metrics)
@@ -185,12 +190,11 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
                            code="no_write_key", kind="authentication_error")
         check_key(request, write_key, "writes")
         rows = pair_list(await read_json(request), MAX_STORE_PAIRS, labelled=True)
-        outcome = await asyncio.to_thread(store.add, rows)
-        if after_write and outcome["accepted"] + outcome["conflicts"]:
-            await asyncio.to_thread(after_write)
-        touching = held_out_splits(rows)
+        outcome = await asyncio.to_thread(store.add, rows)  # acknowledged once committed
+        touching = await asyncio.to_thread(held_out_splits, rows)
         metrics.pairs(outcome, touching)
-        return {"object": "pairs.batch", **outcome, "touching_held_out": sum(touching.values()), "stored": len(store.labels)}
+        stored = await asyncio.to_thread(store.count)
+        return {"object": "pairs.batch", **outcome, "touching_held_out": sum(touching.values()), "stored": stored}
 
     def held_out_splits(rows: list[dict]) -> dict[str, int]:
         """How many of the pairs touch a text that a round has held out, by that text's split."""
@@ -223,7 +227,9 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
     @app.get("/health")
     async def health():
         rounds = getattr(app.state, "rounds", None)
-        return {"status": "ok", "version": versions.current.id} | ({"rounds": rounds.status} if rounds else {})
+        agreement = {} if versions.wanted is None else {"home_version": versions.wanted,
+                                                        "agrees": versions.current.id == versions.wanted}
+        return {"status": "ok", "version": versions.current.id} | agreement | ({"rounds": rounds.status} if rounds else {})
 
     @app.get("/metrics")
     async def prometheus():
@@ -233,11 +239,9 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
 
 
 def make_app(home: Path | None, model: str | None, device: str = "auto", precision: str = "auto",
-             watch_every: float = 2.0, before_poll=None, after_write=None, batch_tokens: int = 4096):
+             watch_every: float = WATCH_EVERY_S, before_load=None, batch_tokens: int = 4096):
     """Everything a server needs, for a flywheel home or a plain model folder."""
     from model import cpu_has_bf16, pick_device
-    from heldout import Ledger
-    from pair_store import PairStore
     from versions import HomeWatcher, Versions
 
     bf16 = {"auto": None, "fp32": False, "bf16": True}[precision]
@@ -245,23 +249,22 @@ def make_app(home: Path | None, model: str | None, device: str = "auto", precisi
     if bf16 and target.type == "cpu" and not cpu_has_bf16():
         raise InputError("--precision bf16: this CPU has no bf16 units (AVX512-BF16 or AMX); use fp32 or auto")
     if home is not None:
-        versions, store = Versions.from_home(home, device), PairStore(home / "pairs")
-        ledger = Ledger(home / "splits.jsonl")
-        watcher = HomeWatcher(versions, home, watch_every, device, before_poll)
+        versions, store, ledger = Versions.from_home(home, device), home_state.pair_store(home), home_state.ledger(home)
+        watcher = HomeWatcher(versions, home, watch_every, device, before_load)
         watcher.start()
     else:
         versions, store, ledger = Versions.from_folder(model, device), None, None
     keys = {k: os.environ.get(f"EMBED_FT_{k.upper()}_KEY") or None for k in ("read", "write")}
     threads = ThreadChooser() if target.type == "cpu" else None
     return build_app(versions, store, Batcher(token_budget=batch_tokens, bf16=bf16, threads=threads), keys["read"],
-                     keys["write"], ledger, after_write, home)
+                     keys["write"], ledger, home)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--home", metavar="DIR", help="a flywheel home (python flywheel.py --home DIR ... --init): serve its "
-                        "current model, collect pairs into DIR/pairs, swap in promoted models")
+                        "versions, collect pairs into its database, swap in promoted models")
     source.add_argument("--model", metavar="MODEL", help="a model folder (a train.py --out) to serve as it is")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -321,10 +324,16 @@ def ready_line(app, url: str, period: float | None) -> str:
 
 
 # -------------------------------------------------------------------------------------------- Modal
-# The web class serves the home on a Volume; a Cron function runs the round on a GPU over the same
-# Volume. The web containers reload() the Volume to see the pointer that a round wrote, and commit()
-# after each stored batch, so the round sees the pairs. Keys come from a Modal Secret named
-# embed-ft-keys (EMBED_FT_WRITE_KEY, EMBED_FT_READ_KEY).
+# The web class scales out to as many containers as traffic needs; a Cron function runs the round on
+# a GPU. What they share lives in two places, each for what it does well:
+# - the home's PostgreSQL database (flywheel.json's `database`; its password is PGPASSWORD in the
+#   Secret embed-ft-database): pairs, conflicts, each text's split, the versions served. A stored
+#   batch, a retry, a conflict and a promotion are transactions there, so they hold across containers.
+# - the Volume: flywheel.json, history.jsonl and the model folders, written by the round alone and
+#   committed before the pointer row changes. A web container writes nothing to it, and reloads it
+#   only to read a folder the row names that it has not loaded (the weights are read into memory,
+#   so no Volume file is open then). HF_HOME is each container's own disk: no two write one cache.
+# Keys come from the Secret embed-ft-keys (EMBED_FT_WRITE_KEY, EMBED_FT_READ_KEY).
 
 app = modal.App("embed-ft-serve")
 image = (
@@ -332,50 +341,58 @@ image = (
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0", "numpy==2.4.6",
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "matplotlib==3.10.7",
                     "fastapi==0.165.0", "uvicorn==0.54.0", "uvloop==0.23.0", "httptools==0.9.0",
-                    "prometheus_client==0.26.0")
-    .env({"HF_HOME": "/flywheel/huggingface", "TOKENIZERS_PARALLELISM": "false"})
+                    "prometheus_client==0.26.0", "psycopg[binary,pool]==3.3.3")
+    .env({"HF_HOME": "/root/.cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "packing", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
-                             "openai_embeddings", "paired", "paths", "flywheel", "pair_store", "versions",
-                             "batcher", "cpu_threads", "serve_metrics", "api_contract", "heldout", "gate", "file_lock", "history",
-                             "scheduler", "pooling", "st_layout")  # Modal adds serve.py
+                             "openai_embeddings", "paired", "paths", "flywheel", "pair_store", "versions", "home_db",
+                             "home_state", "batcher", "cpu_threads", "serve_metrics", "api_contract", "heldout", "gate",
+                             "file_lock", "history", "scheduler", "pooling", "st_layout")  # Modal adds serve.py
 )
 volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)
 HOME = Path("/flywheel/home")
-KEYS = [modal.Secret.from_name("embed-ft-keys", required_keys=["EMBED_FT_WRITE_KEY"])]
+SECRETS = [modal.Secret.from_name("embed-ft-keys", required_keys=["EMBED_FT_WRITE_KEY"]),
+           modal.Secret.from_name("embed-ft-database", required_keys=["PGPASSWORD"])]
 ROUND_GPU = "H100"
 MIN_NEW_PAIRS = 500
 
 
-@app.cls(image=image, volumes={"/flywheel": volume}, secrets=KEYS, cpu=2.0, scaledown_window=15 * 60)
+def on_postgresql() -> None:
+    """Containers share a home only through PostgreSQL: a SQLite file or pair files on a Volume would
+    keep each container's writes to itself until a commit, and lose or double them across containers."""
+    db = home_state.database(HOME)
+    if db is None or db.dialect != "postgresql":
+        raise InputError(f"{HOME} must keep its state in PostgreSQL to be served by many containers: make it with "
+                         "flywheel.py --init --database postgresql://USER@HOST:PORT/DB (or --migrate --database ...)")
+
+
+@app.cls(image=image, volumes={"/flywheel": volume}, secrets=SECRETS, cpu=2.0, scaledown_window=15 * 60)
 @modal.concurrent(max_inputs=64)
 class Server:
     @modal.enter()
     def load(self):
-        self.api = make_app(HOME, None, watch_every=30.0, before_poll=volume.reload, after_write=volume.commit)
+        on_postgresql()
+        self.api = make_app(HOME, None, watch_every=5.0, before_load=volume.reload)
 
     @modal.asgi_app()
     def web(self):
         return self.api
 
 
-@app.function(image=image, gpu=ROUND_GPU, volumes={"/flywheel": volume}, timeout=3 * 60 * 60,
-              schedule=modal.Cron("0 * * * *"), max_containers=1)
+@app.function(image=image, gpu=ROUND_GPU, volumes={"/flywheel": volume}, secrets=SECRETS, timeout=3 * 60 * 60,
+              schedule=modal.Cron("0 * * * *"))
 def scheduled_round(min_new_pairs: int = MIN_NEW_PAIRS) -> dict | None:
-    """Every hour: a round over the Volume's home, once enough new pairs have arrived. One container at
-    most (max_containers=1): a file lock does not hold across containers on a Volume, so a round that
-    outlasts the hour makes the next one wait instead of overlapping it."""
+    """Every hour: a round over the home, once enough new pairs have arrived. One round at a time by
+    the database's round lock (a round that outlasts the hour makes the next one exit at once). The
+    model folder is committed to the Volume before the pointer row names it."""
+    on_postgresql()
     if not modal.is_local():
         volume.reload()
-    new = flywheel.new_pair_count(HOME, HOME / "pairs")
+    new = home_state.new_pair_count(HOME)
     if new < min_new_pairs:
         print(f"{new} new pairs, fewer than {min_new_pairs}: no round")
         return None
-    try:
-        return flywheel.run_round(HOME, flywheel.settings(HOME, {}), [str(HOME / "pairs")])
-    finally:
-        if not modal.is_local():
-            volume.commit()
+    return flywheel.run_round(HOME, flywheel.settings(HOME, {}), commit=None if modal.is_local() else volume.commit)
 
 
 if __name__ == "__main__":

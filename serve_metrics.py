@@ -10,6 +10,7 @@
     embed_ft_pairs_held_out_total{split}         ... of those touching a held-out text, by the text's split
     embed_ft_round_failures_total                scheduled rounds (or their ticks) that failed
     embed_ft_model_version{version, role}        1 for each version served: current or previous
+    embed_ft_version_requests_total{version}     embeddings and duplicates requests, by the version that answered
 
 A registry of its own per app, so that two servers in one process (the tests) count apart.
 """
@@ -44,6 +45,8 @@ class Metrics:
         self.held_out = Counter("embed_ft_pairs_held_out", "Pairs posted that touch a held-out text, by its split",
                                 ["split"], registry=registry)
         self.round_failures = Counter("embed_ft_round_failures", "Scheduled rounds or ticks that failed", registry=registry)
+        self.by_version = Counter("embed_ft_version_requests", "Requests answered, by model version", ["version"],
+                                  registry=registry)
         self.version = Gauge("embed_ft_model_version", "Versions served", ["version", "role"], registry=registry)
 
     def request(self, route: str, code: int, seconds: float) -> None:

@@ -1,16 +1,19 @@
 """The model versions a server holds, and how a new one takes over without a restart.
 
-A flywheel home names its current model in `current.json` (flywheel.py replaces it atomically when
-a round promotes). A server holds two versions: the current one, and the one before it, so that a
+A flywheel home names the versions served, the current one and the one before it, in its database
+(`home_state.served`; a round changes that row when it promotes). A server holds both, so that a
 client whose vector index was built with the old vectors can still embed its queries with them
 while it re-indexes (`"model": "round-002"`). Any other model name is served by the current version.
 
     versions = Versions.from_home(Path("fw"))
-    HomeWatcher(versions, Path("fw")).start()     # polls current.json; loads a promoted model beside the old one
+    HomeWatcher(versions, Path("fw")).start()     # polls the row; loads a promoted model beside the old one
 
-The new model is loaded in the watcher's thread, beside the one in use, and only then made current:
-a single assignment, which the server reads once per request. No request waits for the load, and
-each request keeps the version it was admitted with until its response is complete.
+Every process of a home polls the same row, so all of them serve what the database says within a
+poll period and a load. The new model is loaded in the watcher's thread, beside the one in use, and
+only then made current: a single assignment, which the server reads once per request. No request
+waits for the load, and each request keeps the version it was admitted with until its response is
+complete. A request pinned to a version the database serves but this process has not loaded yet is
+told to retry (`Versions.expected`), never given another model's vectors.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Callable
 
 import data
 import evaluate
-import flywheel
+import home_state
 import jsonl
 from errors import InputError
 from model import Embedder, load_model, pick_device
@@ -67,20 +70,27 @@ def load_version(version_id: str, folder: str, device: str = "auto", promoted_at
 
 def base_version(home: Path, device: str) -> Version:
     """The home's base model as published, at the threshold the last round tuned on validation
-    (HOME/base.json), so that a restart is quick; a home no round has judged yet has none, unless it
+    (kept in the home), so that a restart is quick; a home no round has judged yet has none, unless it
     has a curated --val to tune one on (kept for the next start)."""
     settings = jsonl.read_json(home / "flywheel.json") or {}
     if not settings.get("base"):
         raise InputError(f"{home} has no flywheel.json: run python flywheel.py --home {home} --base MODEL --init first")
     version = load_version("base", settings["base"], device)
-    threshold = flywheel.base_threshold(home)
+    threshold = home_state.base_threshold(home)
     if threshold is None and version.threshold is None and settings.get("val"):
         val = data.load_pairs(settings["val"])
         threshold = evaluate.evaluate(version.model, val)["val"]["threshold"]
-        jsonl.write_json(home / "base.json", {"threshold": threshold, "validation_pairs": len(val), "round": None})
+        home_state.keep_base_threshold(home, threshold, len(val), None)
     if threshold is not None:
         version.model.decision = {"threshold": threshold}
     return version
+
+
+def load_pointer(home: Path, pointer: dict, device: str) -> Version:
+    """The version a pointer of `home_state.served` names."""
+    if pointer["path"] is None:
+        return base_version(home, device)
+    return load_version(pointer["version"], str(home / pointer["path"]), device, pointer["promoted_at"])
 
 
 def freeze_long_lived() -> None:
@@ -93,11 +103,13 @@ def freeze_long_lived() -> None:
 
 
 class Versions:
-    """The versions served, newest last; the last is current. At most `keep` are held."""
+    """The versions served, newest last; the last is current. At most `keep` are held. `expected`:
+    the ids the home's database serves (a process may be loading one); `wanted`: its current one."""
 
     def __init__(self, versions: list[Version], keep: int = 2):
         self.keep = keep
         self.held = versions[-keep:]
+        self.expected, self.wanted = {v.id for v in self.held}, None
         freeze_long_lived()
 
     @property
@@ -113,10 +125,10 @@ class Versions:
             raise KeyError(name)
         return self.current
 
-    def promote(self, version: Version) -> None:
-        """Make a loaded version current; the oldest beyond `keep` is let go (requests that hold it
-        finish with it)."""
-        self.held = (self.held + [version])[-self.keep:]
+    def serve(self, versions: list[Version]) -> None:
+        """Make these the versions held, the last current (one assignment); those let go finish the
+        requests that hold them."""
+        self.held = versions[-self.keep:]
         freeze_long_lived()
 
     @classmethod
@@ -125,48 +137,62 @@ class Versions:
 
     @classmethod
     def from_home(cls, home: Path, device: str = "auto", keep: int = 2) -> "Versions":
-        """The current version and the one promoted before it (the base model before two promotions)."""
-        promoted = [row for row in jsonl.read(home / "history.jsonl") if row["decision"] == "promoted"]
-        pointer = flywheel.current_version(home)
-        chain = [("base", None, None)] + [(Path(r["candidate"]).name, r["candidate"], r["time"]) for r in promoted]
-        chain = [c for c in chain if c[0] != pointer["version"]] + [(pointer["version"], pointer["path"], pointer["promoted_at"])]
-        versions = [base_version(home, device) if path is None else load_version(vid, str(home / path), device, when)
-                    for vid, path, when in chain[-keep:]]
-        return cls(versions, keep)
+        """The versions the home serves: the current one and the one before it (the base model before
+        two promotions)."""
+        pointers = served_pointers(home)[-keep:]
+        versions = cls([load_pointer(home, p, device) for p in pointers], keep)
+        versions.wanted = pointers[-1]["version"]
+        return versions
+
+
+def served_pointers(home: Path) -> list[dict]:
+    """The pointers of the versions the home serves, oldest first."""
+    served = home_state.served(home)
+    return [p for p in (served["previous"], served["current"]) if p]
 
 
 class HomeWatcher(threading.Thread):
-    """Polls home/current.json every `every` seconds and promotes what it names, once loaded.
-    `before_poll` runs first (on Modal: the Volume's reload(), so that this container sees the
-    pointer another container wrote); `on_swap(version)` after a promotion."""
+    """Polls the home's served versions and base threshold every `every` seconds and serves what they
+    say, loading a version first where it is new here. `before_load` runs before a load (on Modal: the
+    Volume's reload(), so that this container sees the folder the round committed); `on_swap(version)`
+    after a new current version."""
 
     def __init__(self, versions: Versions, home: Path, every: float = 2.0, device: str = "auto",
-                 before_poll: Callable[[], None] | None = None, on_swap: Callable[[Version], None] | None = None):
+                 before_load: Callable[[], None] | None = None, on_swap: Callable[[Version], None] | None = None):
         super().__init__(daemon=True, name="home-watcher")
         self.versions, self.home, self.every, self.device = versions, home, every, device
-        self.before_poll, self.on_swap = before_poll, on_swap
+        self.before_load, self.on_swap = before_load, on_swap
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
             try:
                 self.poll()
-            except Exception as e:  # a half-copied folder, a volume hiccup: keep serving, try again
-                print(f"warning: could not load the promoted model yet: {e}", flush=True)
+            except Exception as e:  # a database or volume hiccup, a half-copied folder: keep serving, try again
+                print(f"warning: could not follow the home's versions yet: {e}", flush=True)
 
     def poll(self) -> None:
-        if self.before_poll:
-            self.before_poll()
-        pointer = flywheel.current_version(self.home)
-        if pointer["version"] == self.versions.current.id:
+        pointers = served_pointers(self.home)
+        self.versions.expected = {p["version"] for p in pointers}
+        self.versions.wanted = pointers[-1]["version"]
+        self.refresh_base_threshold()
+        if [v.id for v in self.versions.held] == [p["version"] for p in pointers][-self.versions.keep:]:
             return
-        started = time.perf_counter()
-        version = load_version(pointer["version"], str(self.home / pointer["path"]), self.device, pointer["promoted_at"])
-        self.versions.promote(version)
-        print(f"now serving {version.id} (loaded in {time.perf_counter() - started:.1f} s beside the previous one)",
-              flush=True)
+        if self.before_load:
+            self.before_load()
+        started, held = time.perf_counter(), {v.id: v for v in self.versions.held}
+        self.versions.serve([held.get(p["version"]) or load_pointer(self.home, p, self.device) for p in pointers])
+        print(f"now serving {self.versions.current.id} (loaded in {time.perf_counter() - started:.1f} s beside "
+              f"{', '.join(v.id for v in self.versions.held[:-1]) or 'nothing'})", flush=True)
         if self.on_swap:
-            self.on_swap(version)
+            self.on_swap(self.versions.current)
+
+    def refresh_base_threshold(self) -> None:
+        """The base model's threshold, once a round has tuned it: no restart needed to use it."""
+        base = next((v for v in self.versions.held if v.id == "base"), None)
+        threshold = home_state.base_threshold(self.home) if base is not None else None
+        if threshold is not None and base.threshold != threshold:
+            base.model.decision = {"threshold": threshold}
 
     def stop(self) -> None:
         self.stopped.set()

@@ -41,7 +41,7 @@ import heldout  # noqa: E402
 import jsonl  # noqa: E402
 import options  # noqa: E402
 import paired  # noqa: E402
-import pair_store  # noqa: E402
+import home_state  # noqa: E402
 import train  # noqa: E402
 from model import Embedder, load_model  # noqa: E402
 
@@ -95,9 +95,9 @@ class Server:
 def checks(home: Path, before: dict[str, str]) -> dict:
     """What must hold after every round: held-out files, no held-out text in any training pairs,
     no text that changed split."""
-    ledger = heldout.Ledger(home / "splits.jsonl")
+    ledger = home_state.ledger(home)
     held = {t for t, s in ledger.split_of.items() if s != "train"}
-    trained = {data.normalise(t) for f in (home / "rounds").glob("round-*/pairs.tsv.gz")
+    trained = {data.normalise(t) for f in (home / "work").glob("round-*/pairs.tsv.gz")
                for a, b, _ in data.load_pairs(str(f)) for t in (a, b)}
     return {"held_out_files": all((home / "heldout" / f"{s}.tsv.gz").is_file() for s in heldout.HELD_OUT),
             "held_out_texts_in_training": len(held & trained),
@@ -107,9 +107,9 @@ def checks(home: Path, before: dict[str, str]) -> dict:
 
 def served_model(home: Path, base: str) -> tuple[Embedder, float | None]:
     """The home's current model and the threshold it is served at."""
-    pointer = flywheel.current_version(home)
+    pointer = home_state.current_version(home)
     if pointer["path"] is None:
-        return load_model(base, None), flywheel.base_threshold(home)
+        return load_model(base, None), home_state.base_threshold(home)
     model = Embedder.load(home / pointer["path"])
     return model, model.decision["threshold"]
 
@@ -126,9 +126,9 @@ def reference(home: Path, work: Path, round_number: int, settings: str) -> dict:
     out = work / f"reference-{round_number:02d}"
     metrics = out / "metrics.json"
     if not metrics.is_file():
-        ledger = heldout.Ledger(home / "splits.jsonl")
+        ledger = home_state.ledger(home)
         banned = {t for t, s in ledger.split_of.items() if s in ("audit", "validation")}
-        arrived, _, _ = pair_store.settle([p for f in flywheel.pair_files([str(home / "pairs")]) for p in data.load_pairs(str(f))])
+        arrived = [(r["text1"], r["text2"], r["label"]) for r in home_state.database(home).pairs()]  # each once
         usable = [p for p in arrived if data.normalise(p[0]) not in banned and data.normalise(p[1]) not in banned]
         config = options.Config(**options.parse_overrides(settings) | {
             "model": flywheel.settings(home, {})["base"], "dense_out_features": 0,
@@ -150,7 +150,7 @@ def base_right(base: str, home: Path, unseen: list[data.Pair]):
     """The base model on the unseen pairs at the home's base threshold (its cosines computed once)."""
     if "scores" not in BASE_SCORES:
         BASE_SCORES["scores"] = evaluate.cosine_scores(load_model(base, None), unseen)
-    return (BASE_SCORES["scores"] > flywheel.base_threshold(home)) == (evaluate.labels_of(unseen) == 1)
+    return (BASE_SCORES["scores"] > home_state.base_threshold(home)) == (evaluate.labels_of(unseen) == 1)
 
 
 def run_home(home: Path, work: Path, plan: list[tuple[str, list[data.Pair]]], first_round: int, args, results: Path,
@@ -165,8 +165,8 @@ def run_home(home: Path, work: Path, plan: list[tuple[str, list[data.Pair]]], fi
             if len(jsonl.read(home / "history.jsonl")) < number:
                 server = server or Server(home)
                 posted = server.post(pairs, source)
-                before = dict(heldout.Ledger(home / "splits.jsonl").split_of)
-                row = flywheel.run_round(home, flywheel.settings(home, {}), [str(home / "pairs")])
+                before = dict(home_state.ledger(home).split_of)
+                row = flywheel.run_round(home, flywheel.settings(home, {}))
             else:  # the round ran before an interruption; its checks start from its own state
                 row, posted, before = jsonl.read(home / "history.jsonl")[number - 1], None, {}
             model, threshold = served_model(home, args.base)
@@ -177,7 +177,7 @@ def run_home(home: Path, work: Path, plan: list[tuple[str, list[data.Pair]]], fi
                                                       "alpha_round", "audit", "seen", "audit_agrees", "note",
                                                       "by_source", "seconds", "train_seconds")},
                    "unseen_quora": unseen_error}
-            if flywheel.base_threshold(home) is not None:
+            if home_state.base_threshold(home) is not None:
                 out["unseen_quora_vs_base"] = paired.compare_pairs(unseen_right, base_right(args.base, home, unseen))
             if args.references and source == "quora":
                 out["reference"] = reference(home, work, number, args.set)

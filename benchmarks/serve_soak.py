@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import flywheel  # noqa: E402
+import home_state  # noqa: E402
 import jsonl  # noqa: E402
 from model import load_model  # noqa: E402
 from serve_speed import cpu_name, free_port, wait_until_up  # noqa: E402
@@ -57,7 +58,7 @@ def promote(home: Path, model: Path, number: int) -> str:
     """What a round that promotes does to the home: a complete folder first, then the pointer."""
     folder = home / "rounds" / f"round-{number:03d}"
     shutil.copytree(model, folder)
-    flywheel.switch_current(home, folder)
+    home_state.switch_current(home, folder)
     return folder.name
 
 

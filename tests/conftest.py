@@ -78,6 +78,17 @@ needs_shared = pytest.mark.skipif(not (SHARED / "data" / "quora" / "splits").is_
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server for the session (tests that claim a database guarantee run on it)."""
+    import throwaway_postgres
+    why = throwaway_postgres.available()
+    if why:
+        pytest.skip(why)
+    with throwaway_postgres.ThrowawayPostgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 from ../shared/fetch-models, cached outside the repository."""
     cache = Path(os.environ.get("EMBED_FT_MODELS", Path.home() / ".cache" / "embed-ft" / "models"))

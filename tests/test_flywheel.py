@@ -1,4 +1,3 @@
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import evaluate
 import flywheel
 import heldout
 import history
+import home_db
+import home_state
 import paired
 import jsonl
 from model import Embedder
@@ -31,7 +32,7 @@ def flywheel_setup(tiny_model_dir, tmp_path):
 
 
 def training_texts(home) -> set[str]:
-    return {data.normalise(t) for f in (home / "rounds").glob("round-*/pairs.tsv.gz") for a, b, _ in data.load_pairs(str(f))
+    return {data.normalise(t) for f in (home / "work").glob("round-*/pairs.tsv.gz") for a, b, _ in data.load_pairs(str(f))
             for t in (a, b)}
 
 
@@ -51,13 +52,14 @@ def test_a_home_from_a_base_alone_grows_its_held_out_promotes_and_audits(flywhee
     assert first["decision"] == "promoted" and first["new_test_pairs"] == first["test_pairs"]
     assert first["alpha_round"] == pytest.approx(0.05 / 4 + 0.025 * first["test_pairs"] / 5000)
     assert Embedder.load(home / "rounds/round-001").dim == 32
+    assert not list((home / "rounds").glob("*/*.tsv.gz"))  # the model folder holds the model, never the traffic
     audit = first["audit"]
     assert audit["version"] == "round-001" and audit["n"] == first["splits"]["audit"]
     assert audit["interval"][0] <= audit["error"] <= audit["interval"][1] and first["audit_agrees"]
     assert 0 < audit["groups"] <= audit["n"] and audit["design_effect"] >= 1 and 0 < first["test_groups"] <= first["test_pairs"]
     assert first["traffic"]["groups"] == first["test_groups"]  # the decision counted by groups too
     assert "## Audit by the flywheel" in (home / "rounds/round-001/README.md").read_text()
-    splits_after_one = dict(heldout.Ledger(home / "splits.jsonl").split_of)
+    splits_after_one = dict(home_state.ledger(home).split_of)
     out = capsys.readouterr().out
     assert "-> PROMOTED" in out and "audit: round-001" in out
     # Round 2: more pairs, a few of them joining two texts that now lie in different splits.
@@ -66,7 +68,7 @@ def test_a_home_from_a_base_alone_grows_its_held_out_promotes_and_audits(flywhee
     write_tsv(drops / "02.tsv", synthetic_pairs(600, 4) + bridges)
     flywheel.main(args)
     second = jsonl.read(home / "history.jsonl")[1]
-    ledger = heldout.Ledger(home / "splits.jsonl")
+    ledger = home_state.ledger(home)
     assert all(ledger.split_of[t] == s for t, s in splits_after_one.items())  # no text changed split
     assert second["splits"]["unusable"] >= 5 and second["unusable_new"] >= 5
     assert second["test_number"] == 2 and second["new_test_pairs"] == second["test_pairs"] - first["test_pairs"]
@@ -116,15 +118,16 @@ def test_too_few_held_out_pairs_wait_and_the_settings_are_kept(flywheel_setup, c
     code, err = run_cli(flywheel.main, ["--home", str(home)], capsys)
     assert code == 2 and "give --base MODEL once" in err
     flywheel.main(args + ["--init"])
-    assert flywheel.new_pair_count(home, drops) == 0  # an empty store is no error
+    assert home_state.new_pair_count(home) == 0  # an empty store is no error
+    home_state.database(home).add([{"text1": a, "text2": b, "label": y} for a, b, y in synthetic_pairs(30, 7)])
+    assert home_state.new_pair_count(home) == 30
     write_tsv(drops / "01.tsv", synthetic_pairs(60, 1) + synthetic_pairs(60, 1)[:20])  # 20 repeats
-    assert flywheel.new_pair_count(home, drops) == 80
     flywheel.main(["--home", str(home), "--pairs", str(drops)])
     row = jsonl.read(home / "history.jsonl")[0]
     assert row["decision"] == "waiting" and row["repeats_dropped"] == 20 and "a round needs 50" in row["reason"]
-    assert flywheel.new_pair_count(home, drops) == 0
+    assert row["new_pairs"] == row["pairs_seen"] == 90 and home_state.new_pair_count(home) == 0
     code, err = run_cli(flywheel.main, ["--home", str(home), "--pairs", str(drops)], capsys)
-    assert code == 2 and "no new pair files since the last round" in err
+    assert code == 2 and "no new pairs since the last round (90 stored)" in err
 
 
 def test_a_home_keeps_one_width(tiny_model_dir, tmp_path, capsys):
@@ -152,7 +155,7 @@ def test_noise_is_refused_and_a_curated_set_is_reported_apart(tiny_model_dir, tm
     write_tsv(drops / "02.tsv", [(a, b, int(y)) for (a, b, _), y in zip(noise, labels)])
     flywheel.main(args + ["--mode", "continue"])
     second = jsonl.read(tmp_path / "fw" / "history.jsonl")[1]
-    assert second["decision"] == "refused" and flywheel.current_version(tmp_path / "fw")["path"] == "rounds/round-001"
+    assert second["decision"] == "refused" and home_state.current_version(tmp_path / "fw")["path"] == "rounds/round-001"
     assert (tmp_path / "fw" / "rounds" / "round-002" / "model.safetensors").is_file()  # kept for inspection
 
 
@@ -160,21 +163,21 @@ def test_a_crash_during_the_switch_leaves_the_old_current_intact(flywheel_setup,
     drops, home, args = flywheel_setup
     write_tsv(drops / "01.tsv", synthetic_pairs(600, 1))
     flywheel.main(args)
-    before = Embedder.load(home / flywheel.current_version(home)["path"]).encode(["t1a t1b"])
+    before = Embedder.load(home / home_state.current_version(home)["path"]).encode(["t1a t1b"])
     write_tsv(drops / "02.tsv", synthetic_pairs(300, 5))
-    real_replace = os.replace
+    real_set_state = home_db.HomeDB.set_state
 
-    def crash(src, dst):
-        if str(dst).endswith("current.json"):
+    def crash(db, name, value):
+        if name == "served":
             raise OSError("power cut (pretend)")
-        return real_replace(src, dst)
+        return real_set_state(db, name, value)
 
-    monkeypatch.setattr(jsonl.os, "replace", crash)
+    monkeypatch.setattr(home_db.HomeDB, "set_state", crash)
     monkeypatch.setattr(flywheel.gate, "level", lambda *args: 1.0)  # any candidate that is ahead wins
     with pytest.raises(OSError, match="power cut"):
         flywheel.main(args)
-    assert flywheel.current_version(home)["path"] == "rounds/round-001"
-    np.testing.assert_array_equal(Embedder.load(home / flywheel.current_version(home)["path"]).encode(["t1a t1b"]), before)
+    assert home_state.current_version(home)["path"] == "rounds/round-001"
+    np.testing.assert_array_equal(Embedder.load(home / home_state.current_version(home)["path"]).encode(["t1a t1b"]), before)
     assert len(jsonl.read(home / "history.jsonl")) == 1  # the round is not logged as done: rerun it
 
 

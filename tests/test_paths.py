@@ -131,10 +131,9 @@ def test_each_filtering_step_that_empties_says_what_removed_everything(tiny_mode
     assert code == 2 and "all 40 training pairs share a text with the validation or test pairs" in err
     assert not (tmp_path / "out").exists()  # nothing written
     home = tmp_path / "fw"
-    (home / "pairs").mkdir(parents=True)
-    write_tsv(home / "pairs" / "01.tsv", synthetic_pairs(40, 2))
+    drops = write_tsv(tmp_path / "drops.tsv", synthetic_pairs(40, 2))
     code, err = run_cli(flywheel.main, ["--home", str(home), "--base", str(tiny_model_dir), "--val", str(val),
-                                        "--test", str(test), "--set", "device=cpu"], capsys)
+                                        "--test", str(test), "--set", "device=cpu", "--pairs", str(drops)], capsys)
     assert code == 2 and "all 40 training pairs share a text" in err and "the round has nothing to train on" in err
     assert not (home / "history.jsonl").exists()
     code, err = run_cli(train.main, ["--model", str(tiny_model_dir), "--data", str(val), "--dataset-size", "500",

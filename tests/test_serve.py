@@ -1,6 +1,5 @@
 """serve.py over real HTTP on loopback: a uvicorn server on a free port, the official openai client."""
 import base64
-import json
 import os
 import signal
 import subprocess
@@ -19,12 +18,14 @@ from conftest import ROOT, TEST_DEVICE, LoopbackServer, free_port, run_cli, synt
 
 import api_contract
 import flywheel
+import home_state
 import jsonl
 import scheduler
 import serve
 import serve_metrics
+from errors import InputError
+from home_db import HomeDB
 from model import Embedder, cpu_has_bf16
-from pair_store import PairStore
 
 KEY = "test-write-key"
 
@@ -151,7 +152,7 @@ def test_pairs_need_the_key_and_are_stored_once(home, monkeypatch):
         assert 'embed_ft_pairs_total{outcome="conflict"} 1.0' in metrics
         assert 'embed_ft_requests_total{code="401",route="/v1/pairs"} 2.0' in metrics
         assert KEY not in metrics
-    assert PairStore(home / "pairs").count() == first["accepted"]
+    assert home_state.database(home).count() == first["accepted"]
 
 
 def start_server(home: Path, port: int) -> subprocess.Popen:
@@ -194,10 +195,9 @@ def test_acknowledged_pairs_survive_kill_9(home):
     server.wait()
     stop.set()
     client.join(timeout=30)
-    rows = [json.loads(line) for f in (home / "pairs").glob("batch-*.jsonl") for line in f.read_text().splitlines()]
-    ids = [r["id"] for r in rows]
+    restarted = HomeDB("sqlite:///pairs.db", home)  # what a restarted server opens
+    ids = [r["id"] for r in restarted.pairs()]
     assert {p["id"] for p in acknowledged} <= set(ids) and len(ids) == len(set(ids))
-    restarted = PairStore(home / "pairs")  # what a restarted server reads first
     assert restarted.add(acknowledged) == {"accepted": 0, "duplicates": len(acknowledged), "conflicts": 0, "dropped_self_pairs": 0}
 
 
@@ -254,22 +254,60 @@ def test_the_loop_turns_a_round_promotes_under_load_and_no_request_fails(home, m
         assert 'embed_ft_model_version{role="current",version="round-001"} 1.0' in httpx.get(server.url + "/metrics").text
 
 
-def test_the_modal_app_declares_a_web_class_and_a_scheduled_round(home, monkeypatch):
+def test_the_modal_app_declares_a_web_class_and_a_scheduled_round(home, tiny_model_dir, tmp_path, postgres, monkeypatch):
     assert isinstance(serve.app, modal.App) and isinstance(serve.Server, modal.cls.Cls)
     assert isinstance(serve.scheduled_round, modal.Function) and isinstance(serve.volume, modal.Volume)
     source = Path(serve.__file__).read_text()
     assert '@modal.asgi_app()' in source and 'schedule=modal.Cron(' in source and "@modal.concurrent(" in source
     imported = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    local = {p.stem for p in ROOT.glob("*.py")} & (imported | {"versions", "pair_store", "batcher", "serve_metrics"})
+    local = {p.stem for p in ROOT.glob("*.py")} & (imported | {"versions", "pair_store", "batcher", "serve_metrics", "home_db"})
     call = source[source.index(".add_local_python_source("):].split(")", 1)[0]
     assert all(f'"{name}"' in call for name in local - {"serve"})
-    monkeypatch.setattr(serve, "HOME", home)
+    monkeypatch.setattr(serve, "HOME", home)  # a SQLite home: one machine's, refused
+    with pytest.warns(UserWarning, match="executing locally"), pytest.raises(InputError, match="must keep its state in PostgreSQL"):
+        serve.scheduled_round.local(min_new_pairs=10)
+    shared = tmp_path / "shared"
+    flywheel.main(["--home", str(shared), "--base", str(tiny_model_dir), "--set", f"epochs=4 batch_size=16 lr=1e-3 "
+                   f"device={TEST_DEVICE}", "--init", "--database", postgres.database("modal_round")])
+    monkeypatch.setattr(serve, "HOME", shared)
     with pytest.warns(UserWarning, match="executing locally"):
         assert serve.scheduled_round.local(min_new_pairs=10) is None  # no pairs yet: no round
-    PairStore(home / "pairs").add(pairs_of(600, 1))
+    home_state.database(shared).add(pairs_of(600, 1))
     with pytest.warns(UserWarning, match="executing locally"):
         row = serve.scheduled_round.local(min_new_pairs=10)
-    assert row["decision"] == "promoted" and flywheel.current_version(home)["version"] == "round-001"
+    assert row["decision"] == "promoted" and home_state.current_version(shared)["version"] == "round-001"
+
+
+def test_a_threshold_or_a_version_decided_elsewhere_reaches_a_running_server(tiny_model_dir, tmp_path):
+    """What a round in another process decides (the base threshold, a new version) is served by the
+    next poll; a version the home serves but this process has not loaded is a 503 with Retry-After."""
+    import shutil
+    home = tmp_path / "fw"
+    flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--init"])
+    pair = {"pairs": [{"text1": "t1a t1b", "text2": "t1a t1c"}]}
+
+    def until(condition, seconds=20):
+        deadline = time.time() + seconds
+        while not condition() and time.time() < deadline:
+            time.sleep(0.05)
+        return condition()
+
+    with LoopbackServer(serve.make_app(home, None, device=TEST_DEVICE, watch_every=0.1)) as server:
+        assert httpx.post(server.url + "/v1/duplicates", json=pair).json()["error"]["code"] == "no_threshold"
+        home_state.keep_base_threshold(home, 0.5, 40, 1)  # a first round, refused, tuned it
+        assert until(lambda: httpx.post(server.url + "/v1/duplicates", json=pair).status_code == 200)
+        home_state.database(home).set_state("served", {"previous": home_state.BASE_POINTER, "current": {
+            "version": "round-009", "path": "rounds/round-009", "promoted_at": "now"}})  # its folder is not readable yet
+        assert until(lambda: httpx.get(server.url + "/health").json()["home_version"] == "round-009")
+        pinned = httpx.post(server.url + "/v1/embeddings", json={"input": ["t1a"], "model": "round-009"})
+        assert pinned.status_code == 503 and pinned.headers["retry-after"] and pinned.json()["error"]["code"] == "model_loading"
+        assert httpx.get(server.url + "/health").json()["agrees"] is False
+        shutil.copytree(tiny_model_dir, home / "rounds" / "round-009")
+        assert until(lambda: httpx.get(server.url + "/health").json()["agrees"])
+        assert httpx.post(server.url + "/v1/embeddings", json={"input": ["t1a"], "model": "round-009"}).json()["model"] == "round-009"
+        assert httpx.post(server.url + "/v1/embeddings", json={"input": ["t1a"], "model": "base"}).json()["model"] == "base"
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'embed_ft_version_requests_total{version="round-009"} 1.0' in metrics
 
 
 def test_the_command_line_names_bad_options(tmp_path, capsys):
@@ -286,7 +324,9 @@ def test_the_command_line_names_bad_options(tmp_path, capsys):
 
 
 def test_the_scheduler_survives_every_state_of_the_store(home, capsys):
-    """Missing, empty, only conflicts, a torn file, a file being written: never a dead scheduler."""
+    """Missing, empty, only conflicts, a torn file, a file being written: never a dead scheduler (a
+    home made before the database, whose pairs are files)."""
+    jsonl.write_json(home / "flywheel.json", {k: v for k, v in jsonl.read_json(home / "flywheel.json").items() if k != "database"})
     rounds = scheduler.RoundScheduler(home, every=0.05, min_new_pairs=10)
     pairs = home / "pairs"
     assert not pairs.exists()
@@ -313,10 +353,9 @@ def test_the_scheduler_survives_every_state_of_the_store(home, capsys):
 
 
 def test_pairs_touching_held_out_texts_are_counted_by_split(home, monkeypatch):
-    import heldout
-    heldout.Ledger(home / "splits.jsonl").assign([("t1a held", "t1b held", 1), ("t2a trained", "t2b trained", 0)],
-                                                 fractions={"validation": 0.0, "test": 0.0, "audit": 0.0})
-    jsonl.append_rows(home / "splits.jsonl", [{"text": "t3a audited", "split": "audit"}])
+    home_state.ledger(home).assign([("t1a held", "t1b held", 1), ("t2a trained", "t2b trained", 0)],
+                                   fractions={"validation": 0.0, "test": 0.0, "audit": 0.0})
+    home_state.database(home).add_splits([("t3a audited", "audit")])
     monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
     with LoopbackServer(serve.make_app(home, None, device=TEST_DEVICE)) as server:
         body = {"pairs": [{"text1": "T3A  audited", "text2": "t3b new", "label": 1},
@@ -326,7 +365,7 @@ def test_pairs_touching_held_out_texts_are_counted_by_split(home, monkeypatch):
         text = httpx.get(server.url + "/metrics").text
         assert 'embed_ft_pairs_held_out_total{split="audit"} 1.0' in text
         health = httpx.get(server.url + "/health").json()
-        assert health == {"status": "ok", "version": "base"}
+        assert health == {"status": "ok", "version": "base", "home_version": "base", "agrees": True}
 
 
 # Every field of every route that takes a body, holding a lone surrogate: valid JSON ("\ud800"), but
@@ -399,7 +438,9 @@ def test_sigterm_mid_load_finishes_every_admitted_request_and_refuses_new_ones(s
             for _ in range(300):
                 try:
                     outcomes.append(c.post("/v1/embeddings", json={"input": texts}).status_code)
-                    refused = refused or outcomes[-1] == 503
+                    if outcomes[-1] == 503:  # a refusal is instant: pause, as a client told Retry-After would,
+                        refused = True       # so that the 300 tries outlast the drain rather than a busy machine's
+                        time.sleep(0.1)
                 except httpx.ConnectError:  # nobody listens any more: the server has exited
                     return outcomes.append("gone")
                 except httpx.TransportError as e:  # after a 503: a connection the exiting server closed unread;

@@ -1,20 +1,14 @@
-"""The database pair store: the same guarantees on SQLite and on a real PostgreSQL, across processes."""
+"""The home database: the same guarantees on SQLite and on a real PostgreSQL, across processes."""
 import multiprocessing
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 
-from pair_db import PairDB, check_url
+from home_db import HomeDB, check_url
 from errors import InputError
-import throwaway_postgres
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    why = throwaway_postgres.available()
-    if why:
-        pytest.skip(why)
-    with throwaway_postgres.ThrowawayPostgres() as server:
-        yield server
+from file_lock import BusyError
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -29,7 +23,7 @@ def pair(a, b, label, pair_id=None):
 
 
 def test_a_pair_is_stored_once_and_contradictions_and_reused_ids_are_kept_apart(url):
-    db = PairDB(url)
+    db = HomeDB(url)
     batch = [pair("How do I learn Python?", "Best way to learn Python", 1, "a"), pair("x y", "X  y", 0),
              pair("cats", "dogs", 0, "b")]
     assert db.add(batch) == {"accepted": 2, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": 1}
@@ -44,7 +38,7 @@ def test_a_pair_is_stored_once_and_contradictions_and_reused_ids_are_kept_apart(
 
 
 def add_batches(url, batches, answers):
-    db = PairDB(url)
+    db = HomeDB(url)
     for batch in batches:
         answers.append(db.add(batch))
     db.close()
@@ -64,10 +58,49 @@ def test_three_processes_retrying_each_others_batches_store_each_pair_once(url):
             w.join(60)
         answers = list(answers)
     assert all(w.exitcode == 0 for w in workers)
-    db = PairDB(url)
+    db = HomeDB(url)
     assert db.count() == 240 and sum(a["accepted"] for a in answers) == 240   # none lost, none doubled
     assert sum(a["duplicates"] for a in answers) == 12 * 20  # each of the 12 batches was sent twice, over processes
     assert sum(a["conflicts"] for a in answers) == 2 and len(db.conflicts()) == 1
+    db.close()
+
+
+def test_the_ledger_and_the_state_rows_keep_what_was_decided_first(url):
+    db, other = HomeDB(url), HomeDB(url)
+    db.add_splits([("how do i learn python?", "test"), ("cats", "train")])
+    other.add_splits([("cats", "audit"), ("dogs", "validation")])  # "cats" was decided already: it keeps "train"
+    rows, last = other.splits_after(0)
+    assert rows == [("how do i learn python?", "test"), ("cats", "train"), ("dogs", "validation")]
+    assert db.splits_after(last) == ([], last)
+    assert db.state("served") is None
+    db.set_state("served", {"current": {"version": "round-002"}})
+    other.set_state("served", {"current": {"version": "round-003"}})
+    assert db.state("served") == {"current": {"version": "round-003"}}
+    db.close(), other.close()
+
+
+HOLD_THE_ROUND_LOCK = """
+import sys, time
+sys.path.insert(0, {root!r})
+from home_db import HomeDB
+with HomeDB({url!r}, None).round_lock():
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_one_round_at_a_time_across_processes_and_a_killed_rounds_lock_goes_with_it(url, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_ROUND_LOCK.format(root=str(ROOT), url=url)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    db = HomeDB(url)
+    with pytest.raises(BusyError, match="one at a time"):
+        with db.round_lock():
+            pass
+    holder.kill()  # kill -9: its connection (or its flock) dies with it
+    holder.wait()
+    with db.round_lock(wait=True):
+        pass
     db.close()
 
 

@@ -1,26 +1,31 @@
-"""The labelled pairs that users send to `POST /v1/pairs`, in a database: SQLite in the home by
-default, PostgreSQL when several machines serve one home.
+"""A flywheel home's shared state in a database: SQLite in the home by default, PostgreSQL when
+several machines serve one home. Model folders stay files; everything that processes must agree on
+is here.
 
-    store = PairDB("sqlite:///fw/pairs.db")                   # or postgresql://embed@db:5432/flywheel
-    store.add([{"text1": "How do I learn Python?", "text2": "Best way to learn Python?", "label": 1}])
+    db = HomeDB("sqlite:///pairs.db", home)                  # or postgresql://embed@db:5432/flywheel
+    db.add([{"text1": "How do I learn Python?", "text2": "Best way to learn Python?", "label": 1}])
     # -> {"accepted": 1, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": 0}
 
-The store's promises are the database's, so they hold for every process that shares it:
-- a pair is stored once, by its key (its two texts normalised as everywhere else, `data.normalise`,
-  in either order: a duplicate relation is symmetric), and a client's `id` names one pair: both are
-  UNIQUE columns;
-- a batch is one transaction, and `add` returns after it commits: an acknowledged pair survives
-  `kill -9` of the server (and, on SQLite with synchronous=FULL, a power cut);
-- a post whose label contradicts the stored one, or whose id names another pair, is a conflict: kept
-  in a table of its own (once, however often it is retried) for a person to settle, never trained on;
-- the answer to a post is the same from every process, because it is decided inside the transaction
-  against what is committed.
+Four tables:
+- `pairs`: what users send to `POST /v1/pairs`. A pair is stored once, by its key (its two texts
+  normalised as everywhere else, `data.normalise`, in either order: a duplicate relation is
+  symmetric), and a client's `id` names one pair: both are UNIQUE columns. A batch is one
+  transaction, and `add` returns after it commits: an acknowledged pair survives `kill -9` of the
+  server (and, on SQLite with synchronous=FULL, a power cut).
+- `conflicts`: a post whose label contradicts the stored one, or whose id names another pair, kept
+  (once, however often it is retried) for a person to settle, never trained on. The answer to a post
+  is the same from every process, because it is decided inside the transaction against what is
+  committed.
+- `splits`: the ledger of `heldout.py`, each normalised text's split, decided once by a round.
+- `state`: small JSON rows: `served` (the current version and the one before it, which every server
+  polls), `base` (the base model's threshold), `migrated_through` (see `flywheel.py --migrate`).
 
 Writers take turns (SQLite's write lock, `BEGIN IMMEDIATE`; on PostgreSQL a transaction-level
 advisory lock): a batch reads the rows its pairs might meet, decides, and inserts, with no other
 batch in between. Taking turns also makes `seq` (the arrival order) commit order, so "the pairs after
-seq N" that a round reads never skips one that commits late. What taking turns costs in throughput is
-not measured yet.
+seq N" that a round reads never skips one that commits late. One round at a time: on PostgreSQL a
+session-level advisory lock, held by the round's connection (a killed round's connection closes and
+the lock goes with it); on SQLite, whose home is one machine, the home's file lock.
 
 A PostgreSQL URL carries no password: libpq takes it from PGPASSWORD (or ~/.pgpass), so a home's
 settings never hold one.
@@ -30,15 +35,18 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from errors import InputError
+from file_lock import BusyError, FileLock
 from pair_store import pair_key
 
-ADD_LOCK = 0x656D6264  # the advisory lock id that PostgreSQL writers take turns on ("embd")
+ADD_LOCK = 0x656D6264    # the advisory lock id that PostgreSQL writers take turns on ("embd")
+ROUND_LOCK = 0x726F756E  # ... and the one a round holds for its whole length ("roun")
 SELECT_CHUNK = 500     # keys a SELECT ... IN (...) names at most (SQLite limits bound parameters)
 EXPORT_FIELDS = ("text1", "text2", "label", "id", "source", "received")
 
@@ -65,6 +73,16 @@ CREATE TABLE IF NOT EXISTS conflicts (
     source TEXT,
     received TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS splits (
+    seq {serial},
+    text_key TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    split TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 SERIAL = {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"}
 
@@ -87,17 +105,19 @@ def check_url(url: str) -> str:
     raise InputError(f"--database {url}: give sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
 
 
-class PairDB:
-    """The pairs and the conflicts of one home. Thread-safe; shared by processes through the database."""
+class HomeDB:
+    """The pairs, conflicts, ledger and state rows of one home. Thread-safe; shared by processes
+    through the database."""
 
     def __init__(self, url: str, home: Path | None = None):
-        """The store at `url` (a relative sqlite path is under `home`), its tables made if new."""
-        self.url = check_url(url)
+        """The database at `url` (a relative sqlite path is under `home`), its tables made if new."""
+        self.url, self.home = check_url(url), home
         self.dialect = "sqlite" if self.url.startswith("sqlite:///") else "postgresql"
         if self.dialect == "sqlite":
             path = Path(self.url.removeprefix("sqlite:///"))
             path = home / path if home is not None and not path.is_absolute() else path
             path.parent.mkdir(parents=True, exist_ok=True)
+            self.path = path
             self.connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
             self.connection.execute("PRAGMA journal_mode=WAL")   # readers never wait for the writer
             self.connection.execute("PRAGMA synchronous=FULL")  # a commit is on the disk when add returns
@@ -208,6 +228,11 @@ class PairDB:
             cursor.execute("SELECT coalesce(max(seq), 0) FROM pairs")
             return cursor.fetchone()[0]
 
+    def conflict_count(self) -> int:
+        with self.transaction() as cursor:
+            cursor.execute("SELECT count(*) FROM conflicts")
+            return cursor.fetchone()[0]
+
     def conflicts(self) -> list[dict]:
         """Each contradiction beside the stored pair it contradicts, oldest first."""
         with self.transaction() as cursor:
@@ -232,6 +257,55 @@ class PairDB:
                     writer.writerow([row[k] if row[k] is not None else "" for k in EXPORT_FIELDS] + list(extra))
             written[name] = len(rows)
         return written
+
+    # ------------------------------------------------------------------------ the ledger, the state
+
+    def splits_after(self, after: int = 0) -> tuple[list[tuple[str, str]], int]:
+        """The ledger's (text, split) rows after seq `after`, in the order they were decided, and the
+        last seq read (a reader asks again from there)."""
+        with self.transaction() as cursor:
+            cursor.execute(self.sql("SELECT seq, text, split FROM splits WHERE seq > ? ORDER BY seq"), (after,))
+            rows = cursor.fetchall()
+        return [(text, split) for _, text, split in rows], (rows[-1][0] if rows else after)
+
+    def add_splits(self, rows: list[tuple[str, str]]) -> None:
+        """Keep the splits of newly decided texts; a text decided before keeps its first split."""
+        with self.transaction(writing=True) as cursor:
+            cursor.executemany(self.sql("INSERT INTO splits (text_key, text, split) VALUES (?, ?, ?) "
+                                        "ON CONFLICT (text_key) DO NOTHING"),
+                               [(key_digest((text,)), text, split) for text, split in rows])
+
+    def state(self, name: str) -> dict | None:
+        """A state row's JSON value, None where it was never set."""
+        with self.transaction() as cursor:
+            cursor.execute(self.sql("SELECT value FROM state WHERE name = ?"), (name,))
+            row = cursor.fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_state(self, name: str, value) -> None:
+        with self.transaction(writing=True) as cursor:
+            cursor.execute(self.sql("INSERT INTO state (name, value) VALUES (?, ?) "
+                                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"), (name, json.dumps(value)))
+
+    @contextlib.contextmanager
+    def round_lock(self, wait: bool = False):
+        """One round at a time for the home, across processes and, on PostgreSQL, machines."""
+        if self.dialect == "sqlite":
+            with FileLock(self.path.with_name("round.lock"), wait=wait):
+                yield
+            return
+        with self.pool.connection() as connection:
+            connection.autocommit = True  # a session lock, not a transaction left open for hours
+            if wait:
+                connection.execute("SELECT pg_advisory_lock(%s)", (ROUND_LOCK,))
+            elif not connection.execute("SELECT pg_try_advisory_lock(%s)", (ROUND_LOCK,)).fetchone()[0]:
+                raise BusyError("a round of this home is running (it holds the database's round lock): one at a time; "
+                                "try again when it is done, or pass --wait")
+            try:
+                yield
+            finally:
+                connection.execute("SELECT pg_advisory_unlock(%s)", (ROUND_LOCK,))
+                connection.autocommit = False
 
     def close(self) -> None:
         (self.connection if self.dialect == "sqlite" else self.pool).close()

@@ -1,0 +1,89 @@
+"""A home's state: a home made before the database moves into it once, and a person sees and takes the data."""
+import pytest
+from conftest import run_cli, synthetic_pairs
+
+import flywheel
+import home_state
+import jsonl
+from home_db import HomeDB
+from heldout import Ledger
+from pair_store import PairStore
+
+
+def as_posts(pairs, prefix):
+    return [{"text1": a, "text2": b, "label": y, "id": f"{prefix}{i}", "source": prefix} for i, (a, b, y) in enumerate(pairs)]
+
+
+@pytest.fixture
+def file_home(tiny_model_dir, tmp_path):
+    """A home as the code before the database made it: pairs/ batch files (one round has read some),
+    conflicts/, splits.jsonl, current.json."""
+    home = tmp_path / "fw"
+    flywheel.settings(home, {"base": str(tiny_model_dir), "set": "epochs=1 device=cpu"})  # no `database`: files
+    store = PairStore(home / "pairs")
+    store.add(as_posts(synthetic_pairs(60, 1), "a"))
+    flywheel.run_round(home, flywheel.settings(home, {}))  # too few to judge: it assigns splits and waits
+    store.add(as_posts(synthetic_pairs(40, 5), "b"))
+    first = as_posts(synthetic_pairs(60, 1), "a")[0]
+    store.add([first | {"label": 1 - first["label"], "id": "c0"},                          # a contradiction
+               {"text1": "t9a other", "text2": "t9b other", "label": 1, "id": "b3"}])       # an id reused
+    jsonl.write_json(home / "current.json", {"version": "round-007", "path": "rounds/round-007", "promoted_at": "then"})
+    return home
+
+
+def test_a_file_home_moves_into_the_database_once_nothing_lost_nothing_doubled(file_home, capsys):
+    store, splits_before = PairStore(file_home / "pairs"), dict(Ledger(file_home / "splits.jsonl").split_of)
+    stored, conflicts = store.count(), store.conflicting
+    assert home_state.new_pair_count(file_home) == 40
+    flywheel.main(["--home", str(file_home), "--migrate"])
+    out = capsys.readouterr().out
+    assert "60 pairs that rounds have read and 40 not yet read" in out and "2 conflicts kept apart" in out
+    db = home_state.database(file_home)
+    assert db.url == home_state.DEFAULT_DATABASE and db.count() == stored == 100 and db.conflict_count() == conflicts == 2
+    assert [p["id"] for p in db.pairs()][:60] == [f"a{i}" for i in range(60)]  # what rounds read comes first
+    assert Ledger(db).split_of == splits_before and len(splits_before) > 0   # no text changed split
+    assert home_state.new_pair_count(file_home) == 40                           # the unread pairs are still new
+    assert home_state.current_version(file_home)["version"] == "round-007"
+    code, err = run_cli(flywheel.main, ["--home", str(file_home), "--migrate"], capsys)
+    assert code == 2 and "already in a database" in err
+
+
+def test_conflicts_are_listed_and_the_pairs_exported_as_pair_files(file_home, tmp_path, capsys):
+    code, err = run_cli(flywheel.main, ["--home", str(file_home), "--conflicts"], capsys)
+    assert code == 2 and "--migrate" in err  # a file home is told how to get there
+    flywheel.main(["--home", str(file_home), "--migrate"])
+    capsys.readouterr()
+    flywheel.main(["--home", str(file_home), "--conflicts"])
+    out = capsys.readouterr().out
+    assert "another label" in out and "id 'b3' names another pair" in out and "2 conflicts" in out
+    flywheel.main(["--home", str(file_home), "--export", str(tmp_path / "export")])
+    from data import load_pairs
+    exported = load_pairs(str(tmp_path / "export" / "pairs.tsv"))
+    assert len(exported) == 100 and len(set(exported)) == 100
+    assert exported[:60] == synthetic_pairs(60, 1)
+    lines = (tmp_path / "export" / "conflicts.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:6] == ["text1", "text2", "label", "id", "source", "received"] and len(lines) == 3
+
+
+def test_a_new_home_is_in_sqlite_and_a_password_never_in_the_home(tiny_model_dir, tmp_path, capsys):
+    home = tmp_path / "fw"
+    flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--init"])
+    assert jsonl.read_json(home / "flywheel.json")["database"] == "sqlite:///pairs.db" and (home / "pairs.db").is_file()
+    code, err = run_cli(flywheel.main, ["--home", str(tmp_path / "pg"), "--base", str(tiny_model_dir), "--init",
+                                        "--database", "postgresql://embed:secret@db:5432/fw"], capsys)
+    assert code == 2 and "PGPASSWORD" in err and not (tmp_path / "pg" / "flywheel.json").exists()
+    code, err = run_cli(flywheel.main, ["--home", str(home), "--database", "sqlite:///other.db"], capsys)
+    assert code == 2 and "chosen when a home is made" in err
+
+
+def test_the_versions_served_and_the_base_threshold_are_rows_every_process_reads(tmp_path):
+    home = tmp_path / "fw"
+    home.mkdir()
+    jsonl.write_json(home / "flywheel.json", {"database": "sqlite:///pairs.db"})
+    assert home_state.served(home) == {"current": home_state.BASE_POINTER, "previous": None}
+    (home / "rounds" / "round-001").mkdir(parents=True)
+    home_state.switch_current(home, home / "rounds" / "round-001")
+    home_state.keep_base_threshold(home, 0.75, 100, 1)
+    other = HomeDB("sqlite:///pairs.db", home)  # another process's connection
+    assert other.state("served")["current"]["path"] == "rounds/round-001" and other.state("served")["previous"]["version"] == "base"
+    assert other.state("base")["threshold"] == 0.75 and home_state.base_threshold(home) == 0.75
