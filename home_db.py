@@ -87,6 +87,10 @@ CREATE TABLE IF NOT EXISTS state (
 SERIAL = {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"}
 
 
+class StoreUnavailable(Exception):
+    """The database could not answer (a full disk, a server down or unreachable): nothing was committed."""
+
+
 def key_digest(key: tuple[str, ...]) -> str:
     """What the UNIQUE column holds: a fixed-width digest (a B-tree index refuses very long texts)."""
     return hashlib.sha256("\t".join(key).encode()).hexdigest()
@@ -139,22 +143,31 @@ class HomeDB:
     @contextlib.contextmanager
     def transaction(self, writing: bool = False):
         """A cursor inside one transaction, committed on a clean exit and rolled back on an exception.
-        A writing one takes its turn with every other writer, in every process."""
+        A writing one takes its turn with every other writer, in every process. A database that cannot
+        answer (a full disk, a server down) raises StoreUnavailable, with nothing committed."""
         if self.dialect == "sqlite":
             with self.lock:
                 cursor = self.connection.cursor()
-                cursor.execute("BEGIN IMMEDIATE" if writing else "BEGIN")
                 try:
+                    cursor.execute("BEGIN IMMEDIATE" if writing else "BEGIN")
                     yield cursor
-                except BaseException:
-                    cursor.execute("ROLLBACK")
+                    cursor.execute("COMMIT")
+                except BaseException as e:
+                    if self.connection.in_transaction:
+                        cursor.execute("ROLLBACK")
+                    if isinstance(e, sqlite3.OperationalError):
+                        raise StoreUnavailable(f"{self.url}: {e}") from e
                     raise
-                cursor.execute("COMMIT")
         else:  # the pool commits a clean block and rolls back a failed one; a dropped connection is replaced
-            with self.pool.connection() as connection, connection.cursor() as cursor:
-                if writing:
-                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", (ADD_LOCK,))
-                yield cursor
+            import psycopg
+            import psycopg_pool
+            try:
+                with self.pool.connection() as connection, connection.cursor() as cursor:
+                    if writing:
+                        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (ADD_LOCK,))
+                    yield cursor
+            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
+                raise StoreUnavailable(f"{self.url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
 
     def sql(self, statement: str) -> str:
         """Our statements use SQLite's ? placeholders; psycopg's are %s."""

@@ -44,6 +44,7 @@ from batcher import Batcher, QueueFull
 from cpu_threads import ThreadChooser
 from evaluate import unit_rows
 from errors import InputError
+from home_db import StoreUnavailable
 from scheduler import RoundScheduler, parse_period
 from serve_metrics import Metrics
 
@@ -190,10 +191,16 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
                            code="no_write_key", kind="authentication_error")
         check_key(request, write_key, "writes")
         rows = pair_list(await read_json(request), MAX_STORE_PAIRS, labelled=True)
-        outcome = await asyncio.to_thread(store.add, rows)  # acknowledged once committed
-        touching = await asyncio.to_thread(held_out_splits, rows)
+        try:
+            outcome = await asyncio.to_thread(store.add, rows)  # acknowledged once committed
+            touching = await asyncio.to_thread(held_out_splits, rows)
+            stored = await asyncio.to_thread(store.count)
+        except (StoreUnavailable, OSError) as e:  # a full disk, a database down: said once, never a traceback
+            print(f"error: /v1/pairs: the store cannot take the batch: {errors.first_line(e)}", file=sys.stderr, flush=True)
+            raise ApiError(503, f"the pair store is unavailable; retry after {RETRY_AFTER_S} s (a batch is stored whole "
+                           "or not at all: the retry is safe)", code="store_unavailable", kind="server_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         metrics.pairs(outcome, touching)
-        stored = await asyncio.to_thread(store.count)
         return {"object": "pairs.batch", **outcome, "touching_held_out": sum(touching.values()), "stored": stored}
 
     def held_out_splits(rows: list[dict]) -> dict[str, int]:

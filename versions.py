@@ -18,6 +18,7 @@ told to retry (`Versions.expected`), never given another model's vectors.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import re
 import threading
@@ -25,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 import data
 import evaluate
@@ -60,12 +63,24 @@ class Version:
 def load_version(version_id: str, folder: str, device: str = "auto", promoted_at: str | None = None) -> Version:
     """A saved folder (with its threshold, training pairs and Matryoshka widths from metrics.json), or a
     base encoder as published (no projection)."""
-    model = load_model(folder, None).to(pick_device(device)).eval()  # served, never trained: no mode switch a pass
+    model = in_memory(load_model(folder, None).to(pick_device(device)).eval())  # served, never trained
     metrics_file = Path(folder) / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     dims = metrics.get("config", {}).get("matryoshka_dims") or ""
     return Version(version_id, model, promoted_at, metrics.get("training", {}).get("train_pairs"),
                    sorted({int(d) for d in dims.split(",") if d} | ({model.dim} if dims else set())))
+
+
+def in_memory(model: Embedder) -> Embedder:
+    """The weights copied out of the file they were read from: transformers maps a safetensors file and
+    leaves CPU tensors on the mapping, which keeps the file open for as long as the model is served
+    (on a Modal Volume, an open file makes every reload fail with "volume busy")."""
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+    gc.collect()  # the mapping goes with its last tensor
+    return model
 
 
 def base_version(home: Path, device: str) -> Version:

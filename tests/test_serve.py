@@ -310,6 +310,35 @@ def test_a_threshold_or_a_version_decided_elsewhere_reaches_a_running_server(tin
         assert 'embed_ft_version_requests_total{version="round-009"} 1.0' in metrics
 
 
+def test_a_full_disk_under_the_home_is_one_line_and_a_503_and_it_recovers_by_itself(home, monkeypatch, capfd):
+    """SQLite's max_page_count makes the database full for real: what a full disk does to a write."""
+    monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
+    db, auth = home_state.database(home), {"authorization": f"Bearer {KEY}"}
+    with LoopbackServer(serve.make_app(home, None, device=TEST_DEVICE)) as server:
+        accepted = httpx.post(server.url + "/v1/pairs", json={"pairs": pairs_of(20, 1)}, headers=auth).json()["accepted"]
+        with db.lock:
+            pages = db.connection.execute("PRAGMA page_count").fetchone()[0]
+            db.connection.execute(f"PRAGMA max_page_count = {pages + 1}")  # the disk fills up
+        big = [{"text1": f"t1a {'long ' * 200}{i}", "text2": f"t1b {i}", "label": 1} for i in range(50)]
+        full = httpx.post(server.url + "/v1/pairs", json={"pairs": big}, headers=auth)
+        assert full.status_code == 503 and full.json()["error"]["code"] == "store_unavailable" and full.headers["retry-after"]
+        assert httpx.post(server.url + "/v1/embeddings", json={"input": ["t1a"]}).status_code == 200  # still served
+        with db.lock:
+            db.connection.execute("PRAGMA max_page_count = 1073741823")  # space again
+        again = httpx.post(server.url + "/v1/pairs", json={"pairs": big}, headers=auth).json()
+        assert again["accepted"] == 50 and db.count() == accepted + 50  # nothing of the refused batch was kept
+    err = capfd.readouterr().err
+    assert err.count("error: /v1/pairs: the store cannot take the batch") == 1 and "full" in err and "Traceback" not in err
+
+
+def test_a_served_version_keeps_no_file_of_its_folder_open(tiny_model_dir):
+    import versions
+    version = versions.load_version("v", str(tiny_model_dir), TEST_DEVICE)
+    mapped = Path("/proc/self/maps").read_text()
+    opened = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert str(tiny_model_dir) not in mapped and not any(str(tiny_model_dir) in p for p in opened), version.id
+
+
 def test_the_command_line_names_bad_options(tmp_path, capsys):
     code, err = run_cli(serve.main, ["--home", str(tmp_path)], capsys)
     assert code == 2 and "not a flywheel home" in err
