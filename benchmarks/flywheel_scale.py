@@ -314,8 +314,8 @@ def main() -> None:
             try:
                 for s in servers:
                     s.wait()
-                chunk = pairs[offset:offset + 200_000]
-                offset += 200_000
+                chunk = pairs[offset:offset + 100_000]  # new pairs for each store
+                offset += 100_000
                 result = throughput([s.url for s in servers], chunk, args.seconds)
             finally:
                 for s in servers:
