@@ -204,13 +204,15 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
     right = {name: evaluate.correct(model, test, thresholds[name]) for name, model in
              (("candidate", candidate), ("current", incumbent))}
     judged = [r for r in past if r.get("decision") in ("promoted", "refused")]
+    test_groups = paired.groups_of(test)
+    groups_before = judged[-1].get("test_groups", judged[-1]["test_pairs"]) if judged else 0  # older rows: pairs
     spend = {"test_number": len(judged) + 1, "alpha_life": chosen["alpha"],
-             "new_test_pairs": len(test) - (judged[-1]["test_pairs"] if judged else 0)}
-    at = gate.level(spend["test_number"], chosen["alpha"], spend["new_test_pairs"], chosen["caps"]["test"])
+             "new_test_pairs": len(test) - (judged[-1]["test_pairs"] if judged else 0),
+             "new_test_groups": len(np.unique(test_groups)) - groups_before}
+    at = gate.level(spend["test_number"], chosen["alpha"], spend["new_test_groups"], chosen["caps"]["test"])
     verdict = judge(candidate, incumbent, thresholds, right, test, curated.get("test"), at, config.objective)
     promoted = verdict["decision"] == "promoted"
     after = str(folder.relative_to(home)) if promoted else before
-    test_groups = paired.groups_of(test)
     row |= {"trained_on": len(kept), "candidate": str(folder.relative_to(home)), "test_pairs": len(test),
             "test_groups": len(np.unique(test_groups)),
             "current_error": float(1 - right["current"].mean()), "candidate_error": float(1 - right["candidate"].mean()),
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="scratch (default): base model on all pairs; continue: current model on new pairs only")
     parser.add_argument("--alpha", type=float, help="the home's budget of false promotions over its life (default 0.05)")
     parser.add_argument("--fractions", help="of new pairs, the shares held out as VALIDATION,TEST,AUDIT (default 0.1,0.3,0.1)")
-    parser.add_argument("--caps", help="... until each holds this many pairs (default 1000,5000,2000)")
+    parser.add_argument("--caps", help="... until each holds this many groups of pairs that share texts "
+                        "(default 1000,5000,2000)")
     parser.add_argument("--set", help="training options as option=value ... (see python train.py --help)")
     parser.add_argument("--init", action="store_true", help="only keep the settings in HOME/flywheel.json")
     parser.add_argument("--wait", action="store_true", help="wait for a round already running, instead of exiting")

@@ -11,9 +11,11 @@ rounds: the j-th test may spend
 
     alpha / 2 / (j (j + 1))         (1/j - 1/(j + 1) telescopes: any number of tests spend under alpha / 2)
 
-and half follows the evidence: a test spends alpha / 2 x (its new test pairs / the test set's cap),
-so that the rounds whose test set grew the most, which are the ones able to see a gain, get the most
-(at most alpha / 2 in all, since the test set stops growing at its cap). A home without a test set of
+and half follows the evidence: a test spends alpha / 2 x (its new test groups / the test set's cap
+in groups), so that the rounds whose test set grew the most, which are the ones able to see a gain,
+get the most (at most alpha / 2 in all, since the test set stops growing at its cap). Evidence is
+counted in groups of pairs that share texts, as the cap is (`heldout.py`): a round whose new test
+pairs all join a few popular questions has added little that can resolve an error. A home without a test set of
 its own (a curated one only) spends all of alpha by rounds. So the chance that the home ever
 promotes a candidate that is no better stays under alpha, however many rounds it runs. The bound is
 a union bound, so it holds whatever the dependence between the tests, and ours are dependent: each
@@ -39,13 +41,13 @@ import paired
 GUARD_ALPHA = 0.05
 
 
-def level(test_number: int, alpha: float, new_test_pairs: int = 0, test_cap: int = 0) -> float:
+def level(test_number: int, alpha: float, new_test_groups: int = 0, test_cap: int = 0) -> float:
     """What the `test_number`-th test of a home (1, 2, ...) may spend of the life's budget alpha: by
-    rounds, and (for a home that grows its test set up to `test_cap` pairs) by its new test pairs."""
+    rounds, and (for a home that grows its test set up to `test_cap` groups) by its new test groups."""
     by_rounds = alpha / (test_number * (test_number + 1))
     if not test_cap:
         return by_rounds
-    return by_rounds / 2 + alpha / 2 * min(new_test_pairs, test_cap) / test_cap
+    return by_rounds / 2 + alpha / 2 * min(max(new_test_groups, 0), test_cap) / test_cap
 
 
 def decide(candidate_right: np.ndarray, current_right: np.ndarray, at: float,

@@ -15,7 +15,13 @@ How a new text gets its split:
 - paired with a text that has one, it takes that split (so a pair is usable whenever it can be);
 - paired with another new text, the pair draws one, from a hash of its two texts (sha256, so the
   same pairs give the same splits on any machine, in any process): validation, test and audit take
-  their `fractions` of the new pairs until each holds `caps` pairs; everything else trains.
+  their `fractions` of the new pairs until each holds `caps` groups; everything else trains.
+
+A cap counts groups (pairs connected by shared texts, as `paired.groups_of` makes them), not pairs:
+the pairs of one popular question share its difficulty, so it is the number of groups that sets how
+precisely a held-out set measures an error (docs/evaluation.md: on real Quora traffic 20,000 pairs
+made 11,545 groups and a design effect of 4.5). A cap in pairs would stop a test set that a few large
+groups fill long before it can resolve a point of error.
 
 Texts of a curated --val/--test (kept beside the traffic's, reported apart) have the split
 "curated": a traffic pair that touches one trains nothing, as train.py drops such pairs.
@@ -36,14 +42,15 @@ HELD_OUT = ("validation", "test", "audit")
 CURATED = "curated"
 # Chosen by reasoning about power and checked on one real stream, not swept (docs/flywheel.md): early
 # on, half of the new pairs are held out, most of them to decide promotions; once the test set
-# holds 5,000 pairs (enough to resolve about a point of error), everything new trains.
+# holds 5,000 groups (enough to resolve about a point of error), everything new trains.
 FRACTIONS = {"validation": 0.1, "test": 0.3, "audit": 0.1}
 CAPS = {"validation": 1000, "test": 5000, "audit": 2000}
 
 
 def draw(key: tuple[str, str], counts: dict, fractions: dict, caps: dict) -> str:
     """The split of a pair of two new texts: a point in [0, 1) from its hash, against the held-out
-    fractions in order; a held-out split that is full gives its share to training."""
+    fractions in order; a held-out split that is full (`counts`: its groups so far) gives its share
+    to training."""
     point = int.from_bytes(hashlib.sha256("\t".join(key).encode()).digest()[:8], "big") / 2 ** 64
     edge = 0.0
     for split in HELD_OUT:
@@ -105,16 +112,19 @@ class Ledger:
         decided: dict[str, str] = {}
         known = lambda text: self.split_of.get(text) or decided.get(text) or (CURATED if text in curated else None)
         out = {split: [] for split in ("train", *HELD_OUT, CURATED, "unusable")}
+        groups = Groups()
         for pair in pairs:
             a, b = data.normalise(pair[0]), data.normalise(pair[1])
             split_a, split_b = known(a), known(b)
             if split_a is None and split_b is None:
-                split_a = split_b = draw(tuple(sorted((a, b))), {s: len(out[s]) for s in HELD_OUT}, fractions, caps)
+                split_a = split_b = draw(tuple(sorted((a, b))), groups.count, fractions, caps)
             for text, split in ((a, split_a or split_b), (b, split_b or split_a)):
                 if known(text) is None:
                     decided[text] = split
             split_a, split_b = known(a), known(b)
             out[split_a if split_a == split_b else "unusable"].append(pair)
+            if split_a == split_b:
+                groups.join(a, b, split_a)
         self.source.add_splits(list(decided.items()))
         self.refresh()
         return out
@@ -122,6 +132,31 @@ class Ledger:
     def split(self, text: str) -> str | None:
         """A text's split (normalised here), None for a text no round has seen yet."""
         return self.split_of.get(data.normalise(text))
+
+
+class Groups:
+    """Each split's number of groups (connected components of texts joined by its pairs), kept as
+    pairs are added: a union-find over the normalised texts."""
+
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+        self.count: dict[str, int] = {split: 0 for split in ("train", *HELD_OUT, CURATED)}
+
+    def root(self, text: str) -> str:
+        while self.parent[text] != text:
+            self.parent[text] = self.parent[self.parent[text]]  # halve the path as we go
+            text = self.parent[text]
+        return text
+
+    def join(self, a: str, b: str, split: str) -> None:
+        for text in (a, b):
+            if text not in self.parent:
+                self.parent[text] = text
+                self.count[split] += 1
+        root_a, root_b = self.root(a), self.root(b)
+        if root_a != root_b:
+            self.parent[root_a] = root_b
+            self.count[split] -= 1
 
 
 def write_held_out(home: Path, splits: dict[str, list[data.Pair]]) -> dict[str, Path]:

@@ -19,8 +19,8 @@ disagree on), at the j-th round of such a home (300 j test pairs, up to the cap)
 
 Real traffic is not independent pairs: a home's test set is made of groups of pairs that share texts.
 With --clustered each home's test set grows by whole groups whose sizes are drawn from the real group
-sizes of the shared Quora training split (paired.groups_of; a group that would pass the cap is cut
-at it), and in each round a group's pairs disagree with probability 6% each and all its disagreements
+sizes of the shared Quora training split (paired.groups_of): 300 new groups a round up to the cap of
+5,000 groups (heldout.py counts its caps, and gate.level its evidence, in groups), and in each round a group's pairs disagree with probability 6% each and all its disagreements
 go the same way, to either model with probability 1/2 (they share the group's difficulty: the case
 the independent test cannot see). The flywheel's rule (spent by rounds and evidence) is applied with
 McNemar's test, which treats the pairs as independent, and with the sign-flip test over groups
@@ -107,20 +107,8 @@ def real_group_sizes() -> np.ndarray:
 
 
 def home_groups(pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A home's test groups, in the order they arrive, sizes drawn from the pool until the cap (the last cut)."""
-    sizes = []
-    while sum(sizes) < CAPS["test"]:
-        sizes.append(int(min(rng.choice(pool), CAPS["test"] - sum(sizes))))
-    return np.array(sizes)
-
-
-def groups_at(sizes: np.ndarray, pairs: int) -> np.ndarray:
-    """The group sizes of the first `pairs` test pairs."""
-    ends = np.cumsum(sizes)
-    k = int(np.searchsorted(ends, pairs)) + 1
-    out = sizes[:k].copy()
-    out[-1] -= ends[k - 1] - pairs
-    return out[out > 0]
+    """A home's test groups up to the cap, in the order they arrive, their sizes drawn from the pool."""
+    return rng.choice(pool, CAPS["test"])
 
 
 def clustered_round(sizes: np.ndarray, rng: np.random.Generator, win_share: float = 0.5) -> tuple[float, float, bool]:
@@ -142,9 +130,8 @@ def clustered_lives(pool: np.ndarray, homes: int, seed: int = 0) -> dict:
     for _ in range(homes):
         groups = home_groups(pool, rng)
         promoted = {name: False for name in ever}
-        at_cap = groups_at(groups, CAPS["test"])
         for r in range(ROUNDS):
-            sizes = at_cap if sizes_by_round[r] >= CAPS["test"] else groups_at(groups, int(sizes_by_round[r]))
+            sizes = groups[:int(sizes_by_round[r])]  # the round's test groups: the cap's count from its 17th round
             p_pairs, p_groups, leads = clustered_round(sizes, rng)
             promoted["McNemar (pairs as independent)"] |= leads and p_pairs < levels[r]
             promoted["sign flip over groups"] |= leads and p_groups < levels[r]
@@ -160,10 +147,9 @@ def clustered_power(pool: np.ndarray, trials: int = 2000, win_share: float = 0.6
     for j in (1, 2, 3, 5, 8, 16, 20, 100):
         hits = np.zeros(2)
         for _ in range(trials):
-            p_pairs, p_groups, leads = clustered_round(groups_at(home_groups(pool, rng), int(sizes_by_round[j - 1])), rng,
-                                                       win_share)
+            p_pairs, p_groups, leads = clustered_round(home_groups(pool, rng)[:int(sizes_by_round[j - 1])], rng, win_share)
             hits += [leads and p_pairs < levels[j - 1], leads and p_groups < levels[j - 1]]
-        out[str(j)] = {"test_pairs": int(sizes_by_round[j - 1]), "McNemar (pairs as independent)": hits[0] / trials,
+        out[str(j)] = {"test_groups": int(sizes_by_round[j - 1]), "McNemar (pairs as independent)": hits[0] / trials,
                        "sign flip over groups": hits[1] / trials}
     return out
 
@@ -182,9 +168,9 @@ def clustered_main(homes: int) -> None:
         print(f"| {name} | " + " | ".join(f"{r['share_ever_promoted'][str(t)]:.4f}" for t in CHECKPOINTS)
               + f" | {r['worst_share_over_all_rounds']:.4f} |")
     print("\npower: the j-th round, each group's disagreements going to the candidate with probability 0.6")
-    print("| round | test pairs | McNemar (pairs as independent) | sign flip over groups |\n| ---: | ---: | ---: | ---: |")
+    print("| round | test groups | McNemar (pairs as independent) | sign flip over groups |\n| ---: | ---: | ---: | ---: |")
     for j, row in result["power"].items():
-        print(f"| {j} | {row['test_pairs']:,} | {row['McNemar (pairs as independent)']:.2f} | {row['sign flip over groups']:.2f} |")
+        print(f"| {j} | {row['test_groups']:,} | {row['McNemar (pairs as independent)']:.2f} | {row['sign flip over groups']:.2f} |")
     print(f"written to {path}")
 
 

@@ -50,7 +50,8 @@ def test_a_home_from_a_base_alone_grows_its_held_out_promotes_and_audits(flywhee
     assert held and not held & training_texts(home)
     assert first["splits"]["test"] == len(data.load_pairs(str(home / "heldout" / "test.tsv.gz"))) >= flywheel.MIN_TEST
     assert first["decision"] == "promoted" and first["new_test_pairs"] == first["test_pairs"]
-    assert first["alpha_round"] == pytest.approx(0.05 / 4 + 0.025 * first["test_pairs"] / 5000)
+    assert first["new_test_groups"] == first["test_groups"] <= first["test_pairs"]  # the evidence is counted in groups
+    assert first["alpha_round"] == pytest.approx(0.05 / 4 + 0.025 * first["test_groups"] / 5000)
     assert Embedder.load(home / "rounds/round-001").dim == 32
     assert not list((home / "rounds").glob("*/*.tsv.gz"))  # the model folder holds the model, never the traffic
     audit = first["audit"]
@@ -71,8 +72,8 @@ def test_a_home_from_a_base_alone_grows_its_held_out_promotes_and_audits(flywhee
     ledger = home_state.ledger(home)
     assert all(ledger.split_of[t] == s for t, s in splits_after_one.items())  # no text changed split
     assert second["splits"]["unusable"] >= 5 and second["unusable_new"] >= 5
-    assert second["test_number"] == 2 and second["new_test_pairs"] == second["test_pairs"] - first["test_pairs"]
-    assert second["alpha_round"] == pytest.approx(0.05 / 12 + 0.025 * second["new_test_pairs"] / 5000)
+    assert second["test_number"] == 2 and second["new_test_groups"] == second["test_groups"] - first["test_groups"]
+    assert second["alpha_round"] == pytest.approx(0.05 / 12 + 0.025 * second["new_test_groups"] / 5000)
     held = {t for t, s in ledger.split_of.items() if s != "train"}
     assert not held & training_texts(home)
     flywheel.main(["--plot", str(home / "history.jsonl")])
@@ -97,12 +98,20 @@ def test_a_new_text_takes_its_partners_split_and_caps_send_the_rest_to_training(
     assert first["test"] == [("a x", "b x", 1)]
     later = ledger.assign([("a x", "b x", 1), ("A  X", "c x", 0), ("d x", "e x", 1), ("f x", "g x", 1)],  # all so far
                           fractions=everything_to_test, caps={"validation": 0, "test": 2, "audit": 0})
-    assert later["test"] == [("a x", "b x", 1), ("A  X", "c x", 0)] and later["train"] == [("d x", "e x", 1), ("f x", "g x", 1)]
+    # the cap counts groups: "a x"-"c x" joins the group of "a x"-"b x", so "d x"-"e x" is the test set's second group
+    assert later["test"] == [("a x", "b x", 1), ("A  X", "c x", 0), ("d x", "e x", 1)] and later["train"] == [("f x", "g x", 1)]
     assert ledger.split("C X") == "test"
     curated = ledger.assign([("h x", "kept apart", 1)], curated={"kept apart"})
     assert curated["curated"] == [("h x", "kept apart", 1)] and ledger.split("h x") == "curated"
-    bridge = ledger.assign([("a x", "d x", 1)])
-    assert bridge["unusable"] == [("a x", "d x", 1)]
+    bridge = ledger.assign([("a x", "f x", 1)])  # a test text and a training one
+    assert bridge["unusable"] == [("a x", "f x", 1)]
+
+
+def test_groups_are_counted_by_split_as_pairs_join_texts():
+    groups = heldout.Groups()
+    for a, b, split in [("a", "b", "test"), ("c", "d", "test"), ("b", "c", "test"), ("e", "f", "train"), ("a", "d", "test")]:
+        groups.join(a, b, split)
+    assert groups.count["test"] == 1 and groups.count["train"] == 1  # a-b, c-d, then b-c makes them one
 
 
 def test_a_torn_ledger_line_is_decided_again_the_same_way(tmp_path):
