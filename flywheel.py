@@ -11,13 +11,13 @@
 One call is one round, and one round at a time: it holds the home's round lock (an advisory lock on
 PostgreSQL, HOME/round.lock on one machine; a second round exits with one line, or waits its turn
 with --wait; a lock left by a killed round goes with it). The pairs are those that `serve.py`'s
-`POST /v1/pairs` stored in the home's database (`home_db.py`), each once, contradictions kept apart;
+`POST /v1/pairs` stored in the home's database (`state/home_db.py`), each once, contradictions kept apart;
 `--pairs FILES` adds pair files to them first. (A home made before the database reads the files in
 HOME/pairs/ or --pairs, each pair counted once, `pair_store.settle`.)
 
 A round:
 1. gives every text no round has seen a split, train, validation, test or audit, kept in the home
-   for good (`heldout.py`); the held-out pairs are written to HOME/heldout/;
+   for good (`state/heldout.py`); the held-out pairs are written to HOME/heldout/;
 2. trains a candidate on the training pairs, from the base model (`--mode scratch`, the default) or
    from the current model on the pairs no earlier round has read (`--mode continue`), at the home's
    one width, decided at --init, so that a client's vector index never changes width;
@@ -53,7 +53,6 @@ import data
 import errors
 import evaluate
 import gate
-import heldout
 import history
 import jsonl
 import options
@@ -62,12 +61,12 @@ import paths
 import run_folder
 import train
 from errors import InputError
-import home_state
-from file_lock import FileLock
-from home_db import check_url
-from home_state import fingerprint, pair_files
 from model import Embedder, load_model
-from pair_store import pair_key, pair_sources, settle
+from state import heldout, home_state
+from state.file_lock import FileLock
+from state.home_db import check_url
+from state.home_state import fingerprint, pair_files
+from state.pair_store import pair_key, pair_sources, settle
 
 SETTINGS = ("base", "val", "test", "mode", "alpha", "set", "fractions", "caps")
 DEFAULTS = {"mode": "scratch", "alpha": 0.05, "set": "", "val": "", "test": "",

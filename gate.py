@@ -14,7 +14,7 @@ rounds: the j-th test may spend
 and half follows the evidence: a test spends alpha / 2 x (its new test groups / the test set's cap
 in groups), so that the rounds whose test set grew the most, which are the ones able to see a gain,
 get the most (at most alpha / 2 in all, since the test set stops growing at its cap). Evidence is
-counted in groups of pairs that share texts, as the cap is (`heldout.py`): a round whose new test
+counted in groups of pairs that share texts, as the cap is (`state/heldout.py`): a round whose new test
 pairs all join a few popular questions has added little that can resolve an error. A home without a test set of
 its own (a curated one only) spends all of alpha by rounds. So the chance that the home ever
 promotes a candidate that is no better stays under alpha, however many rounds it runs. The bound is

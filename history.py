@@ -16,7 +16,7 @@ import numpy as np
 import jsonl
 import paired
 from errors import InputError
-from pair_store import pair_key
+from state.pair_store import pair_key
 
 
 def latest_audits(home: Path) -> dict[str, dict]:

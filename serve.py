@@ -35,18 +35,18 @@ from starlette.exceptions import HTTPException
 import errors
 import flywheel
 import history
-import home_state
 import modal
 import paths
-from api_contract import (MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key, embeddings_payload,
-                          input_type, pair_list, read_json, text_list)
-from batcher import Batcher, QueueFull
-from cpu_threads import ThreadChooser
-from evaluate import unit_rows
 from errors import InputError
-from home_db import StoreUnavailable
-from scheduler import RoundScheduler, parse_period
-from serve_metrics import Metrics
+from evaluate import unit_rows
+from server.api_contract import (MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key,
+                                 embeddings_payload, input_type, pair_list, read_json, text_list)
+from server.batcher import Batcher, QueueFull
+from server.cpu_threads import ThreadChooser
+from server.scheduler import RoundScheduler, parse_period
+from server.serve_metrics import Metrics
+from state import home_state
+from state.home_db import StoreUnavailable
 
 INLINE_TEXTS = 64           # requests this small are tokenised and encoded on the event loop itself
 WATCH_EVERY_S = 2.0         # how often a home's server polls the versions it should serve
@@ -249,7 +249,7 @@ def make_app(home: Path | None, model: str | None, device: str = "auto", precisi
              watch_every: float = WATCH_EVERY_S, before_load=None, batch_tokens: int = 4096):
     """Everything a server needs, for a flywheel home or a plain model folder."""
     from model import cpu_has_bf16, pick_device
-    from versions import HomeWatcher, Versions
+    from server.versions import HomeWatcher, Versions
 
     bf16 = {"auto": None, "fp32": False, "bf16": True}[precision]
     target = pick_device(device)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         app.state.rounds = RoundScheduler(home, period, args.min_new_pairs, app.state.metrics)
         app.state.rounds.start()
     import uvicorn
-    from shutdown import Drain, DrainingServer
+    from server.shutdown import Drain, DrainingServer
     drain = Drain(app)
     server = DrainingServer(uvicorn.Config(drain, log_level="warning"), drain, getattr(app.state, "rounds", None))
     print(ready_line(app, f"http://{args.host}:{args.port}", period), flush=True)
@@ -352,9 +352,8 @@ image = (
     .env({"HF_HOME": "/root/.cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "packing", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
-                             "openai_embeddings", "paired", "paths", "flywheel", "pair_store", "versions", "home_db",
-                             "home_state", "batcher", "cpu_threads", "serve_metrics", "api_contract", "heldout", "gate",
-                             "file_lock", "history", "scheduler", "pooling", "st_layout")  # Modal adds serve.py
+                             "openai_embeddings", "paired", "paths", "flywheel", "gate", "history", "pooling", "st_layout",
+                             "server", "state")  # Modal adds serve.py
 )
 volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)
 HOME = Path("/flywheel/home")

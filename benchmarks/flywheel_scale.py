@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
-import home_state  # noqa: E402
+from state import home_state  # noqa: E402
 import jsonl  # noqa: E402
-from home_db import HomeDB  # noqa: E402
-from pair_store import pair_key  # noqa: E402
+from state.home_db import HomeDB  # noqa: E402
+from state.pair_store import pair_key  # noqa: E402
 from serve import WATCH_EVERY_S  # noqa: E402
 from serve_speed import cpu_name, free_port  # noqa: E402
 

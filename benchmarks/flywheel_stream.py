@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import flywheel  # noqa: E402
-import heldout  # noqa: E402
+from state import heldout  # noqa: E402
 import jsonl  # noqa: E402
 import options  # noqa: E402
 import paired  # noqa: E402
-import home_state  # noqa: E402
+from state import home_state  # noqa: E402
 import train  # noqa: E402
 from model import Embedder, load_model  # noqa: E402
 

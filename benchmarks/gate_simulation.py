@@ -20,7 +20,7 @@ disagree on), at the j-th round of such a home (300 j test pairs, up to the cap)
 Real traffic is not independent pairs: a home's test set is made of groups of pairs that share texts.
 With --clustered each home's test set grows by whole groups whose sizes are drawn from the real group
 sizes of the shared Quora training split (paired.groups_of): 300 new groups a round up to the cap of
-5,000 groups (heldout.py counts its caps, and gate.level its evidence, in groups), and in each round a group's pairs disagree with probability 6% each and all its disagreements
+5,000 groups (state/heldout.py counts its caps, and gate.level its evidence, in groups), and in each round a group's pairs disagree with probability 6% each and all its disagreements
 go the same way, to either model with probability 1/2 (they share the group's difficulty: the case
 the independent test cannot see). The flywheel's rule (spent by rounds and evidence) is applied with
 McNemar's test, which treats the pairs as independent, and with the sign-flip test over groups
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import gate  # noqa: E402
 import paired  # noqa: E402
-from heldout import CAPS, FRACTIONS  # noqa: E402
+from state.heldout import CAPS, FRACTIONS  # noqa: E402
 
 HOMES, ROUNDS, ALPHA, DISAGREE = 2000, 10_000, 0.05, 0.06
 CHECKPOINTS = (1, 2, 5, 10, 20, 100, 1000, 10_000)

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import flywheel  # noqa: E402
-import home_state  # noqa: E402
+from state import home_state  # noqa: E402
 import jsonl  # noqa: E402
 from model import load_model  # noqa: E402
 from serve_speed import cpu_name, free_port, wait_until_up  # noqa: E402

@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from batcher import Batcher, QueueFull
+from server.batcher import Batcher, QueueFull
 
 
 class FakeModel:

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from cpu_threads import ThreadChooser, available_cores, busy_seconds
+from server.cpu_threads import ThreadChooser, available_cores, busy_seconds
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 

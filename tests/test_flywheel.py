@@ -11,10 +11,10 @@ import card
 import data
 import evaluate
 import flywheel
-import heldout
+from state import heldout
 import history
-import home_db
-import home_state
+from state import home_db
+from state import home_state
 import paired
 import jsonl
 from model import Embedder
@@ -193,7 +193,7 @@ def test_a_crash_during_the_switch_leaves_the_old_current_intact(flywheel_setup,
 HOLD_THE_LOCK = """
 import sys, time
 sys.path.insert(0, {root!r})
-from file_lock import FileLock
+from state.file_lock import FileLock
 with FileLock({path!r}):
     print("held", flush=True)
     time.sleep(60)

@@ -6,9 +6,9 @@ import sys
 import pytest
 from conftest import ROOT
 
-from home_db import HomeDB, check_url
+from state.home_db import HomeDB, check_url
 from errors import InputError
-from file_lock import BusyError
+from state.file_lock import BusyError
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -82,7 +82,7 @@ def test_the_ledger_and_the_state_rows_keep_what_was_decided_first(url):
 HOLD_THE_ROUND_LOCK = """
 import sys, time
 sys.path.insert(0, {root!r})
-from home_db import HomeDB
+from state.home_db import HomeDB
 with HomeDB({url!r}, None).round_lock():
     print("held", flush=True)
     time.sleep(60)

@@ -3,11 +3,11 @@ import pytest
 from conftest import run_cli, synthetic_pairs
 
 import flywheel
-import home_state
+from state import home_state
 import jsonl
-from home_db import HomeDB
-from heldout import Ledger
-from pair_store import PairStore
+from state.home_db import HomeDB
+from state.heldout import Ledger
+from state.pair_store import PairStore
 
 
 def as_posts(pairs, prefix):

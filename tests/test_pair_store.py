@@ -1,7 +1,7 @@
 import json
 import multiprocessing
 
-from pair_store import PairStore, settle
+from state.pair_store import PairStore, settle
 
 
 def pair(a, b, label, **extra):

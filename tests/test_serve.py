@@ -16,15 +16,15 @@ import openai
 import pytest
 from conftest import ROOT, TEST_DEVICE, LoopbackServer, free_port, run_cli, synthetic_pairs, write_tsv
 
-import api_contract
+from server import api_contract
 import flywheel
-import home_state
+from state import home_state
 import jsonl
-import scheduler
+from server import scheduler
 import serve
-import serve_metrics
+from server import serve_metrics
 from errors import InputError
-from home_db import HomeDB
+from state.home_db import HomeDB
 from model import Embedder, cpu_has_bf16
 
 KEY = "test-write-key"
@@ -260,7 +260,7 @@ def test_the_modal_app_declares_a_web_class_and_a_scheduled_round(home, tiny_mod
     source = Path(serve.__file__).read_text()
     assert '@modal.asgi_app()' in source and 'schedule=modal.Cron(' in source and "@modal.concurrent(" in source
     imported = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    local = {p.stem for p in ROOT.glob("*.py")} & (imported | {"versions", "pair_store", "batcher", "serve_metrics", "home_db"})
+    local = ({p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}) & imported
     call = source[source.index(".add_local_python_source("):].split(")", 1)[0]
     assert all(f'"{name}"' in call for name in local - {"serve"})
     monkeypatch.setattr(serve, "HOME", home)  # a SQLite home: one machine's, refused
@@ -332,7 +332,7 @@ def test_a_full_disk_under_the_home_is_one_line_and_a_503_and_it_recovers_by_its
 
 
 def test_a_served_version_keeps_no_file_of_its_folder_open(tiny_model_dir):
-    import versions
+    from server import versions
     version = versions.load_version("v", str(tiny_model_dir), TEST_DEVICE)
     mapped = Path("/proc/self/maps").read_text()
     opened = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]

@@ -2,7 +2,7 @@
 
 A home made from a base model alone has no test set: its first labels are its traffic. So each
 round, before it trains, gives every text that no round has seen yet a split (train, validation,
-test or audit) and keeps it for good: in the home's database (`home_db.py`), or, in a home made
+test or audit) and keeps it for good: in the home's database (`state/home_db.py`), or, in a home made
 before there was one, in HOME/splits.jsonl, one line a text, appended and never rewritten:
 
     {"text": "how do i learn python?", "split": "test"}

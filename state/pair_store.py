@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import data
-from file_lock import FileLock
+from state.file_lock import FileLock
 
 FIELDS = ("text1", "text2", "label", "id", "source")
 

@@ -31,10 +31,10 @@ import torch
 
 import data
 import evaluate
-import home_state
 import jsonl
 from errors import InputError
 from model import Embedder, load_model, pick_device
+from state import home_state
 
 VERSION_NAME = re.compile(r"base|round-\d+")  # names that mean a version, not "whatever is current"
 

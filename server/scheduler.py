@@ -12,9 +12,11 @@ import threading
 from pathlib import Path
 
 import errors
-import home_state
 import jsonl
 from errors import InputError
+from state import home_state
+
+FLYWHEEL = Path(__file__).resolve().parents[1] / "flywheel.py"  # a round is the entry point, run as a process
 
 
 class RoundScheduler(threading.Thread):
@@ -45,7 +47,7 @@ class RoundScheduler(threading.Thread):
             return
         print(f"round: {new} new pairs, starting (log: {self.home / 'rounds.log'})", flush=True)
         with open(self.home / "rounds.log", "ab") as log:
-            done = subprocess.run([sys.executable, str(Path(__file__).with_name("flywheel.py")), "--home", str(self.home)],
+            done = subprocess.run([sys.executable, str(FLYWHEEL), "--home", str(self.home)],
                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
         if done.returncode != 0:
             return self.failed(f"round: exit code {done.returncode}; the last lines of {self.home / 'rounds.log'} say why")

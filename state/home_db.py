@@ -16,7 +16,7 @@ Four tables:
   (once, however often it is retried) for a person to settle, never trained on. The answer to a post
   is the same from every process, because it is decided inside the transaction against what is
   committed.
-- `splits`: the ledger of `heldout.py`, each normalised text's split, decided once by a round.
+- `splits`: the ledger of `state/heldout.py`, each normalised text's split, decided once by a round.
 - `state`: small JSON rows: `served` (the current version and the one before it, which every server
   polls), `base` (the base model's threshold), `migrated_through` (see `flywheel.py --migrate`).
 
@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 
 from errors import InputError
-from file_lock import BusyError, FileLock
-from pair_store import pair_key
+from state.file_lock import BusyError, FileLock
+from state.pair_store import pair_key
 
 ADD_LOCK = 0x656D6264    # the advisory lock id that PostgreSQL writers take turns on ("embd")
 ROUND_LOCK = 0x726F756E  # ... and the one a round holds for its whole length ("roun")

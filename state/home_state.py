@@ -1,7 +1,7 @@
 """A flywheel home's state: where it lives, and the few things every process must agree on.
 
 A home is a folder (flywheel.json, the model folders under rounds/, history.jsonl) and, for everything
-that servers and rounds share, a database (`home_db.py`): the pairs, the conflicts, each text's split,
+that servers and rounds share, a database (`state/home_db.py`): the pairs, the conflicts, each text's split,
 the versions served and the base model's threshold. flywheel.json's `database` names it:
 
     sqlite:///pairs.db                           the default: a file in the home, one machine, nothing to install
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import data
-import heldout
 import jsonl
-from home_db import HomeDB
 from errors import InputError
-from pair_store import PairStore
+from state import heldout
+from state.home_db import HomeDB
+from state.pair_store import PairStore
 
 DEFAULT_DATABASE = "sqlite:///pairs.db"  # relative: inside the home
 BASE_POINTER = {"version": "base", "path": None, "promoted_at": None}
