@@ -348,7 +348,7 @@ image = (
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0", "numpy==2.4.6",
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "matplotlib==3.10.7",
                     "fastapi==0.165.0", "uvicorn==0.54.0", "uvloop==0.23.0", "httptools==0.9.0",
-                    "prometheus_client==0.26.0", "psycopg[binary,pool]==3.3.3")
+                    "prometheus_client==0.26.0", "psycopg[binary,pool]==3.3.9")
     .env({"HF_HOME": "/root/.cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "packing", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
