@@ -117,7 +117,7 @@ def pairs_from_files(home: Path, sources: list[str], past: list[dict]) -> tuple[
     if not paths_:
         raise InputError(f"no pair files (.csv, .tsv, .jsonl, .parquet, optionally .gz) in {' '.join(sources)} yet")
     files = {os.path.relpath(p): fingerprint(p) for p in paths_}  # no absolute path in the history
-    seen = {digest for row in past for digest in row.get("files", {}).values()}
+    seen = home_state.files_read(past)
     new = [f for f, digest in files.items() if digest not in seen]
     if not new:
         raise InputError("no new pair files since the last round; drop some into --pairs")

@@ -43,7 +43,7 @@ import jsonl  # noqa: E402
 from state.home_db import HomeDB  # noqa: E402
 from state.pair_store import pair_key  # noqa: E402
 from serve import WATCH_EVERY_S  # noqa: E402
-from serve_speed import cpu_name, free_port  # noqa: E402
+from serve_speed import cpu_name, free_port, wait_until_up  # noqa: E402
 
 KEY = "scale-key"
 SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"
@@ -64,17 +64,8 @@ class Server:
         return self
 
     def wait(self, seconds: float = 120) -> "Server":
-        deadline = time.time() + seconds
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve.py on port {self.port} exited with {self.process.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"serve.py on port {self.port} did not start in {seconds:.0f} s")
+        wait_until_up(self.url + "/health", self.process, seconds)
+        return self
 
     def health(self) -> dict | None:
         try:

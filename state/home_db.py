@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from errors import InputError
+from errors import InputError, first_line
 from state.file_lock import BusyError, FileLock
 from state.pair_store import pair_key
 
@@ -127,7 +127,9 @@ class HomeDB:
             self.connection.execute("PRAGMA synchronous=FULL")  # a commit is on the disk when add returns
             self.lock = threading.Lock()                         # one connection: this process's threads take turns
         else:
-            import psycopg_pool  # only where a home uses PostgreSQL
+            import psycopg  # only where a home uses PostgreSQL
+            import psycopg_pool
+            self.unavailable = (psycopg.OperationalError, psycopg_pool.PoolTimeout)  # what StoreUnavailable stands for
             self.pool = psycopg_pool.ConnectionPool(self.url, min_size=1, max_size=4, open=False,
                                                     check=psycopg_pool.ConnectionPool.check_connection)
             try:
@@ -159,15 +161,13 @@ class HomeDB:
                         raise StoreUnavailable(f"{self.url}: {e}") from e
                     raise
         else:  # the pool commits a clean block and rolls back a failed one; a dropped connection is replaced
-            import psycopg
-            import psycopg_pool
             try:
                 with self.pool.connection() as connection, connection.cursor() as cursor:
                     if writing:
                         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (ADD_LOCK,))
                     yield cursor
-            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
-                raise StoreUnavailable(f"{self.url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            except self.unavailable as e:
+                raise StoreUnavailable(f"{self.url}: {first_line(e)}") from e
 
     def sql(self, statement: str) -> str:
         """Our statements use SQLite's ? placeholders; psycopg's are %s."""

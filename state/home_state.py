@@ -119,6 +119,11 @@ def fingerprint(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def files_read(history: list[dict]) -> set[str]:
+    """The fingerprints of the pair files that the rounds of a file home have read."""
+    return {digest for row in history for digest in row.get("files", {}).values()}
+
+
 def pairs_read(home: Path) -> int:
     """The seq of the last stored pair that a round has read (a database home)."""
     through = [r["pairs_through"] for r in jsonl.read(home / "history.jsonl") if "pairs_through" in r]
@@ -130,7 +135,7 @@ def new_pair_count(home: Path) -> int:
     db = database(home)
     if db is not None:
         return db.count(after=pairs_read(home))
-    seen = {digest for row in jsonl.read(home / "history.jsonl") for digest in row.get("files", {}).values()}
+    seen = files_read(jsonl.read(home / "history.jsonl"))
     folder = home / "pairs"
     files = pair_files([str(folder)]) if folder.is_dir() else []
     return sum(len(data.load_pairs(str(p))) for p in files if fingerprint(p) not in seen)
@@ -145,7 +150,7 @@ def migrate(home: Path, url: str) -> dict:
     stay where they are; flywheel.json names the database last, so an interrupted migration leaves
     the home as it was and can run again (a pair already moved is a duplicate)."""
     db = HomeDB(url, home)
-    seen = {digest for row in jsonl.read(home / "history.jsonl") for digest in row.get("files", {}).values()}
+    seen = files_read(jsonl.read(home / "history.jsonl"))
     files = pair_files([str(home / "pairs")]) if (home / "pairs").is_dir() else []
     read = [f for f in files if fingerprint(f) in seen]
     counts = {"read": 0, "unread": 0, "duplicates": 0, "conflicts": 0}

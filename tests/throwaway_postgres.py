@@ -4,7 +4,8 @@ loopback port, trust authentication, stopped and removed at the end.
     with ThrowawayPostgres() as server:
         url = server.database("t1")          # postgresql://postgres@127.0.0.1:PORT/t1, created empty
 
-`initdb` refuses to run as root, so as root the cluster is made and run by the `postgres` system user
+A SIGTERM to the process that made it (a `timeout`, a `kill`) ends it as Ctrl-C would, so the
+cluster is stopped on the way out rather than left running. `initdb` refuses to run as root, so as root the cluster is made and run by the `postgres` system user
 (the Debian package creates it). Where no PostgreSQL is installed, `available()` says why not.
 """
 from __future__ import annotations
@@ -14,9 +15,11 @@ import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -68,6 +71,8 @@ class ThrowawayPostgres:
         data = self.folder / "data"
         self.run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
         self.start()
+        if threading.current_thread() is threading.main_thread():  # only there can a handler be set
+            self.on_sigterm = signal.signal(signal.SIGTERM, interrupt)
         return self
 
     def url(self, name: str = "postgres") -> str:
@@ -92,3 +97,10 @@ class ThrowawayPostgres:
             self.stop()
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
+            if hasattr(self, "on_sigterm"):
+                signal.signal(signal.SIGTERM, self.on_sigterm)
+
+
+def interrupt(signum, frame):
+    """SIGTERM as KeyboardInterrupt: pytest, and any `with`, then run their teardown."""
+    raise KeyboardInterrupt(f"signal {signum}")
