@@ -34,7 +34,6 @@ from starlette.exceptions import HTTPException
 
 import errors
 import flywheel
-import history
 import modal
 import paths
 from errors import InputError
@@ -95,11 +94,11 @@ async def off_loop(size: int, function, *args):
 
 
 def build_app(versions, store=None, batcher=None, read_key: str | None = None, write_key: str | None = None,
-              ledger=None, home: Path | None = None):
+              ledger=None):
     """The FastAPI app over `versions` (versions.Versions). `store` (home_db.HomeDB, or a file home's
     pair_store.PairStore) enables /v1/pairs; `ledger` (heldout.Ledger) knows the split of each text a
     round has seen (a stored pair that touches a held-out text will go where that text's split says:
-    it is counted by split); `home` adds each version's latest audit to /v1/models."""
+    it is counted by split). /v1/models adds each version's latest audit (`versions.audits`)."""
     metrics = Metrics(lambda: batcher.queued, versions)
     batcher = batcher or Batcher(on_batch=metrics.batch)
     batcher.on_batch = metrics.batch
@@ -194,14 +193,13 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
         try:
             outcome = await asyncio.to_thread(store.add, rows)  # acknowledged once committed
             touching = await asyncio.to_thread(held_out_splits, rows)
-            stored = await asyncio.to_thread(store.count)
         except (StoreUnavailable, OSError) as e:  # a full disk, a database down: said once, never a traceback
             print(f"error: /v1/pairs: the store cannot take the batch: {errors.first_line(e)}", file=sys.stderr, flush=True)
             raise ApiError(503, f"the pair store is unavailable; retry after {RETRY_AFTER_S} s (a batch is stored whole "
                            "or not at all: the retry is safe)", code="store_unavailable", kind="server_error",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         metrics.pairs(outcome, touching)
-        return {"object": "pairs.batch", **outcome, "touching_held_out": sum(touching.values()), "stored": stored}
+        return {"object": "pairs.batch", **outcome, "touching_held_out": sum(touching.values())}
 
     def held_out_splits(rows: list[dict]) -> dict[str, int]:
         """How many of the pairs touch a text that a round has held out, by that text's split."""
@@ -218,9 +216,8 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request, read_key, "models")
-        audits = history.latest_audits(home) if home is not None else {}
         return {"object": "list", "current": versions.current.id,
-                "data": [v.describe() | {"audit": audits.get(v.id)} for v in reversed(versions.held)]}
+                "data": [v.describe() | {"audit": versions.audits.get(v.id)} for v in reversed(versions.held)]}
 
     @app.get("/v1/models/{version_id}")
     async def model(request: Request, version_id: str):  # the openai client's models.retrieve
@@ -229,7 +226,7 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
         if version is None:
             held = ", ".join(v.id for v in versions.held)
             raise ApiError(404, f"model version '{version_id}' is not served here (served: {held})", "model", "model_not_found")
-        return version.describe() | {"audit": (history.latest_audits(home) if home is not None else {}).get(version.id)}
+        return version.describe() | {"audit": versions.audits.get(version.id)}
 
     @app.get("/health")
     async def health():
@@ -264,7 +261,7 @@ def make_app(home: Path | None, model: str | None, device: str = "auto", precisi
     keys = {k: os.environ.get(f"EMBED_FT_{k.upper()}_KEY") or None for k in ("read", "write")}
     threads = ThreadChooser() if target.type == "cpu" else None
     return build_app(versions, store, Batcher(token_budget=batch_tokens, bf16=bf16, threads=threads), keys["read"],
-                     keys["write"], ledger, home)
+                     keys["write"], ledger)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -178,7 +178,7 @@ class HomeDB:
     def add(self, pairs: list[dict], received: str | None = None) -> dict:
         """Store a batch (already validated: text1, text2, label 0/1, optional id and source) in one
         transaction, and return, after it commits, how many were accepted, duplicates, conflicts and
-        pairs of a text with itself (dropped, as train.py drops them)."""
+        pairs of a text with itself (dropped, as train.py drops them), and how many the store holds."""
         received = received or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         keyed = [(pair_key(p["text1"], p["text2"]), p) for p in pairs]
         keep = [(key_digest(texts), texts, p) for texts, p in keyed if texts[0] != texts[1]]
@@ -207,8 +207,23 @@ class HomeDB:
             cursor.executemany(self.sql("INSERT INTO conflicts (post_key, stored_key, reason, text1, text2, label, "
                                         "client_id, source, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                                         "ON CONFLICT (post_key) DO NOTHING"), conflicts) if conflicts else None
+            counts["stored"] = self.count_stored(cursor, len(fresh))
         counts["accepted"], counts["conflicts"] = len(fresh), len(conflicts)
         return counts
+
+    def count_stored(self, cursor, added: int) -> int:
+        """The pairs stored, kept in a state row that writers update in their turn: count(*) reads the
+        whole table, a cost every acknowledged batch would pay more of as the home grows. Counted once
+        where the row is missing (a database made before it)."""
+        cursor.execute(self.sql("SELECT value FROM state WHERE name = ?"), ("pairs_stored",))
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute("SELECT count(*) FROM pairs")  # this batch's rows included
+            stored = cursor.fetchone()[0]
+        else:
+            stored = json.loads(row[0]) + added
+        self.write_state(cursor, "pairs_stored", stored)
+        return stored
 
     def rows(self, cursor, column: str, values: list[str]) -> dict[str, tuple]:
         """The stored (pair_key, label, client_id) whose `column` is one of `values`, by that value."""
@@ -297,8 +312,11 @@ class HomeDB:
 
     def set_state(self, name: str, value) -> None:
         with self.transaction(writing=True) as cursor:
-            cursor.execute(self.sql("INSERT INTO state (name, value) VALUES (?, ?) "
-                                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"), (name, json.dumps(value)))
+            self.write_state(cursor, name, value)
+
+    def write_state(self, cursor, name: str, value) -> None:
+        cursor.execute(self.sql("INSERT INTO state (name, value) VALUES (?, ?) "
+                                "ON CONFLICT (name) DO UPDATE SET value = excluded.value"), (name, json.dumps(value)))
 
     @contextlib.contextmanager
     def round_lock(self, wait: bool = False):

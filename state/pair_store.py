@@ -93,7 +93,7 @@ class PairStore:
     def add(self, pairs: list[dict]) -> dict:
         """Store the new pairs of a batch (already validated: text1, text2, label 0/1, optional id and
         source), durably, before returning the counts of accepted, duplicate, conflicting and dropped
-        pairs. Once means once within a batch as across batches. An id seen before names the same pair
+        pairs, and how many the store holds now. Once means once within a batch as across batches. An id seen before names the same pair
         or is a conflict, kept apart (never a silent duplicate); a pair of a text with itself teaches
         nothing and is dropped and counted, as train.py drops it."""
         with self.lock, self.exclusive():
@@ -126,7 +126,7 @@ class PairStore:
             self.index(fresh)
             self.conflicting += len(contradicting)
             return {"accepted": len(fresh), "duplicates": duplicates, "conflicts": len(contradicting),
-                    "dropped_self_pairs": itself}
+                    "dropped_self_pairs": itself, "stored": len(self.labels)}
 
     def refresh(self) -> None:
         """Read the batch files that this process has not read yet (a torn one cannot exist)."""

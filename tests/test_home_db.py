@@ -26,12 +26,15 @@ def test_a_pair_is_stored_once_and_contradictions_and_reused_ids_are_kept_apart(
     db = HomeDB(url)
     batch = [pair("How do I learn Python?", "Best way to learn Python", 1, "a"), pair("x y", "X  y", 0),
              pair("cats", "dogs", 0, "b")]
-    assert db.add(batch) == {"accepted": 2, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": 1}
-    assert db.add(batch) == {"accepted": 0, "duplicates": 2, "conflicts": 0, "dropped_self_pairs": 1}  # a retry
+    assert db.add(batch) == {"accepted": 2, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": 1, "stored": 2}
+    assert db.add(batch) == {"accepted": 0, "duplicates": 2, "conflicts": 0, "dropped_self_pairs": 1, "stored": 2}  # a retry
     contradicting = [pair("best way to learn  python", "how do i learn python?", 0, "c"), pair("cats", "birds", 0, "b")]
     assert db.add(contradicting)["conflicts"] == 2
     assert db.add(contradicting)["conflicts"] == 2  # the same answer again, and kept once
-    assert db.count() == 2 and [c["reason"] for c in db.conflicts()] == ["label", "id"]
+    with db.transaction(writing=True) as cursor:  # a database made before the running count: counted once
+        cursor.execute("DELETE FROM state WHERE name = 'pairs_stored'")
+    assert db.add([pair("one more", "pair", 1)])["stored"] == 3
+    assert db.count() == 3 and [c["reason"] for c in db.conflicts()] == ["label", "id"]
     assert db.conflicts()[0]["stored_label"] == 1 and db.conflicts()[1]["stored_id"] == "b"
     assert [p["seq"] for p in db.pairs()] == sorted(p["seq"] for p in db.pairs()) and len(db.pairs(after=db.last_seq())) == 0
     db.close()
@@ -62,6 +65,7 @@ def test_three_processes_retrying_each_others_batches_store_each_pair_once(url):
     assert db.count() == 240 and sum(a["accepted"] for a in answers) == 240   # none lost, none doubled
     assert sum(a["duplicates"] for a in answers) == 12 * 20  # each of the 12 batches was sent twice, over processes
     assert sum(a["conflicts"] for a in answers) == 2 and len(db.conflicts()) == 1
+    assert max(a["stored"] for a in answers) == 240  # the running count, kept by writers in turn
     db.close()
 
 

@@ -11,7 +11,7 @@ def pair(a, b, label, **extra):
 def test_a_pair_is_stored_once_and_a_contradiction_is_kept_apart(tmp_path):
     store = PairStore(tmp_path / "pairs")
     first = store.add([pair("How do I learn Python?", "Best way to learn Python?", 1, id="q1"), pair("a b", "c d", 0)])
-    assert first == {"accepted": 2, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": 0}
+    assert first == {"accepted": 2, "duplicates": 0, "conflicts": 0, "dropped_self_pairs": 0, "stored": 2}
     again = store.add([pair("best way to  learn python?", "How do I learn Python?", 1),   # same pair, other order
                        pair("how do i learn python?", "Best way to learn Python?", 1, id="q1"),  # same id, same pair
                        pair("x", "y", 1, id="q1"),                                         # same id, another pair
@@ -19,7 +19,7 @@ def test_a_pair_is_stored_once_and_a_contradiction_is_kept_apart(tmp_path):
                        pair("e f", "g h", 1, id="e"), pair("g h", "e f", 1, id="e"),       # repeated within the batch
                        pair("i j", "k l", 0, id="i"), pair("m n", "o p", 0, id="i"),       # one id, two pairs, one batch
                        pair("Same text", "same  TEXT", 1)])                                # a text with itself
-    assert again == {"accepted": 2, "duplicates": 3, "conflicts": 3, "dropped_self_pairs": 1}
+    assert again == {"accepted": 2, "duplicates": 3, "conflicts": 3, "dropped_self_pairs": 1, "stored": 4}
     files = sorted((tmp_path / "pairs").glob("batch-*.jsonl"))
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
     assert len(files) == 2 and len(rows) == 4 and rows[0]["id"] == "q1"
