@@ -1,6 +1,7 @@
 """Our server against Infinity on the same model folder and the same CPU, on a bounded loopback load.
 
     python benchmarks/serve_speed.py --model DIR --infinity /path/to/venv/bin/infinity_emb [--client httpx]
+    python benchmarks/serve_speed.py --model DIR --before ../checkout-of-an-earlier-commit   # a change's cost
 
 Both servers are started, then each load goes to each server in turn, and the in-process
 `Embedder.encode` rate on the same texts (the ceiling) is measured after them, --repeats times over
@@ -14,7 +15,10 @@ Load (a) also goes to a server that answers every request with the same canned b
 client alone can send on these cores, the ceiling of any server's rate. Prints texts/s and p50/p99
 latency per server and load, with the CPU and its precision beside each
 figure, and appends the rows to --results. Needs aiohttp and httpx beside the project, and Infinity
-in a venv of its own. The client runs on the same machine as the servers: both pay for it alike.
+in a venv of its own. The client runs on the same machine as the servers: both pay for it alike. `--before DIR` also starts
+another checkout's serve.py (an earlier commit, `git worktree add`) on the same folder, measured in
+the same turns: whether a change moved the rate. The servers take turns in a reversed order every
+other repeat, so that none always goes first.
 """
 from __future__ import annotations
 
@@ -173,6 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an encoder or sentence-transformers folder")
     parser.add_argument("--infinity", help="the infinity_emb command of its own venv (left out if not given)")
+    parser.add_argument("--before", metavar="DIR", help="another checkout whose serve.py is measured beside this one")
     parser.add_argument("--client", default="both", choices=["aiohttp", "httpx", "both"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32"],
                         help="auto: bf16 where the CPU has bf16 units, for all three; fp32: fp32 for all three")
@@ -191,12 +196,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         load_model(args.model, None).save(folder)  # one sentence-transformers folder for both servers
-        ports = {"embed-ft": free_port(), "infinity": free_port()}
+        ports = {"embed-ft": free_port(), "infinity": free_port(), "embed-ft before": free_port()}
         commands = {"embed-ft": [sys.executable, str(ROOT / "serve.py"), "--model", str(folder), "--device", "cpu",
                                  "--precision", precision],
                     "infinity": [args.infinity, "v2", "--model-id", str(folder), "--url-prefix", "/v1", "--device",
-                                 "cpu", "--engine", "torch", "--dtype", dtype] if args.infinity else None}
-        names = {"embed-ft": "model", "infinity": str(folder)}
+                                 "cpu", "--engine", "torch", "--dtype", dtype] if args.infinity else None,
+                    "embed-ft before": [sys.executable, str(Path(args.before) / "serve.py"), "--model", str(folder),
+                                        "--device", "cpu", "--precision", precision] if args.before else None}
+        names = {"embed-ft": "model", "infinity": str(folder), "embed-ft before": "model"}
         ports["client alone"] = free_port()  # load (a) against a canned answer: the client's own ceiling
         commands["client alone"], names["client alone"] = [sys.executable, __file__, "--canned"], "canned"
         servers: dict[str, subprocess.Popen] = {}
@@ -210,7 +217,8 @@ def main() -> None:
                 for client in clients:
                     for load, (per_request, in_flight) in LOADS.items():
                         warm_up, texts = take(WARM_UP), take(args.texts_a if load == "a" else args.texts_b)
-                        for name in (n for n in servers if load == "a" or n != "client alone"):
+                        order = list(servers) if repeat % 2 == 0 else list(servers)[::-1]
+                        for name in (n for n in order if load == "a" or n != "client alone"):
                             result = asyncio.run(timed_posts(client, f"http://127.0.0.1:{ports[name]}/v1/embeddings",
                                                              bodies(names[name], warm_up, per_request),
                                                              bodies(names[name], texts, per_request), in_flight))
@@ -238,7 +246,7 @@ def print_table(rows: list[dict], cpu: str, precision: str, repeats: int) -> Non
     client, (b) against the in-process rate."""
     by = {(r["server"], r["client"], r["load"]): r for r in rows}
     print(f"\n{cpu}; {precision}; medians of {repeats}")
-    print(f"{'server':18} {'client':8} {'load':>4} {'texts/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>14}  all runs")
+    print(f"{'server':18} {'client':8} {'load':>4} {'texts/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>28}  all runs")
     for row in sorted(rows, key=lambda r: (r["load"], r["client"], r["server"])):
         latency = f"{row['p50_ms']:7.0f} {row['p99_ms']:7.0f}" if "p50_ms" in row else f"{'':7} {'':7}"
         ratio = ""
@@ -246,7 +254,11 @@ def print_table(rows: list[dict], cpu: str, precision: str, repeats: int) -> Non
             ratio = f"{row['texts_per_s'] / by['infinity', row['client'], 'a']['texts_per_s']:.2f}x Infinity"
         if row["server"] == "embed-ft" and row["load"] == "b":
             ratio = f"{row['texts_per_s'] / by['in-process encode', row['client'], 'b']['texts_per_s']:.0%} in-process"
-        print(f"{row['server']:18} {row['client']:8} {row['load']:>4} {row['texts_per_s']:8.0f} {latency} {ratio:>14}  "
+        if row["server"] == "embed-ft" and ("embed-ft before", row["client"], row["load"]) in by:
+            pairs = zip(row["texts_per_s_all"], by["embed-ft before", row["client"], row["load"]]["texts_per_s_all"])
+            before = float(np.median([now / then for now, then in pairs]))  # each repeat's ratio: the same moment
+            ratio = f"{before:.2f}x before" + (f", {ratio}" if ratio else "")
+        print(f"{row['server']:18} {row['client']:8} {row['load']:>4} {row['texts_per_s']:8.0f} {latency} {ratio:>28}  "
               f"{row['texts_per_s_all']}")
 
 
