@@ -143,11 +143,11 @@ class Client:
                 between(b)
 
 
-def embed_load(servers: list[Server], stop: threading.Event, outcomes: list) -> None:
-    """Embeddings requests to every live process, until `stop`: (status or error, version)."""
+def embed_load(servers: list[Server], stop: threading.Event, outcomes: list, pause: float = 0.0) -> None:
+    """Embeddings requests to every live process, `pause` seconds apart, until `stop`: (status or error, version)."""
     with httpx.Client(timeout=60) as http:
         for i in range(100_000):
-            if stop.is_set():
+            if stop.wait(pause) if pause else stop.is_set():
                 return
             server = servers[i % len(servers)]
             try:
@@ -159,8 +159,10 @@ def embed_load(servers: list[Server], stop: threading.Event, outcomes: list) -> 
 
 # ---------------------------------------------------------------------------------- the scenario
 
-def scenario(home: Path, first: list[data.Pair], second: list[data.Pair], size: int = 20, device: str = "cpu") -> dict:
-    """The three processes, the client, the kill, the round; the report of what held."""
+def scenario(home: Path, first: list[data.Pair], second: list[data.Pair], size: int = 20, device: str = "cpu",
+             pause: float = 0.0) -> dict:
+    """The three processes, the client, the kill, the round; the report of what held. `pause`: seconds
+    between one embeddings client's requests (0: as fast as they are answered)."""
     servers = [Server(home, device).start() for _ in range(3)]
     try:
         for s in servers:
@@ -176,7 +178,7 @@ def scenario(home: Path, first: list[data.Pair], second: list[data.Pair], size: 
         client.send(before, between=kill_and_restart)
         servers[1].wait()
         stop, outcomes = threading.Event(), []
-        loads = [threading.Thread(target=embed_load, args=(servers, stop, outcomes)) for _ in range(4)]
+        loads = [threading.Thread(target=embed_load, args=(servers, stop, outcomes, pause)) for _ in range(4)]
         for t in loads:
             t.start()
         old = home_state.current_version(home)["version"]

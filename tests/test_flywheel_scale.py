@@ -16,7 +16,7 @@ def test_three_processes_keep_every_promise_across_a_kill_and_a_promotion(tiny_m
     val, test = write_tsv(tmp_path / "val.tsv", synthetic_pairs(96, 2)), write_tsv(tmp_path / "test.tsv", synthetic_pairs(300, 3))
     flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--val", str(val), "--test", str(test), "--set",
                    f"epochs=4 batch_size=16 lr=1e-3 device={TEST_DEVICE}", "--init", "--database", postgres.database("scale")])
-    report = scenario(home, synthetic_pairs(600, 1), synthetic_pairs(200, 4)[:120], device=TEST_DEVICE)
+    report = scenario(home, synthetic_pairs(600, 1), synthetic_pairs(200, 4)[:120], device=TEST_DEVICE, pause=0.05)
     assert report["lost"] == report["doubled"] == report["unexpected"] == 0, report
     assert report["stored"] == report["acknowledged"] > 600
     assert report["conflicts_listed"] == report["conflicts_expected"] > 0

@@ -210,13 +210,14 @@ def test_the_loop_turns_a_round_promotes_under_load_and_no_request_fails(home, m
     rounds = scheduler.RoundScheduler(home, every=0.5, min_new_pairs=150)
     seen, failures, stop = [], [], threading.Event()
     with LoopbackServer(app) as server:
-        def load():  # a bounded load: 4 in flight, until the swap is seen, at most 20,000 requests and 4 minutes
+        def load():  # a bounded load: 4 clients 20 ms apart, until the swap is seen, at most 20,000 requests and 8 minutes
             with httpx.Client(base_url=server.url, timeout=30) as client:
                 for i in range(20_000):
+                    time.sleep(0.02)  # leaves the round (at nice 10) some of the cores
                     response = client.post("/v1/embeddings", json={"input": TEXTS[i % 4: i % 4 + 2]})
                     (seen if response.status_code == 200 else failures).append(
                         response.json()["model"] if response.status_code == 200 else response.text)
-                    if stop.is_set() or time.time() > started + 240:
+                    if stop.is_set() or time.time() > started + 480:
                         return
         started = time.time()
         clients = [threading.Thread(target=load) for _ in range(4)]
@@ -226,7 +227,7 @@ def test_the_loop_turns_a_round_promotes_under_load_and_no_request_fails(home, m
                             headers={"authorization": f"Bearer {KEY}"}).json()
         assert posted["accepted"] > 550
         rounds.start()
-        deadline = time.time() + 240  # a round takes ~10 s alone; a busy machine can make it minutes
+        deadline = time.time() + 480  # a round takes ~10 s alone; at nice 10 beside other work, minutes
         while "round-001" not in seen[-4:] and time.time() < deadline and any(c.is_alive() for c in clients):
             time.sleep(0.2)
         stop.set()
@@ -445,14 +446,13 @@ def test_text_that_cannot_be_encoded_is_a_400_naming_the_field_on_every_route(ho
     assert "Traceback" not in logged.err + logged.out and "error:" not in logged.err
 
 
-def test_the_server_binds_first_says_when_it_is_ready_and_retrieves_a_model(saved_model):
+def test_the_server_binds_first_says_when_it_is_ready_and_retrieves_a_model(saved_model, capsys):
     import socket
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        busy = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", str(saved_model), "--port",
-                               str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120)
-    assert busy.returncode == 2 and busy.stderr.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in busy.stderr
+        code, err = run_cli(serve.main, ["--model", str(saved_model), "--port", str(taken.getsockname()[1])], capsys)
+    assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in err
     port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(saved_model), "--port", str(port),
                                "--device", TEST_DEVICE], stdout=subprocess.PIPE, text=True, env=os.environ | {"EMBED_FT_WRITE_KEY": ""})
