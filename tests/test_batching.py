@@ -29,7 +29,6 @@ def test_batches_cover_every_pair_once_with_dynamic_padding(tiny_model_dir, grou
 
 
 def test_epoch_order_is_a_seeded_permutation_and_by_length_pads_less(tiny_model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rng = np.random.default_rng(0)
     words = ["the", "a", "of", "how", "what", "t1a", "t2b", "t3c"]
     pairs = [(" ".join(rng.choice(words, rng.integers(1, 20))), " ".join(rng.choice(words, rng.integers(1, 20))), i % 2)
