@@ -147,7 +147,7 @@ def embed_load(servers: list[Server], stop: threading.Event, outcomes: list, pau
     """Embeddings requests to every live process, `pause` seconds apart, until `stop`: (status or error, version)."""
     with httpx.Client(timeout=60) as http:
         for i in range(100_000):
-            if stop.wait(pause) if pause else stop.is_set():
+            if stop.wait(pause):
                 return
             server = servers[i % len(servers)]
             try:

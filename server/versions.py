@@ -192,7 +192,7 @@ class HomeWatcher(threading.Thread):
         self.versions, self.home, self.every, self.device = versions, home, every, device
         self.before_load, self.on_swap = before_load, on_swap
         self.stopped = threading.Event()
-        self.history_seen = history_stamp(home)
+        self.history_seen = None  # the first poll reads it again: a round may have written since the load
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):

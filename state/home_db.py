@@ -215,13 +215,12 @@ class HomeDB:
         """The pairs stored, kept in a state row that writers update in their turn: count(*) reads the
         whole table, a cost every acknowledged batch would pay more of as the home grows. Counted once
         where the row is missing (a database made before it)."""
-        cursor.execute(self.sql("SELECT value FROM state WHERE name = ?"), ("pairs_stored",))
-        row = cursor.fetchone()
-        if row is None:
+        stored = self.read_state(cursor, "pairs_stored")
+        if stored is None:
             cursor.execute("SELECT count(*) FROM pairs")  # this batch's rows included
             stored = cursor.fetchone()[0]
         else:
-            stored = json.loads(row[0]) + added
+            stored += added
         self.write_state(cursor, "pairs_stored", stored)
         return stored
 
@@ -306,8 +305,11 @@ class HomeDB:
     def state(self, name: str) -> dict | None:
         """A state row's JSON value, None where it was never set."""
         with self.transaction() as cursor:
-            cursor.execute(self.sql("SELECT value FROM state WHERE name = ?"), (name,))
-            row = cursor.fetchone()
+            return self.read_state(cursor, name)
+
+    def read_state(self, cursor, name: str):
+        cursor.execute(self.sql("SELECT value FROM state WHERE name = ?"), (name,))
+        row = cursor.fetchone()
         return json.loads(row[0]) if row else None
 
     def set_state(self, name: str, value) -> None:
