@@ -156,6 +156,10 @@ def base_right(base: str, home: Path, unseen: list[data.Pair]):
 def run_home(home: Path, work: Path, plan: list[tuple[str, list[data.Pair]]], first_round: int, args, results: Path,
              unseen: list[data.Pair], label: str, after_round=None) -> None:
     done = {(r["stream"], r["round"]) for r in jsonl.read(results)}
+    rounds = len(jsonl.read(home / "history.jsonl"))
+    if any(stream == label and number > rounds for stream, number in done):
+        raise SystemExit(f"{results} has rows of '{label}' rounds that {home} never ran (its work folder was removed?): "
+                         "move the file aside or pick another --name")
     server = None
     try:
         for number, (source, pairs) in enumerate(plan, first_round):
