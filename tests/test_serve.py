@@ -1,6 +1,8 @@
 """serve.py over real HTTP on loopback: a uvicorn server on a free port, the official openai client."""
 import base64
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,6 +336,67 @@ def test_a_full_disk_under_the_home_is_one_line_and_a_503_and_it_recovers_by_its
         assert again["accepted"] == 50 and db.count() == accepted + 50  # nothing of the refused batch was kept
     err = capfd.readouterr().err
     assert err.count("error: /v1/pairs: the store cannot take the batch") == 1 and "full" in err and "Traceback" not in err
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, megabytes: int):
+    """A tmpfs of its own at `folder`, owned by the postgres user: a disk that can fill up for real."""
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small filesystem here (needs root and mount)")
+    try:
+        shutil.chown(folder, "postgres", "postgres")
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into `folder` until its disk is full."""
+    ballast = folder / "ballast"
+    with open(ballast, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return ballast
+
+
+def test_a_full_disk_under_the_database_is_one_line_and_a_503_and_it_recovers_by_itself(postgres, tiny_model_dir,
+                                                                                        tmp_path, monkeypatch, capfd):
+    """PostgreSQL's own disk fills up (the database in a tablespace on a small tmpfs): the server's
+    answer is the SQLite one's. WAL stays on the cluster's disk, as it would on a server whose data
+    volume fills."""
+    monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
+    name, auth = f"full_{abs(hash(str(tmp_path)))}", {"authorization": f"Bearer {KEY}"}
+    with small_filesystem(postgres.folder / name, 32) as disk:  # where the postgres user may reach it
+        import psycopg
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            admin.execute(f"CREATE TABLESPACE {name} LOCATION '{disk}'")
+            admin.execute(f"CREATE DATABASE {name} TABLESPACE {name}")
+            try:
+                val, test = (write_tsv(tmp_path / f"{s}.tsv", synthetic_pairs(n, seed)) for s, n, seed in [("val", 96, 2), ("test", 96, 3)])
+                flywheel.main(["--home", str(tmp_path / "fw"), "--base", str(tiny_model_dir), "--val", str(val), "--test", str(test),
+                               "--database", postgres.url(name), "--init"])
+                with LoopbackServer(serve.make_app(tmp_path / "fw", None, device=TEST_DEVICE)) as server:
+                    accepted = httpx.post(server.url + "/v1/pairs", json={"pairs": pairs_of(20, 1)}, headers=auth).json()["accepted"]
+                    ballast = fill(disk)  # the disk fills up
+                    big = [{"text1": f"t1a {'long ' * 200}{i}", "text2": f"t1b {i}", "label": 1} for i in range(50)]
+                    full = httpx.post(server.url + "/v1/pairs", json={"pairs": big}, headers=auth)
+                    assert full.status_code == 503 and full.json()["error"]["code"] == "store_unavailable" and full.headers["retry-after"]
+                    assert httpx.post(server.url + "/v1/embeddings", json={"input": ["t1a"]}).status_code == 200  # still served
+                    ballast.unlink()  # space again
+                    again = httpx.post(server.url + "/v1/pairs", json={"pairs": big}, headers=auth).json()
+                    assert again["accepted"] == 50 and home_state.database(tmp_path / "fw").count() == accepted + 50
+            finally:
+                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                admin.execute(f"DROP TABLESPACE IF EXISTS {name}")
+    err = capfd.readouterr().err
+    assert err.count("error: /v1/pairs: the store cannot take the batch") == 1 and "No space left on device" in err
+    assert "Traceback" not in err
 
 
 def test_a_served_version_keeps_no_file_of_its_folder_open(tiny_model_dir):
