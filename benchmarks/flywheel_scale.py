@@ -16,8 +16,10 @@ acknowledged stored exactly once, every reuse and contradiction a conflict, ever
 and the embeddings requests that failed across the swap.
 
 Throughput: batches of 100 new real Quora pairs, 4 in flight, for --seconds each: one process on
-SQLite, three on PostgreSQL, and one on the file store of a home made before the database. Pairs a
-second and p99 latency; the CPU beside them.
+SQLite, three on PostgreSQL, and one on the file store of a home made before the database, each into a
+fresh home, so every store takes the same pairs. The three in turn, --repeats times, the order reversed
+every other repeat; pairs a second and p50/p99 latency as medians over the repeats, and each store's
+rate against the file store's as the median of the repeats' ratios; the CPU beside them.
 """
 from __future__ import annotations
 
@@ -284,10 +286,45 @@ def make_home(folder: Path, base: str, database: str | None) -> Path:
     return folder
 
 
+def compare_stores(work: Path, base: str, pg, pairs: list[data.Pair], seconds: float, repeats: int) -> list[dict]:
+    """Each store in turn into a fresh home, `repeats` times, the order reversed every other repeat."""
+    setups = [("SQLite", 1), ("PostgreSQL", 3), ("file store", 1)]
+    rows = []
+    for repeat in range(repeats):
+        for name, processes in setups if repeat % 2 == 0 else setups[::-1]:
+            database = (pg.database(f"throughput{repeat}") if name == "PostgreSQL"
+                        else "sqlite:///pairs.db" if name == "SQLite" else None)  # None: the file store
+            home = make_home(work / f"{name.replace(' ', '_')}-{repeat}", base, database)
+            servers = [Server(home).start() for _ in range(processes)]
+            try:
+                for s in servers:
+                    s.wait()
+                result = throughput([s.url for s in servers], pairs, seconds)
+            finally:
+                for s in servers:
+                    s.stop()
+            rows.append({"store": name, "processes": processes, "repeat": repeat, **result, "cpu": cpu_name()})
+            print(f"repeat {repeat}: {name:12} {processes} process(es): {result['pairs_per_s']:8.0f} pairs/s, "
+                  f"p50 {result['p50_ms']:6.1f} ms, p99 {result['p99_ms']:6.1f} ms ({result['batches']} batches)", flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """Medians over the repeats; the rate against the file store's, repeat by repeat."""
+    files = {r["repeat"]: r["pairs_per_s"] for r in rows if r["store"] == "file store"}
+    print("| store | processes | pairs a second | vs the file store | p50 | p99 |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in dict.fromkeys(r["store"] for r in rows):
+        mine = [r for r in rows if r["store"] == name]
+        ratio = np.median([r["pairs_per_s"] / files[r["repeat"]] for r in mine])
+        print(f"| {name} | {mine[0]['processes']} | {np.median([r['pairs_per_s'] for r in mine]):,.0f} | {ratio:.2f}x | "
+              f"{np.median([r['p50_ms'] for r in mine]):.0f} ms | {np.median([r['p99_ms'] for r in mine]):.0f} ms |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the model the homes serve (a folder)")
-    parser.add_argument("--seconds", type=float, default=30.0, help="each throughput load, this long")
+    parser.add_argument("--seconds", type=float, default=30.0, help="each throughput load, at most this long")
+    parser.add_argument("--repeats", type=int, default=3, help="each store this many times, in turn with the others")
     parser.add_argument("--work", default="/tmp/flywheel_scale", help="where the homes go (removed first)")
     parser.add_argument("--results", default=str(ROOT / "results" / "flywheel_scale.jsonl"))
     args = parser.parse_args()
@@ -296,26 +333,9 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     pairs = data.load_pairs(str(SPLITS / "train.tsv.gz"))
-    rows = []
     with throwaway_postgres.ThrowawayPostgres() as pg:
-        setups = [("SQLite", 1, None), ("PostgreSQL", 3, pg.database("throughput")), ("file store", 1, "files")]
-        offset = 0
-        for name, processes, database in setups:
-            url = "sqlite:///pairs.db" if database is None else (None if database == "files" else database)
-            home = make_home(work / name.replace(" ", "_"), args.base, url)
-            servers = [Server(home).start() for _ in range(processes)]
-            try:
-                for s in servers:
-                    s.wait()
-                chunk = pairs[offset:offset + 100_000]  # new pairs for each store
-                offset += 100_000
-                result = throughput([s.url for s in servers], chunk, args.seconds)
-            finally:
-                for s in servers:
-                    s.stop()
-            rows.append({"store": name, "processes": processes, **result, "cpu": cpu_name()})
-            print(f"{name:12} {processes} process(es): {result['pairs_per_s']:8.0f} pairs/s, p50 {result['p50_ms']:6.1f} ms, "
-                  f"p99 {result['p99_ms']:6.1f} ms ({result['batches']} batches of 100)", flush=True)
+        rows = compare_stores(work, args.base, pg, pairs[:100_000], args.seconds, args.repeats)
+        print_table(rows)
         home = make_home(work / "scenario", args.base, pg.database("scenario"))
         report = scenario(home, pairs[-1600:-400], pairs[-400:])
         print({k: v for k, v in report.items() if k != "round_output"})
