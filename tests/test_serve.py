@@ -392,6 +392,8 @@ def test_a_full_disk_under_the_database_is_one_line_and_a_503_and_it_recovers_by
                     again = httpx.post(server.url + "/v1/pairs", json={"pairs": big}, headers=auth).json()
                     assert again["accepted"] == 50 and home_state.database(tmp_path / "fw").count() == accepted + 50
             finally:
+                if (tmp_path / "fw" / "flywheel.json").exists():
+                    home_state.database(tmp_path / "fw").close()  # this process's pool, before its database goes
                 admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
                 admin.execute(f"DROP TABLESPACE IF EXISTS {name}")
     err = capfd.readouterr().err
