@@ -9,8 +9,8 @@ checkout and its inputs fit in 64 MiB.
 
 The stages, in order, each written to --out as soon as it ends (a check cut short keeps what ran),
 and each skipped, and said so, when the time left is too short:
-1. tests: the whole suite with EMBED_FT_TEST_DEVICE=cuda, each failure by name (8 processes when
-   pytest-xdist is there; the whole log is written beside --out).
+1. tests: the whole suite with EMBED_FT_TEST_DEVICE=cuda, each failure by name (8 processes with
+   pytest-xdist; the whole log is written beside --out).
 2. host: the time of 10,000 tiny in-place ops (this host's cost per launched op) and a measured bf16
    matrix-product peak.
 3. profile: torch.profiler over a few steps of bge-base-en-v1.5's shapes (a random 12-layer, 768-wide
@@ -25,7 +25,6 @@ and each skipped, and said so, when the time left is too short:
    time left: pairs/s and test error.
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -56,10 +55,10 @@ STAGES = ["tests", "host", "profile", "steps", "finetune"]
 
 def run_tests(device: str, quick: bool, timeout: float, log: Path) -> dict:
     """The whole suite with EMBED_FT_TEST_DEVICE=cuda (the real-data test skips: no ../shared there),
-    spread over 8 processes when pytest-xdist is installed, so that it leaves the lend time to measure.
-    The whole output goes to `log`."""
+    spread over 8 processes (pytest-xdist), so that it leaves the lend time to measure; a dry run's one
+    file in one process. The whole output goes to `log`."""
     files = ["tests/test_losses.py"] if quick else ["tests"]
-    workers = [] if quick or importlib.util.find_spec("xdist") is None else ["-n", "8"]
+    workers = ["-n", "0" if quick else "8"]
     started = time.perf_counter()
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-rfE", "-p", "no:cacheprovider", *workers, *files],

@@ -17,6 +17,11 @@ SHARED = Path(os.environ.get("EMBED_FT_SHARED", ROOT.parent / "shared"))
 # true; where a GPU's bf16 needs another tolerance than a CPU's fp32, the test says so.
 TEST_DEVICE = os.environ.get("EMBED_FT_TEST_DEVICE", "cpu")
 ON_GPU = TEST_DEVICE.startswith("cuda")
+# The suite runs two tests at a time (pytest-xdist, `-n 2` in pyproject.toml), each on one thread,
+# and so does every process a test starts, unless it picks its threads itself (the server does): the
+# tests' models are tiny, and two tests on a core each finish sooner than one test on two cores
+# whose threads wait for each other (docs/testing.md). Set before torch is imported, so that it counts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if ON_GPU:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: cuBLAS's deterministic mode
     import torch
