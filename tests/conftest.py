@@ -102,6 +102,16 @@ def minilm_dir() -> Path:
     return cache / "sentence-transformers-all-MiniLM-L6-v2"
 
 
+def st_modules():
+    """sentence-transformers' module classes (Transformer, Pooling, Dense, Normalize): from their home
+    since version 6, where `sentence_transformers.models` warns that it goes; before 6, from there."""
+    try:
+        from sentence_transformers.sentence_transformer import modules
+    except ImportError:
+        from sentence_transformers import models as modules
+    return modules
+
+
 def tiny_config(model_dir, files: dict, out, **overrides):
     """A training run of the tiny BERT on synthetic pair files: fast, and it learns."""
     from options import Config

@@ -102,7 +102,9 @@ def test_plain_transformers_reproduces_our_embeddings(embedder, tmp_path):
 
 
 def test_load_reads_a_folder_saved_by_sentence_transformers_itself(tiny_model_dir, tmp_path):
-    from sentence_transformers import SentenceTransformer, models
+    from conftest import st_modules
+    from sentence_transformers import SentenceTransformer
+    models = st_modules()
     transformer = models.Transformer(str(tiny_model_dir), max_seq_length=32)
     torch.manual_seed(2)
     dense = models.Dense(32, 8, bias=False, activation_function=torch.nn.Identity())

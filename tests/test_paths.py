@@ -5,7 +5,7 @@ import argparse
 import hashlib
 
 import pytest
-from conftest import run_cli, synthetic_pairs, write_tsv
+from conftest import run_cli, st_modules, synthetic_pairs, write_tsv
 
 import dedup
 import evaluate
@@ -170,7 +170,8 @@ def test_a_flywheel_set_is_checked_before_the_round(tiny_model_dir, tmp_path, ca
 def published(tiny_model_dir, folder, pooling: str, prompts: dict) -> str:
     """A model folder as sentence-transformers itself saves one (a bge-style CLS model, an e5-style
     model with prompts and a default)."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    models = st_modules()
     modules = [models.Transformer(str(tiny_model_dir), max_seq_length=32), models.Pooling(32, pooling), models.Normalize()]
     SentenceTransformer(modules=modules, prompts=prompts, default_prompt_name=next(iter(prompts), None),
                         device="cpu").save(str(folder))

@@ -3,7 +3,7 @@ packed and padded, before and after fine-tuning, and through serve.py."""
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DEVICE, LoopbackServer, tiny_config
+from conftest import TEST_DEVICE, LoopbackServer, st_modules, tiny_config
 
 import serve
 import train
@@ -45,7 +45,8 @@ def published_folder(tiny_model_dir, folder, mode: str, prompts: bool, include_p
                      dense: bool = False):
     """A model as sentence-transformers itself builds and saves one: the tiny BERT, a pooling, maybe
     a published Dense (with Tanh), maybe Normalize, maybe prompts with a default."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    models = st_modules()
     torch.manual_seed(3)
     modules = [models.Transformer(str(tiny_model_dir), max_seq_length=32), models.Pooling(32, mode, include_prompt=include_prompt)]
     modules += [models.Dense(32, 24, activation_function=torch.nn.Tanh())] if dense else []
