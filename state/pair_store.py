@@ -93,9 +93,9 @@ class PairStore:
     def add(self, pairs: list[dict]) -> dict:
         """Store the new pairs of a batch (already validated: text1, text2, label 0/1, optional id and
         source), durably, before returning the counts of accepted, duplicate, conflicting and dropped
-        pairs, and how many the store holds now. Once means once within a batch as across batches. An id seen before names the same pair
-        or is a conflict, kept apart (never a silent duplicate); a pair of a text with itself teaches
-        nothing and is dropped and counted, as train.py drops it."""
+        pairs, and how many the store holds now. Once means once within a batch as across batches. An
+        id seen before names the same pair or is a conflict, kept apart (never a silent duplicate); a
+        pair of a text with itself teaches nothing and is dropped and counted, as train.py drops it."""
         with self.lock, self.exclusive():
             self.refresh()  # what other processes stored since the last call
             fresh, contradicting, duplicates, itself = [], [], 0, 0

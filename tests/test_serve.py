@@ -46,15 +46,19 @@ def model_server(saved_model):
         yield server
 
 
-@pytest.fixture
-def home(tiny_model_dir, tmp_path) -> Path:
-    """A flywheel home of the tiny BERT on synthetic topics, initialised, nothing promoted yet."""
+def make_home(tiny_model_dir, tmp_path, *options: str) -> Path:
+    """A flywheel home of the tiny BERT on synthetic topics, initialised (with `options`), nothing promoted yet."""
     val = write_tsv(tmp_path / "val.tsv", synthetic_pairs(96, 2))
     test = write_tsv(tmp_path / "test.tsv", synthetic_pairs(400, 3))
     home = tmp_path / "fw"
     flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--val", str(val), "--test", str(test),
-                   "--set", f"epochs=4 batch_size=16 lr=1e-3 device={TEST_DEVICE}", "--init"])
+                   "--set", f"epochs=4 batch_size=16 lr=1e-3 device={TEST_DEVICE}", "--init", *options])
     return home
+
+
+@pytest.fixture
+def home(tiny_model_dir, tmp_path) -> Path:
+    return make_home(tiny_model_dir, tmp_path)
 
 
 TEXTS = ["t1a the t1b", "how t2a is t2c", "t3b", "why can i t4a t4b t4c best way"]
@@ -317,23 +321,36 @@ def test_a_threshold_or_a_version_decided_elsewhere_reaches_a_running_server(tin
         assert 'embed_ft_version_requests_total{version="round-009"} 1.0' in metrics
 
 
-def test_a_full_disk_under_the_home_is_one_line_and_a_503_and_it_recovers_by_itself(home, monkeypatch, capfd):
-    """SQLite's max_page_count makes the database full for real: what a full disk does to a write."""
-    monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
+def fill_and_free_the_disk(home: Path, fill, free) -> None:
+    """A served home whose store's disk fills up under a batch, then has space again: the batch is a
+    503 with Retry-After, embeddings are still served, nothing of it is kept, and the next post is stored."""
     db, auth = home_state.database(home), {"authorization": f"Bearer {KEY}"}
     with LoopbackServer(serve.make_app(home, None, device=TEST_DEVICE)) as server:
         accepted = httpx.post(server.url + "/v1/pairs", json={"pairs": pairs_of(20, 1)}, headers=auth).json()["accepted"]
-        with db.lock:
-            pages = db.connection.execute("PRAGMA page_count").fetchone()[0]
-            db.connection.execute(f"PRAGMA max_page_count = {pages + 1}")  # the disk fills up
+        fill()
         big = [{"text1": f"t1a {'long ' * 200}{i}", "text2": f"t1b {i}", "label": 1} for i in range(50)]
         full = httpx.post(server.url + "/v1/pairs", json={"pairs": big}, headers=auth)
         assert full.status_code == 503 and full.json()["error"]["code"] == "store_unavailable" and full.headers["retry-after"]
         assert httpx.post(server.url + "/v1/embeddings", json={"input": ["t1a"]}).status_code == 200  # still served
-        with db.lock:
-            db.connection.execute("PRAGMA max_page_count = 1073741823")  # space again
+        free()
         again = httpx.post(server.url + "/v1/pairs", json={"pairs": big}, headers=auth).json()
         assert again["accepted"] == 50 and db.count() == accepted + 50  # nothing of the refused batch was kept
+
+
+def test_a_full_disk_under_the_home_is_one_line_and_a_503_and_it_recovers_by_itself(home, monkeypatch, capfd):
+    """SQLite's max_page_count makes the database full for real: what a full disk does to a write."""
+    monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
+    db = home_state.database(home)
+
+    def max_pages(pages: int) -> None:
+        with db.lock:
+            db.connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    def fill() -> None:
+        with db.lock:
+            pages = db.connection.execute("PRAGMA page_count").fetchone()[0]
+        max_pages(pages + 1)
+    fill_and_free_the_disk(home, fill, lambda: max_pages(1073741823))
     err = capfd.readouterr().err
     assert err.count("error: /v1/pairs: the store cannot take the batch") == 1 and "full" in err and "Traceback" not in err
 
@@ -352,17 +369,29 @@ def small_filesystem(folder: Path, megabytes: int):
         subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
-def fill(folder: Path) -> Path:
+@contextlib.contextmanager
+def database_on(postgres, disk: Path, name: str):
+    """A new database of the throwaway cluster whose files are all on `disk` (a tablespace); dropped at the end."""
+    import psycopg
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        admin.execute(f"CREATE TABLESPACE {name} LOCATION '{disk}'")
+        admin.execute(f"CREATE DATABASE {name} TABLESPACE {name}")
+        try:
+            yield postgres.url(name)
+        finally:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            admin.execute(f"DROP TABLESPACE IF EXISTS {name}")
+
+
+def fill(folder: Path) -> None:
     """Write a file into `folder` until its disk is full."""
-    ballast = folder / "ballast"
-    with open(ballast, "wb") as f:
+    with open(folder / "ballast", "wb") as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
         except OSError:
             pass
-    return ballast
 
 
 def test_a_full_disk_under_the_database_is_one_line_and_a_503_and_it_recovers_by_itself(postgres, tiny_model_dir,
@@ -371,31 +400,13 @@ def test_a_full_disk_under_the_database_is_one_line_and_a_503_and_it_recovers_by
     answer is the SQLite one's. WAL stays on the cluster's disk, as it would on a server whose data
     volume fills."""
     monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
-    name, auth = f"full_{abs(hash(str(tmp_path)))}", {"authorization": f"Bearer {KEY}"}
-    with small_filesystem(postgres.folder / name, 32) as disk:  # where the postgres user may reach it
-        import psycopg
-        with psycopg.connect(postgres.url(), autocommit=True) as admin:
-            admin.execute(f"CREATE TABLESPACE {name} LOCATION '{disk}'")
-            admin.execute(f"CREATE DATABASE {name} TABLESPACE {name}")
-            try:
-                val, test = (write_tsv(tmp_path / f"{s}.tsv", synthetic_pairs(n, seed)) for s, n, seed in [("val", 96, 2), ("test", 96, 3)])
-                flywheel.main(["--home", str(tmp_path / "fw"), "--base", str(tiny_model_dir), "--val", str(val), "--test", str(test),
-                               "--database", postgres.url(name), "--init"])
-                with LoopbackServer(serve.make_app(tmp_path / "fw", None, device=TEST_DEVICE)) as server:
-                    accepted = httpx.post(server.url + "/v1/pairs", json={"pairs": pairs_of(20, 1)}, headers=auth).json()["accepted"]
-                    ballast = fill(disk)  # the disk fills up
-                    big = [{"text1": f"t1a {'long ' * 200}{i}", "text2": f"t1b {i}", "label": 1} for i in range(50)]
-                    full = httpx.post(server.url + "/v1/pairs", json={"pairs": big}, headers=auth)
-                    assert full.status_code == 503 and full.json()["error"]["code"] == "store_unavailable" and full.headers["retry-after"]
-                    assert httpx.post(server.url + "/v1/embeddings", json={"input": ["t1a"]}).status_code == 200  # still served
-                    ballast.unlink()  # space again
-                    again = httpx.post(server.url + "/v1/pairs", json={"pairs": big}, headers=auth).json()
-                    assert again["accepted"] == 50 and home_state.database(tmp_path / "fw").count() == accepted + 50
-            finally:
-                if (tmp_path / "fw" / "flywheel.json").exists():
-                    home_state.database(tmp_path / "fw").close()  # this process's pool, before its database goes
-                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-                admin.execute(f"DROP TABLESPACE IF EXISTS {name}")
+    name = f"full_{abs(hash(str(tmp_path)))}"
+    with small_filesystem(postgres.folder / name, 32) as disk, database_on(postgres, disk, name) as url:
+        home = make_home(tiny_model_dir, tmp_path, "--database", url)
+        try:
+            fill_and_free_the_disk(home, lambda: fill(disk), (disk / "ballast").unlink)
+        finally:
+            home_state.database(home).close()  # this process's pool, before its database goes
     err = capfd.readouterr().err
     assert err.count("error: /v1/pairs: the store cannot take the batch") == 1 and "No space left on device" in err
     assert "Traceback" not in err
