@@ -68,9 +68,9 @@ from state.home_db import check_url
 from state.home_state import fingerprint, pair_files
 from state.pair_store import pair_key, pair_sources, settle
 
-SETTINGS = ("base", "val", "test", "mode", "alpha", "set", "fractions", "caps")
+SETTINGS = ("base", "val", "test", "mode", "alpha", "set", "fractions", "caps", "after_caps")
 DEFAULTS = {"mode": "scratch", "alpha": 0.05, "set": "", "val": "", "test": "",
-            "fractions": heldout.FRACTIONS, "caps": heldout.CAPS}
+            "fractions": heldout.FRACTIONS, "caps": heldout.CAPS, "after_caps": heldout.AFTER_CAPS}
 MIN_TEST, MIN_VALIDATION = 50, 20  # held-out pairs a round needs before it can judge (both labels among them)
 
 
@@ -159,7 +159,7 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
     curated_texts = {data.normalise(t) for ps in curated.values() for a, b, _ in ps for t in (a, b)}
     ledger = home_state.ledger(home)
     texts_before = len(ledger.split_of)
-    splits = ledger.assign(pairs, curated_texts, chosen["fractions"], chosen["caps"])
+    splits = ledger.assign(pairs, curated_texts, chosen["fractions"], chosen["caps"], chosen["after_caps"])
     if curated and len(splits["curated"]) == len(pairs):
         raise InputError(f"all {len(pairs)} training pairs share a text with the curated --val/--test: the round has "
                          "nothing to train on; send pairs about other texts")
@@ -202,14 +202,15 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
     thresholds = {"candidate": candidate.encoder.decision["threshold"], "current": incumbent_threshold}
     right = {name: evaluate.correct(model, test, thresholds[name]) for name, model in
              (("candidate", candidate), ("current", incumbent))}
-    judged = [r for r in past if r.get("decision") in ("promoted", "refused")]
     test_groups = paired.groups_of(test)
-    groups_before = judged[-1].get("test_groups", judged[-1]["test_pairs"]) if judged else 0  # older rows: pairs
-    spend = {"test_number": len(judged) + 1, "alpha_life": chosen["alpha"],
-             "new_test_pairs": len(test) - (judged[-1]["test_pairs"] if judged else 0),
-             "new_test_groups": len(np.unique(test_groups)) - groups_before}
-    at = gate.level(spend["test_number"], chosen["alpha"], spend["new_test_groups"], chosen["caps"]["test"])
-    verdict = judge(candidate, incumbent, thresholds, right, test, curated.get("test"), at, config.objective)
+    groups_now, judged = len(np.unique(test_groups)), [r for r in past if r.get("decision") in ("promoted", "refused")]
+    at = gate.level(past, chosen["alpha"], groups_now, chosen["caps"]["test"])
+    spend = {"round_of_life": len(judged) + 1, "alpha_life": chosen["alpha"], "alpha_spent_before": gate.spent(past),
+             "alpha_allotted": gate.allotted(len(judged) + 1, chosen["alpha"], groups_now, chosen["caps"]["test"]),
+             "new_test_groups": groups_now - (judged[-1].get("test_groups", judged[-1]["test_pairs"]) if judged else 0)}
+    screen = screened(candidate, incumbent, thresholds, val, config.objective)
+    verdict = (judge(candidate, incumbent, thresholds, right, test, curated.get("test"), at, config.objective)
+               if screen["favoured"] else {"alpha_round": 0.0, "decision": "refused", "refused_by": "validation"})
     promoted = verdict["decision"] == "promoted"
     after = str(folder.relative_to(home)) if promoted else before
     row |= {"trained_on": len(kept), "candidate": str(folder.relative_to(home)), "test_pairs": len(test),
@@ -217,7 +218,9 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
             "current_error": float(1 - right["current"].mean()), "candidate_error": float(1 - right["candidate"].mean()),
             "current_interval": paired.error_interval(~right["current"], test_groups),
             "candidate_interval": paired.error_interval(~right["candidate"], test_groups),
-            "p_value": verdict["traffic"]["p_value"], "verdict": verdict["traffic"]["verdict"], **spend, **verdict,
+            "p_value": verdict["traffic"]["p_value"] if "traffic" in verdict else None,
+            "verdict": verdict["traffic"]["verdict"] if "traffic" in verdict else "not tested: validation does not favour it",
+            **spend, "screen": screen, **verdict,
             "objective": config.objective, "current_after": after}
     current, threshold = (candidate, thresholds["candidate"]) if promoted else (incumbent, thresholds["current"])
     audit_right = evaluate.correct(current, splits["audit"], threshold) if splits["audit"] else np.array([], bool)
@@ -246,6 +249,15 @@ def the_model_to_beat(home: Path, before: str, base_model, val: list[data.Pair],
     threshold = evaluate.evaluate(incumbent, val)["val"]["threshold"]
     home_state.keep_base_threshold(home, threshold, len(val), number)  # every server polls it
     return incumbent, threshold
+
+
+def screened(candidate, incumbent, thresholds: dict, val: list[data.Pair], objective: str) -> dict:
+    """Does the validation split favour the candidate (`gate.favoured`)? A test that is not run spends
+    nothing of the home's budget. Retrieval rounds are always tested."""
+    if objective == "retrieval":
+        return {"favoured": True}
+    right = [evaluate.correct(m, val, thresholds[n]) for n, m in (("candidate", candidate), ("current", incumbent))]
+    return gate.favoured(*right, paired.groups_of(val))
 
 
 def judge(candidate, incumbent, thresholds: dict, right: dict, test: list[data.Pair], curated_test, at: float,
@@ -302,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fractions", help="of new pairs, the shares held out as VALIDATION,TEST,AUDIT (default 0.1,0.3,0.1)")
     parser.add_argument("--caps", help="... until each holds this many groups of pairs that share texts "
                         "(default 1000,5000,2000)")
+    parser.add_argument("--after-caps", help="... then these shares of new pairs (default 0,0.1,0: the test set "
+                        "keeps growing, slowly, so that an old home's tests keep their power)")
     parser.add_argument("--set", help="training options as option=value ... (see python train.py --help)")
     parser.add_argument("--init", action="store_true", help="only keep the settings in HOME/flywheel.json")
     parser.add_argument("--wait", action="store_true", help="wait for a round already running, instead of exiting")
@@ -333,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     given = {k: getattr(args, k) for k in SETTINGS}
     given["fractions"] = parse_shares(args.fractions, "--fractions", float) if args.fractions else None
     given["caps"] = parse_shares(args.caps, "--caps", int) if args.caps else None
+    given["after_caps"] = parse_shares(args.after_caps, "--after-caps", float) if args.after_caps else None
     if is_new:
         given["database"] = args.database or home_state.DEFAULT_DATABASE
         home_state.open_database(given["database"], home.resolve())  # reachable, its tables made, before it is kept

@@ -1,36 +1,51 @@
-"""When a candidate replaces the current model: a rule that stays valid over the whole life of a home.
+"""When a candidate replaces the current model: a rule that stays valid over the whole life of a home,
+and keeps its power as the home ages.
 
-Each round asks "is the candidate better?" on the traffic's test pairs (an exact test over the
-groups of pairs that share texts, `paired.py`). Asked at a fixed alpha every round, false promotions pile up: at 0.05, twenty rounds
-with no real gain promote at least once with probability 1 - 0.95^20 = 64%, and each promotion
-changes every vector, so each false one costs a client a needless re-index of its whole store.
+Each round asks "is the candidate better?" on the traffic's test pairs. Asked at a fixed alpha every
+round, false promotions pile up: at 0.05, twenty rounds with no real gain promote at least once with
+probability 1 - 0.95^20 = 64%, and each promotion changes every vector, so each false one costs a
+client a needless re-index of its whole store. So a home gets one budget, `alpha`, for its whole
+life, and the promise is: the chance that it ever promotes a candidate that is no better stays under
+alpha, however many rounds it runs. Four things make that promise cheap (docs/flywheel.md has the
+simulation that chose them, beside the rule before):
 
-Alpha-spending. A home gets one budget, `alpha`, for its whole life, and each test spends a part of
-it fixed in advance by the traffic alone, never by any model's results. Half of it follows the
-rounds: the j-th test may spend
+1. The budget is allotted, not spent, by the traffic alone. By its j-th round a home has been allotted
 
-    alpha / 2 / (j (j + 1))         (1/j - 1/(j + 1) telescopes: any number of tests spend under alpha / 2)
+       alpha x (ROUNDS_SHARE x j / (j + 1)  +  (1 - ROUNDS_SHARE) x min(test groups, cap) / cap)
 
-and half follows the evidence: a test spends alpha / 2 x (its new test groups / the test set's cap
-in groups), so that the rounds whose test set grew the most, which are the ones able to see a gain,
-get the most (at most alpha / 2 in all, since the test set stops growing at its cap). Evidence is
-counted in groups of pairs that share texts, as the cap is (`state/heldout.py`): a round whose new test
-pairs all join a few popular questions has added little that can resolve an error. A home without a test set of
-its own (a curated one only) spends all of alpha by rounds. So the chance that the home ever
-promotes a candidate that is no better stays under alpha, however many rounds it runs. The bound is
-a union bound, so it holds whatever the dependence between the tests, and ours are dependent: each
-round's test pairs include the last round's, and its candidate is trained on much the same pairs.
-That is why not LORD (Javanmard and Montanari 2018) or alpha-investing (Foster and Stine 2008):
-they earn budget back with each discovery, which buys power, but their guarantees assume
-independent p-values (or positive dependence of a kind nobody can check here). Spending by rounds
-alone was measured first, on the real stream: from its third test on, its level was too small for
-the gains a few hundred test pairs can show, and the home stayed on its second model while a model
-trained on everything kept improving (docs/flywheel.md has both streams; `benchmarks/gate_simulation.py`
-the level over 10,000 null rounds and the power of both).
+   a fifth that follows the rounds (1/(i (i + 1)) each, which sum to j / (j + 1) < 1) and four
+   fifths that follow the evidence: the test set's groups of pairs that share texts, up to its cap
+   (`state/heldout.py`). Evidence gets most of it because only a grown test set can see a gain.
+2. A test that is not run spends nothing. The candidate is tested only when the validation split
+   (whose texts are never test texts) already favours it; otherwise the round refuses it and its
+   allotment waits for the next test. A test spends everything allotted and not yet spent.
+3. A promotion spends nothing: its level passes on to the next test (the online fallback of Tian and
+   Ramdas 2021, a graphical Bonferroni procedure), so a home that keeps finding real gains keeps
+   its power. Only a refused test spends its level.
+4. The test set never stops growing: past its cap it keeps a small share of the new pairs
+   (`heldout.AFTER_CAPS`), so an old home's test resolves smaller gains than a young one's, which
+   pays for the smaller allotment of its late rounds. A home's 100th round can promote what its
+   16th could.
+
+Why the promise holds whatever the dependence between rounds (and ours are dependent: each round's
+test pairs include the last round's, and its candidate is trained on much the same pairs): until the
+first false promotion nothing is passed on, and the levels depend only on the traffic and on the
+validation split, never on the test pairs; given those, each test is exact, so the chance of a false
+promotion is at most the sum of the levels spent, which never exceeds what has been allotted, which
+never exceeds alpha (a union bound). That is why not LORD (Javanmard and Montanari 2018) or
+alpha-investing (Foster and Stine 2008): they earn budget back with each discovery, but their
+guarantees assume independent p-values, or a positive dependence nobody can check here.
+
+The test is the sign test over groups: each group of test pairs that share texts (`paired.groups_of`)
+on which the two models decide a different number of pairs right votes for the one that got more,
+and under "no difference" each vote is a fair coin. Exact, and one vote a group: a popular question
+whose hundreds of pairs a candidate handles differently is one piece of evidence, not hundreds, and
+cannot decide a verdict by itself, which the sum of the groups' differences lets it do. Where every
+group is one pair it is McNemar's exact test.
 
 A curated test set, where a home has one, is a guard, not a second chance: the candidate must not
 be significantly worse there (one-sided, at `GUARD_ALPHA` each round: a false refusal costs a round,
-not a re-index, so the guard needs no spending).
+not a re-index, so the guard needs no budget).
 """
 from __future__ import annotations
 
@@ -39,26 +54,44 @@ import numpy as np
 import paired
 
 GUARD_ALPHA = 0.05
+ROUNDS_SHARE = 0.2  # of alpha, the part allotted by rounds; the rest follows the test set's groups
 
 
-def level(test_number: int, alpha: float, new_test_groups: int = 0, test_cap: int = 0) -> float:
-    """What the `test_number`-th test of a home (1, 2, ...) may spend of the life's budget alpha: by
-    rounds, and (for a home that grows its test set up to `test_cap` groups) by its new test groups."""
-    by_rounds = alpha / (test_number * (test_number + 1))
+def allotted(rounds: int, alpha: float, test_groups: int = 0, test_cap: int = 0) -> float:
+    """The part of the life's budget alpha allotted to a home by its `rounds`-th round (1, 2, ...),
+    whose test set holds `test_groups` groups of a cap of `test_cap` (0: no test set of its own, so
+    everything by rounds). Never above alpha, however long the life."""
+    by_rounds = alpha * rounds / (rounds + 1)
     if not test_cap:
         return by_rounds
-    return by_rounds / 2 + alpha / 2 * min(max(new_test_groups, 0), test_cap) / test_cap
+    return ROUNDS_SHARE * by_rounds + (1 - ROUNDS_SHARE) * alpha * min(max(test_groups, 0), test_cap) / test_cap
+
+
+def spent(history: list[dict]) -> float:
+    """What a home's tests have spent: the level of each test that refused (a promotion passes its
+    level on, a round whose candidate was never tested spends nothing)."""
+    return sum(row.get("alpha_round", 0.0) for row in history if row.get("decision") == "refused")
+
+
+def level(history: list[dict], alpha: float, test_groups: int = 0, test_cap: int = 0) -> float:
+    """This round's level: allotted so far (this round counted) less what the tests have spent."""
+    rounds = 1 + sum(row.get("decision") in ("promoted", "refused") for row in history)
+    return max(0.0, allotted(rounds, alpha, test_groups, test_cap) - spent(history))
+
+
+def favoured(candidate_right: np.ndarray, current_right: np.ndarray, groups: np.ndarray | None = None) -> dict:
+    """Does the validation split favour the candidate: more of its groups vote for it than against?"""
+    votes = paired.votes(candidate_right, current_right, groups)
+    return {"for": votes[0], "against": votes[1], "favoured": votes[0] > votes[1]}
 
 
 def decide(candidate_right: np.ndarray, current_right: np.ndarray, at: float,
            curated: tuple[np.ndarray, np.ndarray] | None = None, groups: np.ndarray | None = None,
            curated_groups: np.ndarray | None = None) -> dict:
-    """Promote when the candidate wins on the traffic's test pairs at this test's level `at` and,
-    with a curated set, is not significantly worse on it. With `groups` (paired.groups_of: pairs
-    that share texts) the test is the sign-flip test over groups, exact however the pairs of a group
-    depend on each other, so the life-long promise holds on clustered traffic too; without, McNemar's.
-    Returns the verdicts and the decision."""
-    traffic = paired.compare_pairs(candidate_right, current_right, alpha=at, groups=groups)
+    """Promote when the candidate wins on the traffic's test pairs at this test's level `at` (the sign
+    test over `groups`, one vote a group; without groups each pair is one, McNemar's) and, with a
+    curated set, is not significantly worse on it. Returns the verdicts and the decision."""
+    traffic = paired.compare_pairs(candidate_right, current_right, alpha=at, groups=groups, by_votes=True)
     result = {"alpha_round": at, "traffic": traffic}
     promoted = traffic["p_value"] < at and traffic["only_a_right"] > traffic["only_b_right"]
     if curated is not None:

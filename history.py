@@ -69,11 +69,24 @@ def by_source(sources: dict, sets: dict) -> dict:
 
 
 
+def spending(row: dict) -> str:
+    """Where the round stands in the home's life-long alpha (rows before the budget was kept say less)."""
+    if "alpha_allotted" not in row:
+        return f": test {row['test_number']} of the home's life-long alpha {row['alpha_life']}" if "test_number" in row else ""
+    return (f"; of the home's life-long alpha {row['alpha_life']}, {row['alpha_allotted']:.2g} allotted by round "
+            f"{row['round_of_life']}, {row['alpha_spent_before']:.2g} spent before")
+
+
 def describe(row: dict) -> str:
     """The round in two or three lines: the decision on the traffic's test pairs, and the audit."""
-    line = (f"round {row['round']}: " + paired.describe(row["traffic"], "candidate", "current")
-            + f" (at this round's level {row['alpha_round']:.2g}: test {row['test_number']} of the home's life-long "
-            f"alpha {row['alpha_life']}) -> {row['decision'].upper()}")
+    if "traffic" in row:
+        line = (f"round {row['round']}: " + paired.describe(row["traffic"], "candidate", "current")
+                + f" (at this round's level {row['alpha_round']:.2g}{spending(row)}) -> {row['decision'].upper()}")
+    else:
+        votes = row.get("screen", {})
+        line = (f"round {row['round']}: candidate {row['candidate_error']:.2%} vs current {row['current_error']:.2%} test "
+                f"error; not tested, since validation does not favour it ({votes.get('for')} groups for, "
+                f"{votes.get('against')} against): nothing spent{spending(row)} -> REFUSED")
     if "curated" in row:
         line += f"; on the curated test: {row['curated']['verdict']}"
     if "audit" in row:
@@ -106,7 +119,8 @@ def plot(history_path: Path, figure: Path) -> None:
     for r in rows:
         ax.plot(r["round"], 100 * r["candidate_error"], "o", color="C1" if r["decision"] == "promoted" else "C3",
                 fillstyle="full" if r["decision"] == "promoted" else "none", ms=8)
-        ax.annotate(f"{r['decision']}\np={r['p_value']:.1g}\n{r['trained_on']:,} pairs", (r["round"], 100 * r["candidate_error"]),
+        tested = f"p={r['p_value']:.1g}" if r.get("p_value") is not None else "not tested"
+        ax.annotate(f"{r['decision']}\n{tested}\n{r['trained_on']:,} pairs", (r["round"], 100 * r["candidate_error"]),
                     textcoords="offset points", xytext=(8, -4), fontsize=7)
     ax.plot([], [], "o", color="C1", label="candidate on test, promoted")
     ax.plot([], [], "o", color="C3", fillstyle="none", label="candidate on test, refused")

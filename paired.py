@@ -140,23 +140,46 @@ def pairs_needed(differences: np.ndarray, n: int, alpha: float = ALPHA) -> int |
     return None
 
 
-def compare_pairs(a_right: np.ndarray, b_right: np.ndarray, alpha: float = ALPHA, groups: np.ndarray | None = None) -> dict:
+def group_differences(a_right: np.ndarray, b_right: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Each group's pairs only A got right less those only B got right (each pair its own group
+    without `groups`)."""
+    a_right, b_right = np.asarray(a_right, bool), np.asarray(b_right, bool)
+    if not len(a_right):
+        return np.zeros(0, np.int64)
+    ids = groups if groups is not None else np.arange(len(a_right))
+    return np.bincount(ids, weights=(a_right & ~b_right).astype(int) - (~a_right & b_right).astype(int),
+                       minlength=1).astype(np.int64)
+
+
+def votes(a_right: np.ndarray, b_right: np.ndarray, groups: np.ndarray | None = None) -> tuple[int, int]:
+    """(groups that vote for A, groups that vote for B): a group votes for the model that decided
+    more of its pairs right, and not at all on a tie."""
+    d = group_differences(a_right, b_right, groups)
+    return int(np.sum(d > 0)), int(np.sum(d < 0))
+
+
+def compare_pairs(a_right: np.ndarray, b_right: np.ndarray, alpha: float = ALPHA, groups: np.ndarray | None = None,
+                  by_votes: bool = False) -> dict:
     """A against B on the same pairs (True where a model decided right): McNemar's exact test, or
-    with `groups` (groups_of) the sign-flip test over groups and intervals counted by groups."""
+    with `groups` (groups_of) the sign-flip test over groups and intervals counted by groups; with
+    `by_votes` as well, the sign test over groups, each group one vote for the model that got more of
+    its pairs right (exact too, and no group outweighs another)."""
     a_right, b_right = np.asarray(a_right, bool), np.asarray(b_right, bool)
     n = len(a_right)
     b = int(np.sum(a_right & ~b_right))
     c = int(np.sum(~a_right & b_right))
-    ids = groups if groups is not None else np.arange(n)
-    differences = np.bincount(ids, weights=(a_right & ~b_right).astype(int) - (~a_right & b_right).astype(int),
-                              minlength=1).astype(np.int64) if n else np.zeros(0, np.int64)
+    differences = group_differences(a_right, b_right, groups)
+    if by_votes:
+        differences = np.sign(differences)
     p_better, p_worse = sign_flip_test(differences), sign_flip_test(-differences)
     count = len(np.unique(groups)) if groups is not None else None
-    return {"test": "McNemar exact, one-sided" if groups is None else "sign-flip over groups, exact, one-sided",
+    name = "sign test over groups, a vote each" if by_votes else "sign-flip over groups"
+    return {"test": "McNemar exact, one-sided" if groups is None else f"{name}, exact, one-sided",
             "n": n, "groups": count if count is not None else n,
             "error_a": float(np.mean(~a_right)) if n else 0.0, "interval_a": error_interval(~a_right, groups),
             "error_b": float(np.mean(~b_right)) if n else 0.0, "interval_b": error_interval(~b_right, groups),
             "only_a_right": b, "only_b_right": c, "p_value": p_better, "p_worse": p_worse,
+            **({"groups_for_a": int(np.sum(differences > 0)), "groups_for_b": int(np.sum(differences < 0))} if by_votes else {}),
             "verdict": verdict(p_better, p_worse, n, "pairs", alpha, count),
             "pairs_needed": pairs_needed(differences, n, alpha)}
 

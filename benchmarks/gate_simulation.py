@@ -1,103 +1,56 @@
-"""Does the promotion rule keep its promise? Homes whose candidates are never better, over 10,000 rounds.
+"""Does the promotion rule keep its promise, and its power as a home ages? Homes of real group sizes.
 
-    python benchmarks/gate_simulation.py              # writes results/gate_simulation.json, prints tables
+    python benchmarks/gate_simulation.py --homes 300      # results/gate_simulation_clustered.json, prints tables
 
-Each simulated home runs 10,000 rounds in which the candidate and the current model are equally good:
-on a test set that grows as a home's does (300 new test pairs a round, up to the 5,000 of the cap),
-each test pair is one the two models disagree on with probability 6% (about what the real stream's
-rounds show, docs/flywheel.md), and each such pair goes to either model with probability 1/2. The
-round promotes when McNemar's exact one-sided test falls below the rule's level. Three rules:
-- per round: alpha = 0.05 every round (the flywheel before this change);
-- spent by rounds: the j-th test at alpha / (j (j + 1)), alpha = 0.05 for the life (tried first);
-- spent by rounds and evidence (`gate.level`, the flywheel's): half of that, plus alpha / 2 x the
-  round's new test pairs / the cap.
-The promise: the share of homes that have ever promoted stays at or under 0.05 at every round.
-Then the power: one round in which the candidate is truly better (it wins 60% of the pairs the two
-disagree on), at the j-th round of such a home (300 j test pairs, up to the cap).
+Each simulated home grows its held-out sets as a home does (`state/heldout.py`'s defaults, a home
+whose traffic is 1,000 pairs a round): 300 new test groups a round up to the cap of 5,000 groups, then
+100 a round (the test set's share past its cap), and 100 validation groups a round up to 1,000. Each
+group's size is drawn from the groups of pairs that share texts in the shared Quora training split
+(paired.groups_of: 176,499 groups, mean 2.06 pairs, largest 17,614). In each round a group's pairs
+disagree (one model right, the other wrong) with probability 6% each, about what the real stream's
+rounds show, and all of a group's disagreements go the same way (they share the group's difficulty):
+to the candidate with probability 1/2 when it is no better, 0.6 when it is better. Rounds are drawn
+independently, which is the hardest case for a life-long promise (the union bound is then nearly
+tight); real rounds reuse their test pairs and are positively dependent.
 
-    python benchmarks/gate_simulation.py --clustered   # results/gate_simulation_clustered.json
-
-Real traffic is not independent pairs: a home's test set is made of groups of pairs that share texts.
-With --clustered each home's test set grows by whole groups whose sizes are drawn from the real group
-sizes of the shared Quora training split (paired.groups_of): 300 new groups a round up to the cap of
-5,000 groups (state/heldout.py counts its caps, and gate.level its evidence, in groups), and in each round a group's pairs disagree with probability 6% each and all its disagreements
-go the same way, to either model with probability 1/2 (they share the group's difficulty: the case
-the independent test cannot see). The flywheel's rule (spent by rounds and evidence) is applied with
-McNemar's test, which treats the pairs as independent, and with the sign-flip test over groups
-(paired.compare_pairs with groups), over 10,000 null rounds; then the power of both when each group's
-disagreements go to the candidate with probability 0.6.
+Two rules, each over `--homes` homes of 10,000 rounds in which the candidate is never better (the
+promise: the share of homes that have ever promoted stays at or under alpha = 0.05 at every round),
+then the power: P(promote) at the j-th round of a home whose earlier rounds were null, and P(promoted
+at round j or j + 1) when the gain lasts two rounds.
+- before: each round tested at its own allotment, alpha/2 / (j (j + 1)) + alpha/2 x new test
+  groups / cap, with the sign-flip test on the sum of the groups' differences, and a test set that
+  stops at its cap (exact, per round; its 10,000 null rounds cost 2 ms each, so `--before-rounds`
+  simulates the first 1,000 and bounds the rest by their levels' sum, a union bound);
+- now (`gate.py`): a fifth of alpha allotted by rounds, four fifths by test groups up to the cap; the
+  test run only when the validation split favours the candidate (more of its groups vote for it);
+  a test spends what is allotted and unspent, a promotion spends nothing; the sign test over groups,
+  one vote a group; a test set that keeps growing past its cap. The number of groups that vote
+  (those with a disagreement) is drawn from its normal approximation (a sum of thousands of
+  independent Bernoulli draws, one a group); given that number the test is exact, so the share of
+  null homes that promote does not depend on the approximation.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import gate  # noqa: E402
 import paired  # noqa: E402
-from state.heldout import CAPS, FRACTIONS  # noqa: E402
+from state.heldout import AFTER_CAPS, CAPS, FRACTIONS  # noqa: E402
 
-HOMES, ROUNDS, ALPHA, DISAGREE = 2000, 10_000, 0.05, 0.06
+ROUNDS, ALPHA, DISAGREE, WIN = 10_000, 0.05, 0.06, 0.6
+PER_ROUND = 1000  # pairs a round; the sim counts a new held-out pair as a new group, as the caps count groups
 CHECKPOINTS = (1, 2, 5, 10, 20, 100, 1000, 10_000)
-
-
-def tail_table(most: int) -> np.ndarray:
-    """tail[n, b] = P(X >= b) for X ~ Binomial(n, 1/2): McNemar's one-sided p for b of n discordant."""
-    from scipy.stats import binom
-    n, b = np.meshgrid(np.arange(most + 1), np.arange(most + 2), indexing="ij")
-    return np.where(b <= n, binom.sf(b - 1, n, 0.5), 0.0)
-
-
-def test_sizes(rounds: int, per_round: int = 1000) -> np.ndarray:
-    """A home's test pairs at each round: FRACTIONS["test"] of the new pairs, up to the cap."""
-    return np.minimum(np.arange(1, rounds + 1) * int(per_round * FRACTIONS["test"]), CAPS["test"])
-
-
-def rule_levels(rounds: int) -> dict[str, np.ndarray]:
-    new = np.diff(test_sizes(rounds), prepend=0)
-    return {"per round": np.full(rounds, ALPHA),
-            "spent by rounds": np.array([gate.level(j, ALPHA) for j in range(1, rounds + 1)]),
-            "spent by rounds and evidence": np.array([gate.level(j, ALPHA, n, CAPS["test"]) for j, n in enumerate(new, 1)])}
-
-
-def null_lives(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    sizes = test_sizes(ROUNDS)
-    tail = tail_table(int(CAPS["test"] * DISAGREE * 2))
-    levels = rule_levels(ROUNDS)
-    ever = {rule: np.zeros(ROUNDS) for rule in levels}
-    promotions = {rule: 0 for rule in levels}
-    for start in range(0, HOMES, 100):  # 100 homes at a time: 10^6 rounds in memory
-        homes = min(100, HOMES - start)
-        discordant = rng.binomial(sizes, DISAGREE, size=(homes, ROUNDS))
-        wins = rng.binomial(discordant, 0.5)
-        p = tail[discordant, wins]
-        for rule, level in levels.items():
-            promoted = (p < level) & (2 * wins > discordant)
-            promotions[rule] += int(promoted.sum())
-            ever[rule] += np.maximum.accumulate(promoted, axis=1).sum(0)
-    return {rule: {"share_ever_promoted": {str(t): float(ever[rule][t - 1] / HOMES) for t in CHECKPOINTS},
-                   "worst_share_over_all_rounds": float((ever[rule] / HOMES).max()),
-                   "promotions_per_round": promotions[rule] / (HOMES * ROUNDS)} for rule in levels}
-
-
-def power(seed: int = 1, trials: int = 20_000, win_share: float = 0.6) -> dict:
-    """P(promote) in the j-th round of a home, where the candidate wins `win_share` of the discordant pairs."""
-    rng = np.random.default_rng(seed)
-    tail = tail_table(int(CAPS["test"] * DISAGREE * 2))
-    sizes, levels, out = test_sizes(100), rule_levels(100), {}
-    for j in (1, 2, 3, 5, 8, 16, 20, 100):
-        discordant = rng.binomial(sizes[j - 1], DISAGREE, trials)
-        wins = rng.binomial(discordant, win_share)
-        p = tail[discordant, wins]
-        out[str(j)] = {"test_pairs": int(sizes[j - 1])} | {
-            rule: float(((p < level[j - 1]) & (2 * wins > discordant)).mean()) for rule, level in levels.items()}
-    return out
+POWER_ROUNDS = (1, 3, 8, 16, 100, 1000)
 
 
 def real_group_sizes() -> np.ndarray:
@@ -106,94 +59,129 @@ def real_group_sizes() -> np.ndarray:
     return np.bincount(paired.groups_of(pairs))
 
 
-def home_groups(pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A home's test groups up to the cap, in the order they arrive, their sizes drawn from the pool."""
-    return rng.choice(pool, CAPS["test"])
+def held_out_groups(rounds: int, split: str, knee: bool = True) -> np.ndarray:
+    """A home's groups in a held-out split at each round: its fraction of the new pairs up to its cap,
+    then (with `knee`) its share past the cap."""
+    j = np.arange(1, rounds + 1)
+    per, cap = int(PER_ROUND * FRACTIONS[split]), CAPS[split]
+    filled = -(-cap // per)  # the round that fills the cap
+    after = int(PER_ROUND * AFTER_CAPS[split]) if knee else 0
+    return np.minimum(j * per, cap) + np.maximum(0, j - filled) * after
 
 
-def clustered_round(sizes: np.ndarray, rng: np.random.Generator, win_share: float = 0.5) -> tuple[float, float, bool]:
-    """One round's p-values, independent (McNemar) and by groups (sign flip), and whether the candidate leads."""
-    discordant = rng.binomial(sizes, DISAGREE)
-    towards_candidate = rng.random(len(sizes)) < win_share
-    d = np.where(towards_candidate, discordant, -discordant)
-    wins, losses = int(d[d > 0].sum()), int(-d[d < 0].sum())
-    if wins <= losses:  # the candidate does not lead: neither test can promote (every level is under 1/2)
-        return 1.0, 1.0, False
-    return paired.sign_test(wins, losses), paired.sign_flip_test(d), True
+# ------------------------------------------------------------------------------------- the rule now
 
-
-def clustered_lives(pool: np.ndarray, homes: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    levels = rule_levels(ROUNDS)["spent by rounds and evidence"]
-    sizes_by_round = test_sizes(ROUNDS)
-    ever = {"McNemar (pairs as independent)": np.zeros(ROUNDS), "sign flip over groups": np.zeros(ROUNDS)}
-    for _ in range(homes):
-        groups = home_groups(pool, rng)
-        promoted = {name: False for name in ever}
-        for r in range(ROUNDS):
-            sizes = groups[:int(sizes_by_round[r])]  # the round's test groups: the cap's count from its 17th round
-            p_pairs, p_groups, leads = clustered_round(sizes, rng)
-            promoted["McNemar (pairs as independent)"] |= leads and p_pairs < levels[r]
-            promoted["sign flip over groups"] |= leads and p_groups < levels[r]
-            for name in ever:
-                ever[name][r] += promoted[name]
-    return {name: {"share_ever_promoted": {str(t): float(ever[name][t - 1] / homes) for t in CHECKPOINTS},
-                   "worst_share_over_all_rounds": float((ever[name] / homes).max())} for name in ever}
-
-
-def clustered_power(pool: np.ndarray, trials: int = 2000, win_share: float = 0.6, seed: int = 1) -> dict:
-    rng = np.random.default_rng(seed)
-    levels, sizes_by_round, out = rule_levels(100)["spent by rounds and evidence"], test_sizes(100), {}
-    for j in (1, 2, 3, 5, 8, 16, 20, 100):
-        hits = np.zeros(2)
-        for _ in range(trials):
-            p_pairs, p_groups, leads = clustered_round(home_groups(pool, rng)[:int(sizes_by_round[j - 1])], rng, win_share)
-            hits += [leads and p_pairs < levels[j - 1], leads and p_groups < levels[j - 1]]
-        out[str(j)] = {"test_groups": int(sizes_by_round[j - 1]), "McNemar (pairs as independent)": hits[0] / trials,
-                       "sign flip over groups": hits[1] / trials}
+def voting_groups(rng: np.random.Generator, pool: np.ndarray, homes: int, sizes: np.ndarray) -> np.ndarray:
+    """Each home's number of groups with at least one disagreement at each round (homes x rounds):
+    the home's groups drawn once from the pool, their disagreements drawn anew each round."""
+    chance = 1 - (1 - DISAGREE) ** pool.astype(float)
+    out = np.empty((homes, len(sizes)), np.int64)
+    for h in range(homes):
+        p = chance[rng.integers(0, len(pool), sizes[-1])]
+        mean, var = np.cumsum(p)[sizes - 1], np.cumsum(p * (1 - p))[sizes - 1]
+        out[h] = np.maximum(0, np.rint(rng.normal(mean, np.sqrt(var))))
     return out
 
 
-def clustered_main(homes: int) -> None:
-    pool = real_group_sizes()
-    result = {"homes": homes, "rounds": ROUNDS, "alpha": ALPHA, "disagree": DISAGREE,
-              "group_sizes": {"groups": int(len(pool)), "mean": float(pool.mean()), "largest": int(pool.max())},
-              "null": clustered_lives(pool, homes), "power": clustered_power(pool)}
-    path = ROOT / "results" / "gate_simulation_clustered.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{homes:,} homes x {ROUNDS:,} rounds, test sets of real groups, candidate never better: share ever promoted")
-    print("| test | " + " | ".join(f"round {t:,}" for t in CHECKPOINTS) + " | worst over all rounds |")
-    print("| --- |" + " ---: |" * (len(CHECKPOINTS) + 1))
-    for name, r in result["null"].items():
-        print(f"| {name} | " + " | ".join(f"{r['share_ever_promoted'][str(t)]:.4f}" for t in CHECKPOINTS)
-              + f" | {r['worst_share_over_all_rounds']:.4f} |")
-    print("\npower: the j-th round, each group's disagreements going to the candidate with probability 0.6")
-    print("| round | test groups | McNemar (pairs as independent) | sign flip over groups |\n| ---: | ---: | ---: | ---: |")
-    for j, row in result["power"].items():
-        print(f"| {j} | {row['test_groups']:,} | {row['McNemar (pairs as independent)']:.2f} | {row['sign flip over groups']:.2f} |")
-    print(f"written to {path}")
+def lives_now(rng: np.random.Generator, pool: np.ndarray, homes: int, rounds: int, better: tuple[int, ...] = ()) -> np.ndarray:
+    """Which rounds of each home promote under gate.py's rule (homes x rounds); the candidate is better
+    at the rounds in `better` (1-based), no better at the others."""
+    tests, vals = held_out_groups(rounds, "test"), held_out_groups(rounds, "validation")
+    n_test, n_val = voting_groups(rng, pool, homes, tests), voting_groups(rng, pool, homes, vals)
+    share = np.full(rounds, 0.5)
+    share[[r - 1 for r in better]] = WIN
+    for_test, for_val = rng.binomial(n_test, share), rng.binomial(n_val, share)
+    p = np.where(n_test > 0, binom.sf(for_test - 1, n_test, 0.5), 1.0)  # the sign test over the votes
+    allotted = np.array([gate.allotted(j, ALPHA, n, CAPS["test"]) for j, n in enumerate(tests, 1)])
+    spent, promoted = np.zeros(homes), np.zeros((homes, rounds), bool)
+    for r in range(rounds):
+        tested = 2 * for_val[:, r] > n_val[:, r]                       # validation favours the candidate
+        level = np.maximum(0.0, allotted[r] - spent)
+        promoted[:, r] = tested & (p[:, r] < level) & (2 * for_test[:, r] > n_test[:, r])
+        spent += np.where(tested & ~promoted[:, r], level, 0.0)      # a promotion passes its level on
+    return promoted
+
+
+# ------------------------------------------------------------------------------------ the rule before
+
+def round_before(groups: np.ndarray, rng: np.random.Generator, win_share: float) -> tuple[float, bool]:
+    """One round's sign-flip p over the groups' summed differences, and whether the candidate leads."""
+    discordant = rng.binomial(groups, DISAGREE)
+    d = np.where(rng.random(len(groups)) < win_share, discordant, -discordant)
+    if d.sum() <= 0:  # the candidate does not lead: no level under 1/2 promotes it
+        return 1.0, False
+    return paired.sign_flip_test(d), True
+
+
+def levels_before(rounds: int) -> np.ndarray:
+    """The rule before: each round at alpha/2 / (j (j + 1)) + alpha/2 x its new test groups / the cap."""
+    new = np.diff(held_out_groups(rounds, "test", knee=False), prepend=0)
+    j = np.arange(1, rounds + 1)
+    return ALPHA / 2 / (j * (j + 1)) + ALPHA / 2 * new / CAPS["test"]
+
+
+def lives_before(rng: np.random.Generator, pool: np.ndarray, homes: int, rounds: int, better: tuple[int, ...] = ()) -> np.ndarray:
+    """As lives_now, for the rule before. Its rounds do not depend on each other's outcomes, so the
+    rounds before the first of `better` are not drawn (they stay False)."""
+    sizes, levels = held_out_groups(rounds, "test", knee=False), levels_before(rounds)
+    promoted = np.zeros((homes, rounds), bool)
+    for h in range(homes):
+        groups = rng.choice(pool, sizes[-1])
+        for r in range(min(better, default=1) - 1, rounds):
+            p, leads = round_before(groups[:sizes[r]], rng, WIN if r + 1 in better else 0.5)
+            promoted[h, r] = leads and p < levels[r]
+    return promoted
+
+
+# ----------------------------------------------------------------------------------------- the runs
+
+def share_ever(promoted: np.ndarray) -> np.ndarray:
+    return np.maximum.accumulate(promoted, axis=1).mean(0)
+
+
+def power(lives, rng: np.random.Generator, pool: np.ndarray, trials: int) -> dict:
+    """P(promote at round j) and P(promoted at j or j + 1), the candidate better from round j on."""
+    out = {}
+    for j in POWER_ROUNDS:
+        promoted = lives(rng, pool, trials, j + 1, better=(j, j + 1))
+        out[str(j)] = {"round": float(promoted[:, j - 1].mean()), "within_two": float(promoted[:, j - 1:].any(1).mean())}
+    return out
 
 
 def main() -> None:
-    if "--clustered" in sys.argv:
-        homes = int(sys.argv[sys.argv.index("--homes") + 1]) if "--homes" in sys.argv else 1000
-        return clustered_main(homes)
-    result = {"homes": HOMES, "rounds": ROUNDS, "alpha": ALPHA, "disagree": DISAGREE, "null": null_lives(), "power": power()}
-    path = ROOT / "results" / "gate_simulation.json"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--homes", type=int, default=300)
+    parser.add_argument("--trials", type=int, default=2000, help="homes a power figure is measured over")
+    parser.add_argument("--before-rounds", type=int, default=1000, help="null rounds simulated for the rule before")
+    parser.add_argument("--before-trials", type=int, default=1000)
+    args = parser.parse_args()
+    pool, rng, started = real_group_sizes(), np.random.default_rng(0), time.time()
+    now = share_ever(np.concatenate([lives_now(rng, pool, min(100, args.homes - h), ROUNDS)
+                                     for h in range(0, args.homes, 100)]))
+    result = {"homes": args.homes, "rounds": ROUNDS, "alpha": ALPHA, "disagree": DISAGREE, "win_share": WIN,
+              "group_sizes": {"groups": int(len(pool)), "mean": float(pool.mean()), "largest": int(pool.max())},
+              "null": {"now": {str(t): float(now[t - 1]) for t in CHECKPOINTS}},
+              "power": {"now": power(lives_now, rng, pool, args.trials)}}
+    print(f"now: {time.time() - started:.0f} s", flush=True)
+    before = share_ever(lives_before(rng, pool, args.homes, args.before_rounds))
+    rest = float(levels_before(ROUNDS)[args.before_rounds:].sum())  # what the rounds not simulated may add at most
+    result["null"]["before"] = {str(t): float(before[t - 1]) if t <= args.before_rounds else f"<= {before[-1] + rest:.5f}"
+                                for t in CHECKPOINTS}
+    result["power"]["before"] = power(lives_before, rng, pool, args.before_trials)
+    result["seconds"] = time.time() - started
+    path = ROOT / "results" / "gate_simulation_clustered.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{HOMES:,} homes x {ROUNDS:,} rounds, candidate never better: share of homes that have promoted at least once")
-    print("| rule | " + " | ".join(f"round {t:,}" for t in CHECKPOINTS) + " | worst over all rounds | promotions a round |")
-    print("| --- |" + " ---: |" * (len(CHECKPOINTS) + 2))
-    for rule, r in result["null"].items():
-        print(f"| {rule} | " + " | ".join(f"{r['share_ever_promoted'][str(t)]:.4f}" for t in CHECKPOINTS)
-              + f" | {r['worst_share_over_all_rounds']:.4f} | {r['promotions_per_round']:.2e} |")
-    print("\npower: the j-th round, where the candidate wins 60% of the pairs the two disagree on")
-    rules = list(result["null"])
-    print("| round | test pairs | " + " | ".join(rules) + " |")
-    print("| ---: | ---: |" + " ---: |" * len(rules))
-    for j, row in result["power"].items():
-        print(f"| {j} | {row['test_pairs']:,} | " + " | ".join(f"{row[rule]:.2f}" for rule in rules) + " |")
-    print(f"written to {path}")
+    print(f"{args.homes:,} homes x {ROUNDS:,} rounds of real group sizes, candidate never better: share ever promoted")
+    print("| rule | " + " | ".join(f"round {t:,}" for t in CHECKPOINTS) + " |\n| --- |" + " ---: |" * len(CHECKPOINTS))
+    for rule, shares in result["null"].items():
+        print(f"| {rule} | " + " | ".join(v if isinstance(v, str) else f"{v:.3f}" for v in shares.values()) + " |")
+    print(f"\npower for a {WIN:.0%}/{1 - WIN:.0%} gain at the j-th round (promoted that round / by the next)")
+    print("| round | test groups | before | now |\n| ---: | ---: | ---: | ---: |")
+    tests = held_out_groups(max(POWER_ROUNDS), "test")
+    for j in map(str, POWER_ROUNDS):
+        b, n = result["power"]["before"][j], result["power"]["now"][j]
+        print(f"| {j} | {tests[int(j) - 1]:,} | {b['round']:.2f} / {b['within_two']:.2f} | {n['round']:.2f} / {n['within_two']:.2f} |")
+    print(f"written to {path} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ def test_a_home_from_a_base_alone_grows_its_held_out_promotes_and_audits(flywhee
             for t in (a, b)}
     assert held and not held & training_texts(home)
     assert first["splits"]["test"] == len(data.load_pairs(str(home / "heldout" / "test.tsv.gz"))) >= flywheel.MIN_TEST
-    assert first["decision"] == "promoted" and first["new_test_pairs"] == first["test_pairs"]
+    assert first["decision"] == "promoted" and first["screen"]["favoured"]
     assert first["new_test_groups"] == first["test_groups"] <= first["test_pairs"]  # the evidence is counted in groups
-    assert first["alpha_round"] == pytest.approx(0.05 / 4 + 0.025 * first["test_groups"] / 5000)
+    # allotted by round 1: a fifth of alpha by rounds (1/2 of it), four fifths by the test set's groups of its cap
+    assert first["alpha_round"] == first["alpha_allotted"] == pytest.approx(0.01 / 2 + 0.04 * first["test_groups"] / 5000)
     assert Embedder.load(home / "rounds/round-001").dim == 32
     assert not list((home / "rounds").glob("*/*.tsv.gz"))  # the model folder holds the model, never the traffic
     audit = first["audit"]
@@ -72,8 +73,9 @@ def test_a_home_from_a_base_alone_grows_its_held_out_promotes_and_audits(flywhee
     ledger = home_state.ledger(home)
     assert all(ledger.split_of[t] == s for t, s in splits_after_one.items())  # no text changed split
     assert second["splits"]["unusable"] >= 5 and second["unusable_new"] >= 5
-    assert second["test_number"] == 2 and second["new_test_groups"] == second["test_groups"] - first["test_groups"]
-    assert second["alpha_round"] == pytest.approx(0.05 / 12 + 0.025 * second["new_test_groups"] / 5000)
+    assert second["round_of_life"] == 2 and second["new_test_groups"] == second["test_groups"] - first["test_groups"]
+    # round 1's promotion spent nothing: round 2 may spend all that is allotted by then
+    assert second["alpha_spent_before"] == 0 and second["alpha_round"] == pytest.approx(0.01 * 2 / 3 + 0.04 * second["test_groups"] / 5000)
     held = {t for t, s in ledger.split_of.items() if s != "train"}
     assert not held & training_texts(home)
     flywheel.main(["--plot", str(home / "history.jsonl")])
@@ -105,6 +107,16 @@ def test_a_new_text_takes_its_partners_split_and_caps_send_the_rest_to_training(
     assert curated["curated"] == [("h x", "kept apart", 1)] and ledger.split("h x") == "curated"
     bridge = ledger.assign([("a x", "f x", 1)])  # a test text and a training one
     assert bridge["unusable"] == [("a x", "f x", 1)]
+
+
+def test_past_its_cap_the_test_set_keeps_growing_by_its_share_after_caps(tmp_path):
+    pairs = [(f"question {i}", f"another {i}", i % 2) for i in range(2000)]  # 2,000 groups of one pair
+    caps = {"validation": 10, "test": 50, "audit": 10}
+    stopped = heldout.Ledger(tmp_path / "a.jsonl").assign(pairs, caps=caps, after_caps={"validation": 0, "test": 0, "audit": 0})
+    grows = heldout.Ledger(tmp_path / "b.jsonl").assign(pairs, caps=caps)  # the default: 10% past the cap
+    assert len(stopped["test"]) == 50 and len(grows["validation"]) == 10 and len(grows["audit"]) == 10
+    assert 50 + 0.07 * 1800 < len(grows["test"]) < 50 + 0.13 * 1850
+    assert set(stopped["test"]) < set(grows["test"])  # the same hash draws: what was test stays test
 
 
 def test_groups_are_counted_by_split_as_pairs_join_texts():
@@ -153,7 +165,7 @@ def test_noise_is_refused_and_a_curated_set_is_reported_apart(tiny_model_dir, tm
     drops.mkdir()
     val, test = write_tsv(tmp_path / "val.tsv", synthetic_pairs(96, 2)), write_tsv(tmp_path / "test.tsv", synthetic_pairs(300, 3))
     args = ["--home", str(tmp_path / "fw"), "--base", str(tiny_model_dir), "--pairs", str(drops), "--val", str(val),
-            "--test", str(test), "--set", SETTINGS]
+            "--test", str(test), "--set", SETTINGS, "--alpha", "0.1"]  # round 1's 180 test pairs need its level
     write_tsv(drops / "01.tsv", synthetic_pairs(600, 1))
     flywheel.main(args)
     first = jsonl.read(tmp_path / "fw" / "history.jsonl")[0]

@@ -6,18 +6,35 @@ import pytest
 from conftest import ROOT
 
 import gate
+import paired
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def test_the_levels_spend_at_most_alpha_over_any_life():
-    assert [gate.level(j, 0.05) for j in (1, 2, 3)] == pytest.approx([0.025, 0.05 / 6, 0.05 / 12])
-    assert sum(gate.level(j, 0.05) for j in range(1, 100_001)) == pytest.approx(0.05 * 100_000 / 100_001)
-    # A home that grows its test set: half by rounds, half by new test pairs (300 of a 5,000 cap: 0.0015).
-    assert gate.level(1, 0.05, 300, 5000) == pytest.approx(0.0125 + 0.0015)
-    assert gate.level(8, 0.05, 300, 5000) == pytest.approx(0.025 / 72 + 0.0015)
-    growth = [300] * 16 + [200] + [0] * 10_000  # the test set reaches its cap of 5,000, then stops growing
-    assert sum(gate.level(j, 0.05, n, 5000) for j, n in enumerate(growth, 1)) < 0.05
+def test_the_allotment_never_passes_alpha_over_any_life():
+    assert [gate.allotted(j, 0.05) for j in (1, 2, 3)] == pytest.approx([0.025, 0.05 * 2 / 3, 0.05 * 3 / 4])
+    assert gate.allotted(100_000, 0.05) == pytest.approx(0.05 * 100_000 / 100_001)
+    # A home that grows its test set: a fifth by rounds, four fifths by its groups (300 of a 5,000 cap).
+    assert gate.allotted(1, 0.05, 300, 5000) == pytest.approx(0.01 / 2 + 0.04 * 300 / 5000)
+    assert gate.allotted(8, 0.05, 2400, 5000) == pytest.approx(0.01 * 8 / 9 + 0.04 * 2400 / 5000)
+    assert gate.allotted(10**9, 0.05, 10**6, 5000) < 0.05  # past its cap the test set earns no more
+
+
+def test_a_refused_test_spends_its_level_a_promotion_and_an_untested_round_do_not():
+    history = [{"decision": "refused", "alpha_round": 0.004},
+               {"decision": "promoted", "alpha_round": 0.003},
+               {"decision": "refused", "refused_by": "validation", "alpha_round": 0.0},
+               {"decision": "waiting"}]                    # no candidate: not a round of the life
+    assert gate.spent(history) == pytest.approx(0.004)
+    assert gate.level(history, 0.05, 1000, 5000) == pytest.approx(0.01 * 4 / 5 + 0.04 * 1000 / 5000 - 0.004)
+    assert gate.level([{"decision": "refused", "alpha_round": 1.0}], 0.05) == 0.0  # never below nothing
+
+
+def test_validation_favours_the_model_more_of_its_groups_vote_for():
+    candidate, current = np.array([1, 1, 1, 0, 1, 1], bool), np.array([0, 0, 0, 1, 1, 1], bool)
+    assert gate.favoured(candidate, current) == {"for": 3, "against": 1, "favoured": True}
+    # pairs 0-2 share one group: one vote for, one against: a tie favours no one
+    assert gate.favoured(candidate, current, np.array([0, 0, 0, 1, 2, 3]))["favoured"] is False
 
 
 def outcomes(only_candidate: int, only_current: int, both: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -26,12 +43,13 @@ def outcomes(only_candidate: int, only_current: int, both: int = 100) -> tuple[n
     return candidate, np.array([False] * only_candidate + [True] * only_current + [True] * both)
 
 
-def test_a_win_that_passes_round_one_fails_round_twenty():
+def test_a_win_that_passes_an_early_round_fails_once_the_budget_is_spent():
     # 30 vs 12 discordant: p = 0.0040 (by hand: P(X >= 30), X ~ Bin(42, 1/2)).
-    assert gate.decide(*outcomes(30, 12), gate.level(1, 0.05))["traffic"]["p_value"] == pytest.approx(0.00401, abs=1e-4)
-    assert gate.decide(*outcomes(30, 12), gate.level(1, 0.05))["decision"] == "promoted"
-    assert gate.decide(*outcomes(30, 12), gate.level(20, 0.05))["decision"] == "refused"  # level 0.05 / 420 = 0.00012
-    assert gate.decide(*outcomes(12, 30), gate.level(1, 0.05))["decision"] == "refused"
+    assert gate.decide(*outcomes(30, 12), 0.0074)["traffic"]["p_value"] == pytest.approx(0.00401, abs=1e-4)
+    assert gate.decide(*outcomes(30, 12), 0.0074)["decision"] == "promoted"
+    spent = [{"decision": "refused", "alpha_round": 0.0074}] * 19
+    assert gate.decide(*outcomes(30, 12), gate.level(spent, 0.05, 300, 5000))["decision"] == "refused"
+    assert gate.decide(*outcomes(12, 30), 0.025)["decision"] == "refused"
 
 
 def test_a_curated_set_can_refuse_a_winner_but_never_promote_a_loser():
@@ -45,17 +63,12 @@ def test_a_curated_set_can_refuse_a_winner_but_never_promote_a_loser():
 def test_null_homes_stay_under_alpha_while_a_fixed_level_does_not():
     import gate_simulation
     rng = np.random.default_rng(0)
-    tail = gate_simulation.tail_table(600)
-    discordant = rng.binomial(gate_simulation.test_sizes(200), 0.06, size=(1000, 200))
-    wins = rng.binomial(discordant, 0.5)
-    p = tail[discordant, wins]
-    ahead = 2 * wins > discordant
-    sizes = gate_simulation.test_sizes(200)
-    new = np.diff(sizes, prepend=0)
-    spending = (p < np.array([gate.level(j, 0.05, n, 5000) for j, n in enumerate(new, 1)])) & ahead
-    fixed = (p < 0.05) & ahead
-    assert spending.any(axis=1).mean() <= 0.05 and fixed.any(axis=1).mean() > 0.5
-    assert tail[42, 30] == pytest.approx(0.00401, abs=1e-4)  # the same tail as by hand above
+    pool = np.array([1] * 80 + [2] * 14 + [5] * 5 + [60])  # group sizes with a long tail, as real traffic's
+    promoted = gate_simulation.lives_now(rng, pool, 400, 300)
+    assert promoted.any(axis=1).mean() <= 0.05
+    late = gate_simulation.lives_now(rng, pool, 400, 101, better=(100, 101))  # a gain in an old home's rounds
+    assert late[:, 99:].any(axis=1).mean() > 0.5
+    assert gate_simulation.held_out_groups(20, "test")[[0, 16, 17, 19]].tolist() == [300, 5000, 5100, 5300]
 
 
 def test_wins_that_all_share_two_groups_are_two_wins_not_twelve():
@@ -67,3 +80,19 @@ def test_wins_that_all_share_two_groups_are_two_wins_not_twelve():
     decided = gate.decide(candidate, current, 0.01, groups=groups)
     assert decided["decision"] == "refused" and decided["traffic"]["p_value"] == pytest.approx(1 / 4)
     assert decided["traffic"]["groups"] == 10
+
+
+def test_one_large_group_is_one_vote_and_cannot_decide_by_itself():
+    """12 groups of one pair only the candidate got right, and one group of 30 pairs where it got 10
+    more wrong than the current model (its pairs share a popular question). Summed, that group's -10
+    decides the sign-flip test (p = 0.37: refused); voting, it is one vote against 12, p = 14/8192."""
+    candidate = np.r_[np.ones(12), np.zeros(10), np.ones(20)].astype(bool)
+    current = np.r_[np.zeros(12), np.ones(10), np.ones(20)].astype(bool)
+    groups = np.r_[np.arange(12), np.full(30, 12)]
+    summed = paired.compare_pairs(candidate, current, groups=groups)
+    decided = gate.decide(candidate, current, 0.01, groups=groups)
+    assert summed["p_value"] > 0.3 and decided["traffic"]["p_value"] == pytest.approx(14 / 8192)
+    assert decided["decision"] == "promoted" and decided["traffic"]["groups_for_a"] == 12
+    # and never a candidate that gets more pairs wrong, however its groups vote
+    worse = np.r_[np.ones(12), np.zeros(20), np.ones(10)].astype(bool), np.r_[np.zeros(12), np.ones(30)].astype(bool)
+    assert gate.decide(*worse, 0.01, groups=groups)["decision"] == "refused"
