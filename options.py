@@ -66,6 +66,8 @@ class Config:
     min_precision: float = field(default=0.0, metadata={"help": "... and/or at least this precision"})
     # running
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    threads: int = field(default=0, metadata={"help": "CPU threads a step takes; 0: every core, one fewer while other "
+                         "work keeps one busy (OMP_NUM_THREADS, where set, decides instead)"})
     seed: int = field(default=0, metadata={"help": "picks the --dataset-size sample, the data order and the initialisation"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the model before training too"})
     eval_batch_size: int = field(default=128, metadata={"help": "texts per forward pass when evaluating"})
@@ -77,7 +79,7 @@ class Config:
 
 
 # Options that may change between an interrupted run and its --resume.
-RESUMABLE_CHANGES = {"resume", "overwrite", "max_minutes", "checkpoint_every", "device", "eval_batch_size"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "max_minutes", "checkpoint_every", "device", "eval_batch_size", "threads"}
 
 # The range of every numeric option: ">= a", "> a" or "a..b" (both ends included).
 RANGES = {"dense_out_features": ">= 0", "max_length": ">= 1", "val_size": "> 0", "test_size": "> 0",
@@ -85,7 +87,7 @@ RANGES = {"dense_out_features": ">= 0", "max_length": ">= 1", "val_size": "> 0",
           "epochs": ">= 1", "batch_size": ">= 1", "length_groups": ">= 0", "lr": "> 0", "weight_decay": ">= 0",
           "warmup_ratio": "0..1", "max_grad_norm": "> 0", "patience": ">= 0", "max_minutes": ">= 0",
           "min_recall": "0..1", "min_precision": "0..1", "seed": ">= 0", "eval_batch_size": ">= 1",
-          "checkpoint_every": ">= 0"}
+          "checkpoint_every": ">= 0", "threads": ">= 0"}
 CHOICES = {"implied_pairs": ("none", "duplicates", "all"), "loss": LOSSES, "precision": ("auto", "bf16", "fp16", "fp32"),
            "objective": ("classification", "retrieval")}
 

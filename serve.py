@@ -41,7 +41,7 @@ from evaluate import unit_rows
 from server.api_contract import (MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key,
                                  embeddings_payload, input_type, pair_list, read_json, text_list)
 from server.batcher import Batcher, QueueFull
-from server.cpu_threads import ThreadChooser
+from cpu_threads import ThreadChooser
 from server.scheduler import RoundScheduler, parse_period
 from server.serve_metrics import Metrics
 from state import home_state

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ import losses
 import options
 import paired
 import run_folder
+from cpu_threads import ThreadChooser
 from jsonl import write_json
 from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum
 from model import cpu_has_bf16, load_model, mix_weights, pick_device
@@ -157,7 +159,7 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
     loss_fn, autocast = build_loss(config, model.dim), training_autocast(precision, device)
     losses_seen = LossWatch(device, steps_per_epoch, out=run.out)
     saver = Checkpointer(run, losses_seen, folder, on_checkpoint, rank)
-    p = run.progress
+    p, threads = run.progress, thread_chooser(config, device)
     model.train()
     started = time.perf_counter() - p.seconds
     with tqdm(total=total, initial=p.step, desc="train", unit="step", disable=rank != 0) as bar, \
@@ -167,6 +169,8 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
             done = p.step - p.epoch * steps_per_epoch  # steps of this epoch already taken
             for batch in batches.batches(order[done * config.batch_size:], config.batch_size,
                                          length_groups_for(config, device), rank, world_size):
+                if threads:
+                    threads.follow()
                 loss, pairs = train_step(run, batch, loss_fn, autocast, device)
                 p.step, p.pairs, p.seconds = p.step + 1, p.pairs + pairs, time.perf_counter() - started
                 losses_seen.add(loss, p.step)
@@ -192,6 +196,17 @@ def fine_tune(config: Config, rank: int, world_size: int, folder: run_folder.Cla
         # whole epoch's, so that which weights are kept never depends on where the budget ran out.
         end_of_epoch(run, val, rank, partial=f"{p.step - p.epoch * steps_per_epoch} of {steps_per_epoch} steps")
     return finish(run, val, test) if rank == 0 else {}
+
+
+def thread_chooser(config: Config, device: torch.device) -> ThreadChooser | None:
+    """On a CPU, the threads of each step: `--threads N`, or OMP_NUM_THREADS where it is set, or every
+    core less one while other work keeps one busy, checked as steps go (cpu_threads.py: beside a busy
+    core, a step on every core waits for it at each barrier)."""
+    if device.type != "cpu":
+        return None
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return None if config.threads or os.environ.get("OMP_NUM_THREADS") else ThreadChooser(pauses=False)
 
 
 def begin(run: Run, val: list[data.Pair], test: list[data.Pair], rank: int) -> None:

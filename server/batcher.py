@@ -15,7 +15,7 @@ until the batch holds `token_budget` tokens. So a request of 2,048 texts is cut 
 A batch's texts, of every length, are one forward pass, packed end to end (packing.py), so that
 mixing requests costs no padding. Before taking a batch the worker lingers while requests keep
 arriving (a client's burst reaches the queue a little apart), and on a CPU each pass takes the
-threads that server/cpu_threads.py leaves it.
+threads that cpu_threads.py leaves it.
 
 When more than `max_queued` texts are waiting, `embed` refuses at once (`QueueFull`): the server
 answers 429 with Retry-After, rather than letting latency grow without bound.
@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from server.cpu_threads import ThreadChooser
+from cpu_threads import ThreadChooser
 
 
 class QueueFull(Exception):
@@ -61,7 +61,7 @@ class Batcher:
                  gap: float = 0.002, cap: float = 0.010):
         self.token_budget, self.max_queued, self.chunk, self.bf16 = token_budget, max_queued, chunk, bf16
         self.gap, self.cap = gap, cap  # seconds: see linger()
-        self.threads = threads  # on a CPU: how many threads each pass takes (server/cpu_threads.py)
+        self.threads = threads  # on a CPU: how many threads each pass takes (cpu_threads.py)
         self.on_batch = on_batch  # (texts, tokens) after each forward pass: the metrics
         self.jobs: list[Job] = []
         self.condition = threading.Condition()

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from server.cpu_threads import ThreadChooser, available_cores, busy_seconds
+from cpu_threads import ThreadChooser, available_cores, busy_seconds
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 
@@ -58,3 +58,33 @@ def test_busy_seconds_grows_while_a_core_works():
         pass
     assert busy_seconds(available_cores()) - first >= 0.25
     assert busy_seconds([10_000]) == 0  # a core that is not there has done nothing
+
+
+def test_training_follows_the_free_cores_step_by_step_even_when_a_step_takes_long():
+    counter, before = OthersAtWork(), torch.get_num_threads()
+    chooser = ThreadChooser([0, 1], window=0.1, counter=counter, pauses=False)
+    try:
+        assert chooser.follow() == 2 and torch.get_num_threads() == 2
+        counter.work(1.0)
+        time.sleep(0.6)  # a "step" of six windows: a server's chooser would forget it, training's does not
+        assert chooser.follow() == 1 and torch.get_num_threads() == 1
+        counter.work(0.0)
+        time.sleep(0.6)
+        assert chooser.follow() == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_py_takes_its_threads_from_the_option_then_the_environment_then_the_cores(monkeypatch):
+    import train
+    from options import Config
+    cpu, before = torch.device("cpu"), torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert isinstance(train.thread_chooser(Config(), cpu), ThreadChooser)
+        assert train.thread_chooser(Config(threads=1), cpu) is None and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert train.thread_chooser(Config(), cpu) is None
+        assert train.thread_chooser(Config(), torch.device("meta")) is None  # not a CPU: nothing to pick
+    finally:
+        torch.set_num_threads(before)
