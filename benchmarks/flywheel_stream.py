@@ -120,9 +120,10 @@ def error_of(model, pairs: list[data.Pair], threshold: float) -> tuple[dict, obj
     return {"error": wrong / len(pairs), "interval": paired.wilson_interval(wrong, len(pairs)), "n": len(pairs)}, right
 
 
-def reference(home: Path, work: Path, round_number: int, settings: str) -> dict:
+def reference(home: Path, work: Path, round_number: int, settings: str, unseen: list[data.Pair]) -> dict:
     """A model trained once on everything that had arrived (less what touches the audit or validation
-    texts), judged on the home's audit pairs at its threshold tuned on the home's validation."""
+    texts), judged on the home's audit pairs and on the unseen pairs, at its threshold tuned on the
+    home's validation."""
     out = work / f"reference-{round_number:02d}"
     metrics = out / "metrics.json"
     if not metrics.is_file():
@@ -140,7 +141,8 @@ def reference(home: Path, work: Path, round_number: int, settings: str) -> dict:
         jsonl.write_json(out / "seconds.json", {"seconds": time.perf_counter() - started, "trained_on": len(usable)})
     model = Embedder.load(out)
     audit, _ = error_of(model, data.load_pairs(str(home / "heldout" / "audit.tsv.gz")), model.decision["threshold"])
-    return {"audit": audit, **jsonl.read_json(out / "seconds.json")}
+    unseen_error, _ = error_of(model, unseen, model.decision["threshold"])
+    return {"audit": audit, "unseen_quora": unseen_error, **jsonl.read_json(out / "seconds.json")}
 
 
 BASE_SCORES: dict = {}
@@ -178,13 +180,13 @@ def run_home(home: Path, work: Path, plan: list[tuple[str, list[data.Pair]]], fi
             out = {"stream": label, "round": number, "source": source, "posted": posted, "checks": checks(home, before),
                    "history": {k: row.get(k) for k in ("decision", "current_after", "trained_on", "splits", "unusable_new",
                                                       "test_pairs", "current_error", "candidate_error", "p_value",
-                                                      "alpha_round", "audit", "seen", "audit_agrees", "note",
+                                                      "alpha_round", "screen", "audit", "seen", "audit_agrees", "note",
                                                       "by_source", "seconds", "train_seconds")},
                    "unseen_quora": unseen_error}
             if home_state.base_threshold(home) is not None:
                 out["unseen_quora_vs_base"] = paired.compare_pairs(unseen_right, base_right(args.base, home, unseen))
             if args.references and source == "quora":
-                out["reference"] = reference(home, work, number, args.set)
+                out["reference"] = reference(home, work, number, args.set, unseen)
             jsonl.append(results, out)
             print(table_line(out), flush=True)
             if after_round:
@@ -198,11 +200,19 @@ def table_line(r: dict) -> str:
     h, a = r["history"], r["history"].get("audit") or {}
     ref = r.get("reference", {}).get("audit")
     return (f"| {r['stream']} | {r['round']} | {r['source']} | {h['trained_on'] or 0:,} | {h['splits']['test']:,} | "
-            f"{h['splits']['audit']:,} | {h['unusable_new']:,} | {h['decision']} (p={h.get('p_value') or float('nan'):.2g}, "
-            f"level {h.get('alpha_round') or float('nan'):.2g}) | "
+            f"{h['splits']['audit']:,} | {h['unusable_new']:,} | {decision(h)} | "
             + (f"{a['error']:.2%} [{a['interval'][0]:.1%}, {a['interval'][1]:.1%}]" if a else "-") + " | "
             + (f"{ref['error']:.2%} [{ref['interval'][0]:.1%}, {ref['interval'][1]:.1%}]" if ref else "-") + " | "
-            f"{r['unseen_quora']['error']:.2%} | {by_source(h)} | {h['seconds'] or 0:.0f} |")
+            f"{r['unseen_quora']['error']:.2%} | "
+            + (f"{r['reference']['unseen_quora']['error']:.2%}" if "unseen_quora" in r.get("reference", {}) else "-")
+            + f" | {by_source(h)} | {h['seconds'] or 0:.0f} |")
+
+
+def decision(h: dict) -> str:
+    """The round's decision, its p and level; a candidate that validation did not favour was not tested."""
+    if h.get("p_value") is None and h.get("decision") == "refused":
+        return "refused (not tested: validation favours the current model)"
+    return f"{h['decision']} (p={h.get('p_value') or float('nan'):.2g}, level {h.get('alpha_round') or float('nan'):.2g})"
 
 
 def by_source(h: dict) -> str:
@@ -213,8 +223,9 @@ def by_source(h: dict) -> str:
 
 
 HEADER = ("| stream | round | arriving | trained on | test pairs | audit pairs | unusable (new) | decision | "
-          "audit error, current model | audit error, trained once on all | unseen Quora test error | audit by source | seconds |\n"
-          "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: |")
+          "audit error, current model | audit error, trained once on all | unseen Quora test error | unseen, trained once on all | "
+          "audit by source | seconds |\n"
+          "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |")
 
 
 def figure(rows: list[dict], path: Path) -> None:
