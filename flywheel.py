@@ -47,6 +47,7 @@ from typing import Callable
 
 import numpy as np
 
+import calibration
 import card
 import checkpoint
 import data
@@ -208,8 +209,11 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
     spend = {"round_of_life": len(judged) + 1, "alpha_life": chosen["alpha"], "alpha_spent_before": gate.spent(past),
              "alpha_allotted": gate.allotted(len(judged) + 1, chosen["alpha"], groups_now, chosen["caps"]["test"]),
              "new_test_groups": groups_now - (judged[-1].get("test_groups", judged[-1]["test_pairs"]) if judged else 0)}
-    screen = screened(candidate, incumbent, thresholds, val, config.objective)
-    verdict = (judge(candidate, incumbent, thresholds, right, test, curated.get("test"), at, config.objective)
+    costs = {name: decision_costs(model, thresholds[name], val, test) for name, model in
+             (("candidate", candidate), ("current", incumbent))}
+    screen = ({"favoured": True} if config.objective == "retrieval" else   # retrieval rounds are always tested
+              gate.favoured(costs["candidate"][0], costs["current"][0], paired.groups_of(val)))
+    verdict = (judge(candidate, incumbent, thresholds, right, costs, test, curated.get("test"), at, config.objective)
                if screen["favoured"] else {"alpha_round": 0.0, "decision": "refused", "refused_by": "validation"})
     promoted = verdict["decision"] == "promoted"
     after = str(folder.relative_to(home)) if promoted else before
@@ -218,7 +222,7 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
             "current_error": float(1 - right["current"].mean()), "candidate_error": float(1 - right["candidate"].mean()),
             "current_interval": paired.error_interval(~right["current"], test_groups),
             "candidate_interval": paired.error_interval(~right["candidate"], test_groups),
-            "p_value": verdict["traffic"]["p_value"] if "traffic" in verdict else None,
+            "p_value": verdict.get("evidence", verdict.get("traffic", {})).get("p_value"),
             "verdict": verdict["traffic"]["verdict"] if "traffic" in verdict else "not tested: validation does not favour it",
             **spend, "screen": screen, **verdict,
             "objective": config.objective, "current_after": after}
@@ -251,17 +255,17 @@ def the_model_to_beat(home: Path, before: str, base_model, val: list[data.Pair],
     return incumbent, threshold
 
 
-def screened(candidate, incumbent, thresholds: dict, val: list[data.Pair], objective: str) -> dict:
-    """Does the validation split favour the candidate (`gate.favoured`)? A test that is not run spends
-    nothing of the home's budget. Retrieval rounds are always tested."""
-    if objective == "retrieval":
-        return {"favoured": True}
-    right = [evaluate.correct(m, val, thresholds[n]) for n, m in (("candidate", candidate), ("current", incumbent))]
-    return gate.favoured(*right, paired.groups_of(val))
+def decision_costs(model, threshold: float, val: list[data.Pair], test: list[data.Pair]) -> tuple[np.ndarray, np.ndarray]:
+    """Each validation and each test pair's cost for a model (calibration.py: the log-loss of its
+    probability, its slope fitted on validation): what the screen and the gate's votes compare."""
+    val_scores, labels = evaluate.cosine_scores(model, val), evaluate.labels_of(val)
+    slope = calibration.fit_slope(val_scores, threshold, labels)
+    return (calibration.log_losses(val_scores, threshold, labels, slope),
+            calibration.log_losses(evaluate.cosine_scores(model, test), threshold, evaluate.labels_of(test), slope))
 
 
-def judge(candidate, incumbent, thresholds: dict, right: dict, test: list[data.Pair], curated_test, at: float,
-          objective: str) -> dict:
+def judge(candidate, incumbent, thresholds: dict, right: dict, costs: dict, test: list[data.Pair], curated_test,
+          at: float, objective: str) -> dict:
     """The gate's verdict at level `at`: on pairs (with a curated test set as a guard), or on ranking."""
     if objective == "retrieval":
         ranks = [np.array(evaluate.retrieval_metrics(m, test, per_query=True)["reciprocal_ranks"]) for m in (candidate, incumbent)]
@@ -269,8 +273,8 @@ def judge(candidate, incumbent, thresholds: dict, right: dict, test: list[data.P
     guard = None
     if curated_test:
         guard = tuple(evaluate.correct(m, curated_test, thresholds[n]) for n, m in (("candidate", candidate), ("current", incumbent)))
-    return gate.decide(right["candidate"], right["current"], at, guard, paired.groups_of(test),
-                       paired.groups_of(curated_test) if curated_test else None)
+    return gate.decide(right["candidate"], right["current"], costs["candidate"][1], costs["current"][1], at, guard,
+                       paired.groups_of(test), paired.groups_of(curated_test) if curated_test else None)
 
 
 def too_few(val: list[data.Pair], test: list[data.Pair]) -> str | None:

@@ -13,8 +13,8 @@ simulation that chose them, beside the rule before):
 
        alpha x (ROUNDS_SHARE x j / (j + 1)  +  (1 - ROUNDS_SHARE) x min(test groups, cap) / cap)
 
-   a fifth that follows the rounds (1/(i (i + 1)) each, which sum to j / (j + 1) < 1) and four
-   fifths that follow the evidence: the test set's groups of pairs that share texts, up to its cap
+   a tenth that follows the rounds (1/(i (i + 1)) each, which sum to j / (j + 1) < 1) and nine
+   tenths that follow the evidence: the test set's groups of pairs that share texts, up to its cap
    (`state/heldout.py`). Evidence gets most of it because only a grown test set can see a gain.
 2. A test that is not run spends nothing. The candidate is tested only when the validation split
    (whose texts are never test texts) already favours it; otherwise the round refuses it and its
@@ -36,12 +36,16 @@ never exceeds alpha (a union bound). That is why not LORD (Javanmard and Montana
 alpha-investing (Foster and Stine 2008): they earn budget back with each discovery, but their
 guarantees assume independent p-values, or a positive dependence nobody can check here.
 
-The test is the sign test over groups: each group of test pairs that share texts (`paired.groups_of`)
-on which the two models decide a different number of pairs right votes for the one that got more,
-and under "no difference" each vote is a fair coin. Exact, and one vote a group: a popular question
-whose hundreds of pairs a candidate handles differently is one piece of evidence, not hundreds, and
-cannot decide a verdict by itself, which the sum of the groups' differences lets it do. Where every
-group is one pair it is McNemar's exact test.
+The test is the sign test over groups of each model's costs (`paired.compare_losses`): every pair's
+cost is the log-loss of the model's calibrated probability of its label (`calibration.py`, fitted on
+validation), and each group of test pairs that share texts (`paired.groups_of`) votes for the model
+whose summed cost over its pairs is lower. Under "no better" each vote is at best a fair coin, so the
+test is exact whatever a group's pairs share. It uses how sure each decision was, on every pair,
+where a count of the pairs one model got right uses only the few the two decide differently; and one
+vote a group means a popular question whose hundreds of pairs a candidate handles differently cannot
+decide a verdict by itself, which a sum over groups lets it do. A candidate is promoted only if it
+also decides fewer test pairs wrong than the current model: the votes can favour a model that is
+surer where it is right, never one that makes more errors.
 
 A curated test set, where a home has one, is a guard, not a second chance: the candidate must not
 be significantly worse there (one-sided, at `GUARD_ALPHA` each round: a false refusal costs a round,
@@ -54,7 +58,7 @@ import numpy as np
 import paired
 
 GUARD_ALPHA = 0.05
-ROUNDS_SHARE = 0.2  # of alpha, the part allotted by rounds; the rest follows the test set's groups
+ROUNDS_SHARE = 0.1  # of alpha, the part allotted by rounds; the rest follows the test set's groups
 
 
 def allotted(rounds: int, alpha: float, test_groups: int = 0, test_cap: int = 0) -> float:
@@ -79,21 +83,24 @@ def level(history: list[dict], alpha: float, test_groups: int = 0, test_cap: int
     return max(0.0, allotted(rounds, alpha, test_groups, test_cap) - spent(history))
 
 
-def favoured(candidate_right: np.ndarray, current_right: np.ndarray, groups: np.ndarray | None = None) -> dict:
-    """Does the validation split favour the candidate: more of its groups vote for it than against?"""
-    votes = paired.votes(candidate_right, current_right, groups)
-    return {"for": votes[0], "against": votes[1], "favoured": votes[0] > votes[1]}
+def favoured(candidate_loss: np.ndarray, current_loss: np.ndarray, groups: np.ndarray | None = None) -> dict:
+    """Does the validation split favour the candidate: more of its groups vote for it (a lower summed cost)?"""
+    votes = paired.compare_losses(candidate_loss, current_loss, groups)
+    return {"for": votes["groups_for_a"], "against": votes["groups_for_b"],
+            "favoured": votes["groups_for_a"] > votes["groups_for_b"]}
 
 
-def decide(candidate_right: np.ndarray, current_right: np.ndarray, at: float,
-           curated: tuple[np.ndarray, np.ndarray] | None = None, groups: np.ndarray | None = None,
-           curated_groups: np.ndarray | None = None) -> dict:
-    """Promote when the candidate wins on the traffic's test pairs at this test's level `at` (the sign
-    test over `groups`, one vote a group; without groups each pair is one, McNemar's) and, with a
-    curated set, is not significantly worse on it. Returns the verdicts and the decision."""
-    traffic = paired.compare_pairs(candidate_right, current_right, alpha=at, groups=groups, by_votes=True)
-    result = {"alpha_round": at, "traffic": traffic}
-    promoted = traffic["p_value"] < at and traffic["only_a_right"] > traffic["only_b_right"]
+def decide(candidate_right: np.ndarray, current_right: np.ndarray, candidate_loss: np.ndarray,
+           current_loss: np.ndarray, at: float, curated: tuple[np.ndarray, np.ndarray] | None = None,
+           groups: np.ndarray | None = None, curated_groups: np.ndarray | None = None) -> dict:
+    """Promote when the candidate wins the sign test over the test pairs' `groups` on the pairs' costs
+    at this test's level `at`, decides fewer test pairs wrong, and, with a curated set, is not
+    significantly worse on it. Returns the verdicts (`evidence` decides; `traffic` is the errors') and
+    the decision."""
+    evidence = paired.compare_losses(candidate_loss, current_loss, groups, alpha=at)
+    traffic = paired.compare_pairs(candidate_right, current_right, alpha=at, groups=groups)
+    result = {"alpha_round": at, "evidence": evidence, "traffic": traffic}
+    promoted = evidence["p_value"] < at and traffic["only_a_right"] > traffic["only_b_right"]
     if curated is not None:
         guard = paired.compare_pairs(*curated, alpha=GUARD_ALPHA, groups=curated_groups)
         result["curated"] = guard

@@ -151,37 +151,41 @@ def group_differences(a_right: np.ndarray, b_right: np.ndarray, groups: np.ndarr
                        minlength=1).astype(np.int64)
 
 
-def votes(a_right: np.ndarray, b_right: np.ndarray, groups: np.ndarray | None = None) -> tuple[int, int]:
-    """(groups that vote for A, groups that vote for B): a group votes for the model that decided
-    more of its pairs right, and not at all on a tie."""
-    d = group_differences(a_right, b_right, groups)
-    return int(np.sum(d > 0)), int(np.sum(d < 0))
-
-
-def compare_pairs(a_right: np.ndarray, b_right: np.ndarray, alpha: float = ALPHA, groups: np.ndarray | None = None,
-                  by_votes: bool = False) -> dict:
+def compare_pairs(a_right: np.ndarray, b_right: np.ndarray, alpha: float = ALPHA, groups: np.ndarray | None = None) -> dict:
     """A against B on the same pairs (True where a model decided right): McNemar's exact test, or
-    with `groups` (groups_of) the sign-flip test over groups and intervals counted by groups; with
-    `by_votes` as well, the sign test over groups, each group one vote for the model that got more of
-    its pairs right (exact too, and no group outweighs another)."""
+    with `groups` (groups_of) the sign-flip test over groups and intervals counted by groups."""
     a_right, b_right = np.asarray(a_right, bool), np.asarray(b_right, bool)
     n = len(a_right)
     b = int(np.sum(a_right & ~b_right))
     c = int(np.sum(~a_right & b_right))
     differences = group_differences(a_right, b_right, groups)
-    if by_votes:
-        differences = np.sign(differences)
     p_better, p_worse = sign_flip_test(differences), sign_flip_test(-differences)
     count = len(np.unique(groups)) if groups is not None else None
-    name = "sign test over groups, a vote each" if by_votes else "sign-flip over groups"
-    return {"test": "McNemar exact, one-sided" if groups is None else f"{name}, exact, one-sided",
+    return {"test": "McNemar exact, one-sided" if groups is None else "sign-flip over groups, exact, one-sided",
             "n": n, "groups": count if count is not None else n,
             "error_a": float(np.mean(~a_right)) if n else 0.0, "interval_a": error_interval(~a_right, groups),
             "error_b": float(np.mean(~b_right)) if n else 0.0, "interval_b": error_interval(~b_right, groups),
             "only_a_right": b, "only_b_right": c, "p_value": p_better, "p_worse": p_worse,
-            **({"groups_for_a": int(np.sum(differences > 0)), "groups_for_b": int(np.sum(differences < 0))} if by_votes else {}),
             "verdict": verdict(p_better, p_worse, n, "pairs", alpha, count),
             "pairs_needed": pairs_needed(differences, n, alpha)}
+
+
+def compare_losses(a_loss: np.ndarray, b_loss: np.ndarray, groups: np.ndarray | None = None, alpha: float = ALPHA) -> dict:
+    """A against B by each pair's cost (a log-loss, `calibration.py`): the sign test over groups, each
+    group one vote for the model whose summed cost over its pairs is lower. Exact: under "no
+    difference" each group's vote is a fair coin, whatever its pairs share. It uses what the count of
+    pairs one model got right throws away (how sure each decision was, on every pair, not only the
+    few the two decide differently), and no group outweighs another: a popular question whose
+    hundreds of pairs one model handles better is one vote, not hundreds. Where costs are 0 for a
+    right decision and 1 for a wrong one, it is the sign test over the groups' discordant pairs."""
+    ids = groups if groups is not None else np.arange(len(a_loss))
+    d = np.bincount(ids, weights=np.asarray(b_loss, float) - np.asarray(a_loss, float), minlength=1) if len(a_loss) else np.zeros(0)
+    for_a, for_b = int(np.sum(d > 1e-12)), int(np.sum(d < -1e-12))
+    p_better, p_worse = sign_test(for_a, for_b), sign_test(for_b, for_a)
+    return {"test": "sign test over groups of the summed log-loss, one-sided", "groups": len(d),
+            "groups_for_a": for_a, "groups_for_b": for_b, "loss_a": float(np.mean(a_loss)) if len(a_loss) else 0.0,
+            "loss_b": float(np.mean(b_loss)) if len(b_loss) else 0.0, "p_value": p_better, "p_worse": p_worse,
+            "verdict": verdict(p_better, p_worse, len(d), "groups", alpha)}
 
 
 def compare_queries(a_ranks: np.ndarray, b_ranks: np.ndarray, alpha: float = ALPHA) -> dict:

@@ -21,10 +21,13 @@ at round j or j + 1) when the gain lasts two rounds.
   groups / cap, with the sign-flip test on the sum of the groups' differences, and a test set that
   stops at its cap (exact, per round; its 10,000 null rounds cost 2 ms each, so `--before-rounds`
   simulates the first 1,000 and bounds the rest by their levels' sum, a union bound);
-- now (`gate.py`): a fifth of alpha allotted by rounds, four fifths by test groups up to the cap; the
-  test run only when the validation split favours the candidate (more of its groups vote for it);
-  a test spends what is allotted and unspent, a promotion spends nothing; the sign test over groups,
-  one vote a group; a test set that keeps growing past its cap. The number of groups that vote
+- now (`gate.py`): a tenth of alpha allotted by rounds, nine tenths by test groups up to the cap;
+  the test run only when the validation split favours the candidate (more of its groups vote for
+  it); a test spends what is allotted and unspent, a promotion spends nothing; the sign test over
+  groups, one vote a group; a test set that keeps growing past its cap. The simulated models are
+  only right or wrong, so a group votes by its discordant pairs: the gate's votes by summed log-loss
+  with the least information a model can give (real models are surer of some decisions than of
+  others, and every group votes: docs/flywheel.md measures that on real traffic). The number of groups that vote
   (those with a disagreement) is drawn from its normal approximation (a sum of thousands of
   independent Bernoulli draws, one a group); given that number the test is exact, so the share of
   null homes that promote does not depend on the approximation.
