@@ -27,8 +27,14 @@ seq N" that a round reads never skips one that commits late. One round at a time
 session-level advisory lock, held by the round's connection (a killed round's connection closes and
 the lock goes with it); on SQLite, whose home is one machine, the home's file lock.
 
-A PostgreSQL URL carries no password: libpq takes it from PGPASSWORD (or ~/.pgpass), so a home's
-settings never hold one.
+A PostgreSQL URL carries no password, in any form (user:password@, ?password=): libpq takes it from
+PGPASSWORD (or ~/.pgpass), so a home's settings never hold one. A host other than this machine is
+reached over TLS (sslmode=require) unless the URL names an sslmode itself. Every connection reads
+committed data (READ COMMITTED, set here rather than left to the server's default: a stricter
+default refused batches whose writers take turns anyway), and gives up on a lock after
+LOCK_TIMEOUT_MS and on a statement after STATEMENT_TIMEOUT_MS: a writer that stalls while it holds
+the writers' turn (a vanished client, a paused machine) makes the others answer 503 with
+Retry-After within seconds, rather than wait for ever, and they recover as soon as it goes.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import json
 import sqlite3
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from errors import InputError, first_line
@@ -48,6 +55,8 @@ from state.pair_store import pair_key
 ADD_LOCK = 0x656D6264    # the advisory lock id that PostgreSQL writers take turns on ("embd")
 ROUND_LOCK = 0x726F756E  # ... and the one a round holds for its whole length ("roun")
 SELECT_CHUNK = 500     # keys a SELECT ... IN (...) names at most (SQLite limits bound parameters)
+LOCK_TIMEOUT_MS, STATEMENT_TIMEOUT_MS = 5_000, 60_000  # then a writer answers 503, a round fails in one line
+LOCAL_HOSTS = ("", "localhost", "127.0.0.1", "::1")
 EXPORT_FIELDS = ("text1", "text2", "label", "id", "source", "received")
 
 SCHEMA = """
@@ -101,12 +110,29 @@ def check_url(url: str) -> str:
     if url.startswith("sqlite:///"):
         return url
     if url.startswith(("postgresql://", "postgres://")):
-        credentials = url.split("://", 1)[1].split("@", 1)[0] if "@" in url else ""
-        if ":" in credentials:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is not None or "password" in urllib.parse.parse_qs(parts.query):
             raise InputError("--database: give the password in PGPASSWORD (or ~/.pgpass), not in the URL: "
                              "the URL is kept in the home's settings")
         return url
     raise InputError(f"--database {url}: give sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+
+
+def connection_url(url: str) -> str:
+    """What a PostgreSQL pool connects to: the URL, with sslmode=require where the host is another
+    machine and the URL names no sslmode (libpq's default, prefer, falls back to plain text)."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query)
+    host = parts.hostname or query.get("host", [""])[0]
+    if "sslmode" in query or host in LOCAL_HOSTS or host.startswith("/"):
+        return url
+    return url + ("&" if parts.query else "?") + "sslmode=require"
+
+
+def configure(connection) -> None:
+    """Every pooled connection reads committed data, whatever the server's default."""
+    import psycopg
+    connection.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
 
 
 class HomeDB:
@@ -130,7 +156,9 @@ class HomeDB:
             import psycopg  # only where a home uses PostgreSQL
             import psycopg_pool
             self.unavailable = (psycopg.OperationalError, psycopg_pool.PoolTimeout)  # what StoreUnavailable stands for
-            self.pool = psycopg_pool.ConnectionPool(self.url, min_size=1, max_size=4, open=False,
+            timeouts = f"-c lock_timeout={LOCK_TIMEOUT_MS} -c statement_timeout={STATEMENT_TIMEOUT_MS}"
+            self.pool = psycopg_pool.ConnectionPool(connection_url(self.url), min_size=1, max_size=4, open=False,
+                                                    kwargs={"options": timeouts}, configure=configure,
                                                     check=psycopg_pool.ConnectionPool.check_connection)
             try:
                 self.pool.open(wait=True, timeout=10)
@@ -329,8 +357,12 @@ class HomeDB:
             return
         with self.pool.connection() as connection:
             connection.autocommit = True  # a session lock, not a transaction left open for hours
-            if wait:
+            if wait:  # a round that waits its turn waits as long as the round before takes
+                for setting in ("lock_timeout", "statement_timeout"):
+                    connection.execute(f"SET {setting} = 0")
                 connection.execute("SELECT pg_advisory_lock(%s)", (ROUND_LOCK,))
+                for setting in ("lock_timeout", "statement_timeout"):
+                    connection.execute(f"RESET {setting}")
             elif not connection.execute("SELECT pg_try_advisory_lock(%s)", (ROUND_LOCK,)).fetchone()[0]:
                 raise BusyError("a round of this home is running (it holds the database's round lock): one at a time; "
                                 "try again when it is done, or pass --wait")

@@ -2,11 +2,14 @@
 import multiprocessing
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from conftest import ROOT
 
-from state.home_db import HomeDB, check_url
+from state import home_db
+from state.home_db import HomeDB, check_url, connection_url
 from errors import InputError
 from state.file_lock import BusyError
 
@@ -109,8 +112,70 @@ def test_one_round_at_a_time_across_processes_and_a_killed_rounds_lock_goes_with
 
 
 def test_a_url_with_a_password_or_of_another_kind_is_one_line():
-    with pytest.raises(InputError, match="PGPASSWORD"):
-        check_url("postgresql://embed:secret@db:5432/fw")
+    for url in ("postgresql://embed:secret@db:5432/fw", "postgresql://embed@db:5432/fw?password=secret",
+                "postgresql://embed@db/fw?sslmode=require&password=x"):
+        with pytest.raises(InputError, match="PGPASSWORD"):
+            check_url(url)
     with pytest.raises(InputError, match="sqlite:///PATH"):
         check_url("mysql://db/fw")
     assert check_url("postgresql://embed@db:5432/fw") == "postgresql://embed@db:5432/fw"
+
+
+def test_another_machine_is_reached_over_tls_unless_the_url_says_otherwise():
+    assert connection_url("postgresql://embed@db.example:5432/fw") == "postgresql://embed@db.example:5432/fw?sslmode=require"
+    assert connection_url("postgresql://embed@db.example/fw?connect_timeout=5").endswith("?connect_timeout=5&sslmode=require")
+    for url in ("postgresql://embed@db.example/fw?sslmode=disable", "postgresql://embed@127.0.0.1:5432/fw",
+                "postgresql://embed@localhost/fw", "postgresql://embed@/fw?host=/var/run/postgresql"):
+        assert connection_url(url) == url  # said explicitly, or this machine
+
+
+def hold_the_writers_turn(url, held, release):
+    """A writer that takes the writers' turn and stalls (a vanished client, a paused machine)."""
+    import psycopg
+    with psycopg.connect(url) as connection:
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (home_db.ADD_LOCK,))
+        held.set()
+        release.wait(60)
+
+
+def test_a_stalled_writer_makes_the_others_answer_unavailable_within_the_timeout_then_they_recover(postgres, monkeypatch):
+    url = postgres.database("stalled_writer")
+    monkeypatch.setattr(home_db, "LOCK_TIMEOUT_MS", 500)
+    db = HomeDB(url)
+    held, release = threading.Event(), threading.Event()
+    stall = threading.Thread(target=hold_the_writers_turn, args=(url, held, release))
+    stall.start()
+    try:
+        assert held.wait(30)
+        started = time.perf_counter()
+        with pytest.raises(home_db.StoreUnavailable, match="lock timeout"):
+            db.add([pair("a stalled", "writer", 1)])
+        assert time.perf_counter() - started < 5  # the timeout, not TCP's hours
+    finally:
+        release.set()
+        stall.join(30)
+    assert db.add([pair("a stalled", "writer", 1)])["accepted"] == 1 and db.count() == 1  # it recovers by itself
+    db.close()
+
+
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read", "serializable"])
+def test_no_batch_is_refused_whatever_the_servers_default_isolation(postgres, isolation):
+    url = postgres.database(f"isolation_{isolation.replace(' ', '_')}")
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} SET default_transaction_isolation = '{isolation}'")
+    batches = [[pair(f"q{b} {i}", f"r{b} {i}", i % 2, f"id-{b}-{i}") for i in range(20)] for b in range(9)]
+    plans = [batches[0:6], batches[3:9], batches[6:9] + batches[0:3]]  # every batch sent twice, by two processes
+    with multiprocessing.Manager() as manager:
+        answers = manager.list()
+        workers = [multiprocessing.get_context("spawn").Process(target=add_batches, args=(url, plan, answers))
+                   for plan in plans]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        answers = list(answers)
+    assert all(w.exitcode == 0 for w in workers) and len(answers) == 18  # no batch refused
+    db = HomeDB(url)
+    assert db.count() == 180 and sum(a["accepted"] for a in answers) == 180
+    db.close()
