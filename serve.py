@@ -171,8 +171,10 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
         pairs = pair_list(body, MAX_PAIRS, labelled=False)
         version = version_named(body.get("model"))
         if version.threshold is None:
-            raise ApiError(400, f"model version '{version.id}' has no stored threshold (it was not saved by train.py)",
-                           "model", "no_threshold")
+            why = ("this home's base model has no threshold yet: the first round tunes one on the validation pairs "
+                   "the traffic brings (POST /v1/pairs), or give the home a curated --val" if version.id == "base" and store
+                   else f"model version '{version.id}' has no stored threshold (it was not saved by train.py)")
+            raise ApiError(400, why, "model", "no_threshold")
         vectors, tokens, truncated = await embed(version, [t for p in pairs for t in (p["text1"], p["text2"])])
         vectors = unit_rows(vectors)  # a model published without Normalize
         cosines = (vectors[0::2] * vectors[1::2]).sum(1)
@@ -192,14 +194,19 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
         rows = pair_list(await read_json(request), MAX_STORE_PAIRS, labelled=True)
         try:
             outcome = await asyncio.to_thread(store.add, rows)  # acknowledged once committed
-            touching = await asyncio.to_thread(held_out_splits, rows)
         except (StoreUnavailable, OSError) as e:  # a full disk, a database down: said once, never a traceback
             print(f"error: /v1/pairs: the store cannot take the batch: {errors.first_line(e)}", file=sys.stderr, flush=True)
             raise ApiError(503, f"the pair store is unavailable; retry after {RETRY_AFTER_S} s (a batch is stored whole "
                            "or not at all: the retry is safe)", code="store_unavailable", kind="server_error",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        metrics.pairs(outcome, touching)
-        return {"object": "pairs.batch", **outcome, "touching_held_out": sum(touching.values())}
+        try:  # the batch is committed: a read that fails now must not tell the client it was not
+            touching = await asyncio.to_thread(held_out_splits, rows)
+        except (StoreUnavailable, OSError) as e:
+            print(f"error: /v1/pairs: stored, but the splits could not be read: {errors.first_line(e)}", file=sys.stderr,
+                  flush=True)
+            touching = None
+        metrics.pairs(outcome, touching or {})
+        return {"object": "pairs.batch", **outcome, "touching_held_out": sum(touching.values()) if touching is not None else None}
 
     def held_out_splits(rows: list[dict]) -> dict[str, int]:
         """How many of the pairs touch a text that a round has held out, by that text's split."""
@@ -350,6 +357,7 @@ image = (
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "packing", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
                              "openai_embeddings", "paired", "paths", "flywheel", "gate", "history", "pooling", "st_layout",
+                             "cpu_threads", "calibration",
                              "server", "state")  # Modal adds serve.py
 )
 volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)
@@ -383,11 +391,12 @@ class Server:
 
 
 @app.function(image=image, gpu=ROUND_GPU, volumes={"/flywheel": volume}, secrets=SECRETS, timeout=3 * 60 * 60,
-              schedule=modal.Cron("0 * * * *"))
+              schedule=modal.Cron("0 * * * *"), max_containers=1)
 def scheduled_round(min_new_pairs: int = MIN_NEW_PAIRS) -> dict | None:
-    """Every hour: a round over the home, once enough new pairs have arrived. One round at a time by
-    the database's round lock (a round that outlasts the hour makes the next one exit at once). The
-    model folder is committed to the Volume before the pointer row names it."""
+    """Every hour: a round over the home, once enough new pairs have arrived. One container at a time
+    (a round that outlasts the hour makes the next one wait), and the database's round lock besides
+    (a round started by hand meanwhile exits at once). The model folder is committed to the Volume
+    before the pointer row names it."""
     on_postgresql()
     if not modal.is_local():
         volume.reload()

@@ -177,7 +177,8 @@ image = (
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "einops==0.8.2")
     .env({"HF_HOME": "/cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses", "options", "checkpoint", "distributed",
-                             "card", "run_state", "train", "evaluate", "openai_embeddings", "paired", "paths", "packing", "pooling", "st_layout")  # Modal adds sweep.py
+                             "card", "run_state", "train", "evaluate", "openai_embeddings", "paired", "paths", "packing", "pooling", "st_layout",
+                             "cpu_threads")  # Modal adds sweep.py
 )
 # The GPU containers never reach the hub: `fetch` put everything they load in the volume first.
 offline_image = image.env({"HF_HUB_OFFLINE": "1"})

@@ -98,7 +98,7 @@ def in_memory(model: Embedder) -> Embedder:
 def base_version(home: Path, device: str) -> Version:
     """The home's base model as published, at the threshold the last round tuned on validation
     (kept in the home), so that a restart is quick; a home no round has judged yet has none, unless it
-    has a curated --val to tune one on (kept for the next start)."""
+    has a curated --val to tune one on (in this process only: only rounds write the home's state)."""
     settings = jsonl.read_json(home / "flywheel.json") or {}
     if not settings.get("base"):
         raise InputError(f"{home} has no flywheel.json: run python flywheel.py --home {home} --base MODEL --init first")
@@ -107,7 +107,6 @@ def base_version(home: Path, device: str) -> Version:
     if threshold is None and version.threshold is None and settings.get("val"):
         val = data.load_pairs(settings["val"])
         threshold = evaluate.evaluate(version.model, val)["val"]["threshold"]
-        home_state.keep_base_threshold(home, threshold, len(val), None)
     if threshold is not None:
         version.model.decision = {"threshold": threshold}
     return version

@@ -183,3 +183,26 @@ class LoopbackServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def local_modules_imported(*names: str) -> set[str]:
+    """The project's modules (root files, and the packages server/ and state/ by their name) that these
+    import, directly or through each other, themselves included: what a Modal image must carry."""
+    import ast
+    project = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
+
+    def imports(name: str) -> set[str]:
+        files = [ROOT / f"{name}.py"] if (ROOT / f"{name}.py").is_file() else sorted((ROOT / name).glob("*.py"))
+        found = set()
+        for tree in (ast.parse(f.read_text()) for f in files):
+            found |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            found |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        return found & project
+
+    needed, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += imports(name)
+    return needed

@@ -8,7 +8,7 @@ import time
 
 import modal
 import pytest
-from conftest import ROOT, TEST_DEVICE, run_cli, signal_at_step
+from conftest import local_modules_imported, ROOT, TEST_DEVICE, run_cli, signal_at_step
 
 import figures
 import jsonl
@@ -66,19 +66,7 @@ def one_config(tiny_model_dir, pair_files, **changes) -> dict:
 
 def test_the_modal_image_carries_every_module_a_run_imports():
     project = {path.stem for path in ROOT.glob("*.py")}
-
-    def imports(name: str) -> set[str]:
-        tree = ast.parse((ROOT / f"{name}.py").read_text())
-        found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        return found & project
-
-    needed, todo = set(), ["train", "evaluate", "jsonl", "openai_embeddings"]
-    while todo:
-        name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            todo += imports(name)
+    needed = local_modules_imported("train", "evaluate", "jsonl", "openai_embeddings")
     source = (ROOT / "sweep.py").read_text()
     call = source[source.index(".add_local_python_source("):].split(")", 1)[0]
     listed = set(ast.literal_eval("(" + call.split("(", 1)[1] + ",)"))
