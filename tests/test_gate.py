@@ -6,7 +6,6 @@ import pytest
 from conftest import ROOT
 
 import gate
-import paired
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
