@@ -38,7 +38,7 @@ import modal
 import paths
 from errors import InputError
 from evaluate import unit_rows
-from server.api_contract import (MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key,
+from server.api_contract import (MAX_BODY_BYTES, MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key,
                                  embeddings_payload, input_type, pair_list, read_json, text_list)
 from server.batcher import Batcher, QueueFull
 from cpu_threads import ThreadChooser
@@ -191,7 +191,7 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
             raise ApiError(401, "this server has no write key: set EMBED_FT_WRITE_KEY to accept pairs",
                            code="no_write_key", kind="authentication_error")
         check_key(request, write_key, "writes")
-        rows = pair_list(await read_json(request), MAX_STORE_PAIRS, labelled=True)
+        rows = pair_list(await read_json(request, MAX_BODY_BYTES), MAX_STORE_PAIRS, labelled=True)
         try:
             outcome = await asyncio.to_thread(store.add, rows)  # acknowledged once committed
         except (StoreUnavailable, OSError) as e:  # a full disk, a database down: said once, never a traceback

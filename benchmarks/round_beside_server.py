@@ -112,7 +112,7 @@ def main() -> None:
         server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--home", str(home), "--port", str(port),
                                    "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_until_up(url, server)
+            wait_until_up(url + "/health", server)
             load_while(url, args.rate, 10)  # warm-up
             alone = load_while(url, args.rate, args.seconds)
             server.send_signal(15)
@@ -120,7 +120,7 @@ def main() -> None:
             round_alone = run_round(shutil.copytree(template, work / f"alone-{repeat}"))
             server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--home", str(home), "--port", str(port),
                                        "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_until_up(url, server)
+            wait_until_up(url + "/health", server)
             load_while(url, args.rate, 10)
             both = load_while(url, args.rate, lambda: run_round(home))
         finally:

@@ -9,9 +9,11 @@ client sees which item of a 2,048-item request to fix. serve.py calls these and 
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -20,7 +22,10 @@ MAX_INPUTS = 2048           # texts a request, as OpenAI's API
 MAX_PAIRS = 1024            # pairs a /v1/duplicates request (2,048 texts)
 MAX_STORE_PAIRS = 10_000    # pairs a /v1/pairs request
 MAX_TEXT_CHARS = 40_000     # characters a text: far past any model's max_length, short of abuse
-MAX_BODY_BYTES = 32 << 20   # 32 MiB a request body
+MAX_BODY_BYTES = 32 << 20   # 32 MiB a /v1/pairs body (10,000 pairs of long texts)
+MAX_READ_BODY_BYTES = 4 << 20  # 4 MiB a body of the read routes: 2,048 texts of 2,000 characters
+INLINE_BODY_BYTES = 64 << 10   # bodies up to this are parsed on the event loop; larger ones by PARSERS
+PARSERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")  # two large bodies parsed at a time
 RETRY_AFTER_S = 1
 
 
@@ -39,21 +44,35 @@ class ApiError(Exception):
 
 # ------------------------------------------------------------------------------ reading requests
 
-async def read_json(request) -> dict:
-    """The request's JSON object, or the 4xx that says what is wrong with it."""
+async def read_json(request, limit: int = MAX_READ_BODY_BYTES) -> dict:
+    """The request's JSON object, or the 4xx that says what is wrong with it. A body over `limit` is
+    refused while it arrives; a large one is parsed off the event loop, two at a time, so that what a
+    body can cost is bounded: parsed JSON takes up to some 25 times its bytes (a million two-letter
+    strings are a million objects), and twenty such bodies at once would otherwise all be parsed
+    together, each holding the loop while it is."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise ApiError(415, "the body must be JSON, sent with Content-Type: application/json", code="unsupported_media_type")
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+    too_large = ApiError(413, f"the body is over {limit >> 20} MiB", code="body_too_large")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
     body = bytearray()
     async for chunk in request.stream():  # a chunked body has no length to check up front
         body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+        if len(body) > limit:
+            raise too_large
+    if len(body) <= INLINE_BODY_BYTES:
+        return parse(body)
+    return await asyncio.get_running_loop().run_in_executor(PARSERS, parse, bytes(body))
+
+
+def parse(body: bytes) -> dict:
+    """A body's JSON object, every string of it encodable, or the 400 that says why not."""
     try:
         parsed = json.loads(body)
     except ValueError as e:
         raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply", code="invalid_json") from None
     if not isinstance(parsed, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
     where = None if encodable(parsed) else unencodable(parsed)
