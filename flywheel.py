@@ -21,10 +21,11 @@ A round:
 2. trains a candidate on the training pairs, from the base model (`--mode scratch`, the default) or
    from the current model on the pairs no earlier round has read (`--mode continue`), at the home's
    one width, decided at --init, so that a client's vector index never changes width;
-3. compares it with the current model on the traffic's test pairs, each model at its own threshold
-   tuned on validation, and promotes it only if it wins the paired test (by groups of pairs that
-   share texts) at the level this round may spend of the home's life-long alpha (`gate.py`), and,
-   where the home has a curated --test, is not significantly worse there;
+3. compares it with the current model, each at its own threshold tuned on validation: if the
+   validation pairs' groups (pairs that share texts) favour it by each pair's log-loss
+   (`calibration.py`), the test pairs' groups vote too, and it is promoted when they favour it at
+   the level this round may spend of the home's life-long alpha and it decides fewer test pairs
+   wrong (`gate.py`), and, where the home has a curated --test, is not significantly worse there;
 4. audits the model that is current after the round on the audit pairs, which no decision sees, and
    says so in the history where the audit disagrees with the error the decisions saw.
 
