@@ -6,6 +6,7 @@
     python flywheel.py --home fw --conflicts             # the contradictions, for a person to settle
     python flywheel.py --home fw --export DIR            # every stored pair once, as pair files
     python flywheel.py --home fw --migrate               # a home made before the database: into it, once
+    python flywheel.py --home fw --migrate --database postgresql://embed@db:5432/fw   # or to another database
     python flywheel.py --plot fw/history.jsonl
 
 One call is one round, and one round at a time: it holds the home's round lock (an advisory lock on
@@ -327,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conflicts", action="store_true", help="only list the stored contradictions")
     parser.add_argument("--export", metavar="OUTDIR", help="only write every stored pair once (pairs.tsv) and the "
                         "conflicts (conflicts.tsv) into this folder")
-    parser.add_argument("--migrate", action="store_true", help="only move a home made before the database into it")
+    parser.add_argument("--migrate", action="store_true", help="only move a home made before the database into it, "
+                        "or a database home into the (empty) --database, the old one kept")
     parser.add_argument("--plot", metavar="FILE", help="only draw this history.jsonl as a figure")
     errors.add_debug_flag(parser)
     args = paths.parse(parser, argv)
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.migrate:
         return migrate(home, args.database or home_state.DEFAULT_DATABASE)
     if args.database and not is_new:
-        raise InputError("--database is chosen when a home is made (--init), or with --migrate for a home made before it")
+        raise InputError("--database is chosen when a home is made (--init), or with --migrate to move the home")
     if args.conflicts or args.export:
         return show_data(home, args.conflicts, args.export)
     if args.set:
@@ -383,17 +385,40 @@ def show_data(home: Path, conflicts: bool, export: str | None) -> None:
 
 
 def migrate(home: Path, url: str) -> None:
-    """--migrate: a file home's pairs, splits and versions into the database, once."""
+    """--migrate: a file home's pairs, splits and versions into the database, once; or a database
+    home's into another database (SQLite to PostgreSQL when a second server is needed, or back for
+    a test copy), the old one kept."""
     if not (home / "flywheel.json").is_file():
         raise InputError(f"{home} is not a flywheel home (no flywheel.json)")
-    if home_state.database(home) is not None:
-        raise InputError(f"{home} is already in a database ({home_state.database(home).url}); nothing to migrate")
+    db = home_state.database(home)
+    if db is not None:
+        return move_database(home, db, url)
     with FileLock(home / "round.lock", wait=False):  # no round of the file home reads while it moves
         counts = home_state.migrate(home, url)
     print(f"{home} now keeps its state in {url}: {counts['read']} pairs that rounds have read and {counts['unread']} "
           f"not yet read, {counts['duplicates']} repeats dropped, {counts['conflicts']} conflicts kept apart, "
           f"{counts['texts']} texts keep their splits, serving {counts['version']}. The files stay as they were; "
           "restart the servers of this home.")
+
+
+def move_database(home: Path, db, url: str) -> None:
+    """Every pair, conflict, split, version and threshold of the home's database into the one at
+    `url`, holding the round lock; flywheel.json names the new one last, so a move that fails leaves
+    the home as it was. Servers must be stopped first: a pair posted to the old database meanwhile
+    would stay there (the counts are compared after the copy to catch one)."""
+    if url == db.url:
+        raise InputError(f"{home} keeps its state in {url} already: give --database another URL to move it")
+    target = home_state.open_database(url, home.resolve())
+    with db.round_lock(wait=False):
+        counts = db.copy_into(target)
+        if db.count() != counts["pairs"]:
+            raise InputError(f"pairs arrived at {db.url} during the move: stop this home's servers, empty {url} and "
+                             "run --migrate again")
+        settings = jsonl.read_json(home / "flywheel.json")
+        jsonl.write_json(home / "flywheel.json", settings | {"database": url})
+    print(f"{home} now keeps its state in {url}: {counts['pairs']} pairs, {counts['conflicts']} conflicts, "
+          f"{counts['splits']} texts' splits, {counts['state']} state rows (versions served, base threshold), each seq "
+          f"kept. {db.url} is left as it was until you remove it; start this home's servers again.")
 
 
 if __name__ == "__main__":

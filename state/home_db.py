@@ -94,6 +94,9 @@ CREATE TABLE IF NOT EXISTS state (
 );
 """
 SERIAL = {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"}
+COLUMNS = {"pairs": ("seq", "pair_key", "text1", "text2", "label", "client_id", "source", "received"),
+           "conflicts": ("seq", "post_key", "stored_key", "reason", "text1", "text2", "label", "client_id", "source", "received"),
+           "splits": ("seq", "text_key", "text", "split"), "state": ("name", "value")}
 
 
 class StoreUnavailable(Exception):
@@ -371,6 +374,26 @@ class HomeDB:
             finally:
                 connection.execute("SELECT pg_advisory_unlock(%s)", (ROUND_LOCK,))
                 connection.autocommit = False
+
+    def copy_into(self, other: "HomeDB") -> dict[str, int]:
+        """Every row of every table into `other`, which must hold none, each `seq` kept (a home's
+        history names the pairs its rounds read by seq): one transaction on each side, so a copy
+        that fails leaves `other` empty. Returns the rows copied, by table."""
+        with self.transaction() as source, other.transaction(writing=True) as target:
+            target.execute("SELECT (SELECT count(*) FROM pairs) + (SELECT count(*) FROM splits) + (SELECT count(*) FROM state)")
+            if target.fetchone()[0]:
+                raise InputError(f"{other.url} holds a home's rows already: give an empty database")
+            counts = {}
+            for table, columns in COLUMNS.items():
+                source.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {columns[0]}")
+                rows = source.fetchall()
+                keep_seq = " OVERRIDING SYSTEM VALUE" if other.dialect == "postgresql" and columns[0] == "seq" else ""
+                target.executemany(other.sql(f"INSERT INTO {table} ({', '.join(columns)}){keep_seq} "
+                                             f"VALUES ({', '.join('?' * len(columns))})"), rows)
+                if keep_seq and rows:  # new rows number on from the copied ones
+                    target.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), {rows[-1][0]})")
+                counts[table] = len(rows)
+            return counts
 
     def close(self) -> None:
         (self.connection if self.dialect == "sqlite" else self.pool).close()

@@ -45,7 +45,33 @@ def test_a_file_home_moves_into_the_database_once_nothing_lost_nothing_doubled(f
     assert home_state.new_pair_count(file_home) == 40                           # the unread pairs are still new
     assert home_state.current_version(file_home)["version"] == "round-007"
     code, err = run_cli(flywheel.main, ["--home", str(file_home), "--migrate"], capsys)
-    assert code == 2 and "already in a database" in err
+    assert code == 2 and "in sqlite:///pairs.db already" in err
+
+
+def snapshot(db: HomeDB) -> tuple:
+    """Everything a home keeps in its database, as a reader sees it."""
+    return (db.pairs(), db.conflicts(), db.splits_after(0), db.state("served"), db.state("base"), db.state("migrated_through"))
+
+
+def test_a_sqlite_home_moves_to_postgresql_and_back_nothing_lost_or_doubled(file_home, postgres, tmp_path, capsys):
+    flywheel.main(["--home", str(file_home), "--migrate"])  # the file home into SQLite first
+    home_state.keep_base_threshold(file_home, 0.61, 40, 1)
+    sqlite, url = home_state.database(file_home), postgres.database("moved_home")
+    before, new_before = snapshot(sqlite), home_state.new_pair_count(file_home)
+    flywheel.main(["--home", str(file_home), "--migrate", "--database", url])
+    assert "100 pairs, 2 conflicts" in capsys.readouterr().out
+    moved = home_state.database(file_home)
+    assert moved.url == url and snapshot(moved) == before and home_state.new_pair_count(file_home) == new_before == 40
+    assert moved.add([{"text1": "one more", "text2": "pair", "label": 1}])["accepted"] == 1
+    assert moved.last_seq() == before[0][-1]["seq"] + 1  # a new pair numbers on from the copied ones
+    assert sqlite.count() == 100  # the old database is left as it was
+    code, err = run_cli(flywheel.main, ["--home", str(file_home), "--migrate", "--database", url], capsys)
+    assert code == 2 and "already" in err
+    back = f"sqlite:///{tmp_path / 'copy.db'}"  # and back, for a test copy
+    flywheel.main(["--home", str(file_home), "--migrate", "--database", back])
+    assert snapshot(home_state.database(file_home))[1:] == snapshot(moved)[1:] and home_state.database(file_home).count() == 101
+    code, err = run_cli(flywheel.main, ["--home", str(file_home), "--migrate", "--database", url], capsys)
+    assert code == 2 and "holds a home's rows already" in err  # never into a database that has a home
 
 
 def test_conflicts_are_listed_and_the_pairs_exported_as_pair_files(file_home, tmp_path, capsys):
