@@ -42,6 +42,7 @@ HOME/flywheel.json, so that a scheduled round needs only --home.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import time
 from pathlib import Path
@@ -328,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conflicts", action="store_true", help="only list the stored contradictions")
     parser.add_argument("--export", metavar="OUTDIR", help="only write every stored pair once (pairs.tsv) and the "
                         "conflicts (conflicts.tsv) into this folder")
+    parser.add_argument("--correct", nargs=3, metavar=("TEXT1", "TEXT2", "LABEL"), help="only correct a stored "
+                        "pair's label (LABEL 0 or 1), or withdraw it (LABEL withdraw), with --why; kept with who and when")
+    parser.add_argument("--why", help="with --correct: why, kept beside the correction")
+    parser.add_argument("--by", default=getpass.getuser(), help="with --correct: who (default: this user)")
     parser.add_argument("--migrate", action="store_true", help="only move a home made before the database into it, "
                         "or a database home into the (empty) --database, the old one kept")
     parser.add_argument("--plot", metavar="FILE", help="only draw this history.jsonl as a figure")
@@ -349,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError("--database is chosen when a home is made (--init), or with --migrate to move the home")
     if args.conflicts or args.export:
         return show_data(home, args.conflicts, args.export)
+    if args.correct:
+        return correct(home, args.correct, args.why, args.by)
     if args.set:
         options.parse_overrides(args.set)  # a bad --set is named before it is kept
     given = {k: getattr(args, k) for k in SETTINGS}
@@ -374,14 +381,34 @@ def show_data(home: Path, conflicts: bool, export: str | None) -> None:
         rows = db.conflicts()
         for c in rows:
             why = "another label" if c["reason"] == "label" else f"id {c['id']!r} names another pair"
+            settled = ("not settled" if c["settled_by"] is None else f"settled by {c['settled_by']}: " +
+                       ("withdrawn" if c["withdrawn"] else f"label {c['label_now']}"))
             print(f"{c['received']}  {why}: posted label {c['label']} (id {c['id']}, source {c['source']}) for "
                   f"{c['text1']!r} / {c['text2']!r}; stored label {c['stored_label']} (id {c['stored_id']}, "
-                  f"{c['stored_received']}) for {c['stored_text1']!r} / {c['stored_text2']!r}")
-        print(f"{len(rows)} conflicts (none trains; settle one by posting the right label under a new id, or export them)")
+                  f"{c['stored_received']}) for {c['stored_text1']!r} / {c['stored_text2']!r}; {settled}")
+        open_ = sum(c["settled_by"] is None for c in rows)
+        print(f"{len(rows)} conflicts, {open_} not settled (a conflicting post never trains; settle one with "
+              f"python flywheel.py --home {home} --correct TEXT1 TEXT2 LABEL --why WHY, LABEL 0, 1 or withdraw)")
     if export:
         written = db.export(Path(export))
-        print(f"{export}: pairs.tsv ({written['pairs']} pairs, each once), conflicts.tsv ({written['conflicts']}); "
+        print(f"{export}: pairs.tsv ({written['pairs']} pairs, each once, as corrected), conflicts.tsv "
+              f"({written['conflicts']}), corrections.tsv ({written['corrections']}); "
               f"python train.py --data {Path(export) / 'pairs.tsv'} reads them")
+
+
+def correct(home: Path, given: list[str], why: str | None, by: str) -> None:
+    """--correct TEXT1 TEXT2 LABEL --why WHY: a person's correction, kept; the next round trains on it."""
+    text1, text2, label = given
+    if label not in ("0", "1", "withdraw"):
+        raise InputError(f"--correct: LABEL is 0, 1 or withdraw (got {label!r})")
+    if not why or not why.strip():
+        raise InputError("--correct needs --why: the reason is kept beside the correction")
+    db = home_state.database(home)
+    if db is None:
+        raise InputError(f"{home} keeps its pairs in files (made before the database): run --migrate first")
+    db.correct([{"text1": text1, "text2": text2, "label": None if label == "withdraw" else int(label), "by": by, "why": why}])
+    print(f"{text1!r} / {text2!r}: " + ("withdrawn" if label == "withdraw" else f"label {label}") +
+          f", by {by} ({why}); the next round trains on it, its texts keep their splits")
 
 
 def migrate(home: Path, url: str) -> None:

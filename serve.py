@@ -39,7 +39,7 @@ import paths
 from errors import InputError
 from evaluate import unit_rows
 from server.api_contract import (MAX_BODY_BYTES, MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key,
-                                 embeddings_payload, input_type, pair_list, read_json, text_list)
+                                 correction_list, embeddings_payload, input_type, pair_list, read_json, text_list)
 from server.batcher import Batcher, QueueFull
 from cpu_threads import ThreadChooser
 from server.scheduler import RoundScheduler, parse_period
@@ -183,14 +183,34 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
                          for i, c in enumerate(cosines)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "truncated": truncated}
 
-    @app.post("/v1/pairs")
-    async def pairs(request: Request):
+    def check_writes(request: Request) -> None:
         if store is None:
             raise ApiError(404, "this server collects no pairs: serve a flywheel home (--home)", code="no_store")
         if not write_key:
             raise ApiError(401, "this server has no write key: set EMBED_FT_WRITE_KEY to accept pairs",
                            code="no_write_key", kind="authentication_error")
         check_key(request, write_key, "writes")
+
+    @app.post("/v1/pairs/corrections")
+    async def corrections(request: Request):  # a person's: a label corrected, or a pair withdrawn, with who and why
+        check_writes(request)
+        rows = correction_list(await read_json(request, MAX_BODY_BYTES), MAX_STORE_PAIRS)
+        if not hasattr(store, "correct"):
+            raise ApiError(404, "this home keeps its pairs in files: python flywheel.py --home HOME --migrate first",
+                           code="no_store")
+        try:
+            corrected = await asyncio.to_thread(store.correct, rows)
+        except InputError as e:
+            raise ApiError(404, str(e), "corrections", "pair_not_found") from None
+        except (StoreUnavailable, OSError) as e:
+            print(f"error: /v1/pairs/corrections: {errors.first_line(e)}", file=sys.stderr, flush=True)
+            raise ApiError(503, f"the pair store is unavailable; retry after {RETRY_AFTER_S} s", code="store_unavailable",
+                           kind="server_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        return {"object": "pairs.corrections", "corrected": corrected}
+
+    @app.post("/v1/pairs")
+    async def pairs(request: Request):
+        check_writes(request)
         rows = pair_list(await read_json(request, MAX_BODY_BYTES), MAX_STORE_PAIRS, labelled=True)
         try:
             outcome = await asyncio.to_thread(store.add, rows)  # acknowledged once committed

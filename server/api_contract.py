@@ -161,6 +161,28 @@ def pair_list(body: dict, limit: int, labelled: bool) -> list[dict]:
     return checked
 
 
+def correction_list(body: dict, limit: int) -> list[dict]:
+    """POST /v1/pairs/corrections: each {text1, text2} or {id}, "label" 0, 1 or null (withdraw), "by", "why"."""
+    items = body.get("corrections")
+    if not isinstance(items, list) or not items or len(items) > limit:
+        raise ApiError(400, f"'corrections' must be a list of 1 to {limit:,} objects", "corrections")
+    checked = []
+    for i, item in enumerate(items):
+        where = f"corrections[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"'{where}' must be an object", where)
+        row = ({"id": str(item["id"])} if item.get("id") is not None else
+               {k: one_text(item.get(k), f"{where}.{k}") for k in ("text1", "text2")})
+        label = item.get("label")
+        if isinstance(label, bool) or label not in (0, 1, None):
+            raise ApiError(400, f"'{where}.label' must be 0, 1 or null to withdraw the pair", f"{where}.label")
+        for key in ("by", "why"):
+            if not isinstance(item.get(key), str) or not item[key].strip():
+                raise ApiError(400, f"'{where}.{key}' must say {'who corrects' if key == 'by' else 'why'}", f"{where}.{key}")
+        checked.append(row | {"label": label, "by": item["by"], "why": item["why"]})
+    return checked
+
+
 def input_type(value, prompts: dict[str, str]) -> str:
     """Our extension to OpenAI's embeddings request: which of the model's prompts the texts take.
     "query" and "document" take the model's prompts for those roles (where it names them), a

@@ -92,11 +92,25 @@ CREATE TABLE IF NOT EXISTS state (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS corrections (
+    seq {serial},
+    pair_key TEXT NOT NULL REFERENCES pairs (pair_key),
+    label SMALLINT CHECK (label IN (0, 1)),
+    withdrawn SMALLINT NOT NULL CHECK (withdrawn IN (0, 1)),
+    by_whom TEXT NOT NULL,
+    why TEXT NOT NULL,
+    received TEXT NOT NULL
+);
 """
+# A pair's label as a person last corrected it, else as it was posted; and whether it was withdrawn.
+CORRECTED = ("(SELECT c.{column} FROM corrections c WHERE c.pair_key = p.pair_key ORDER BY c.seq DESC LIMIT 1)")
+LABEL = f"COALESCE({CORRECTED.format(column='label')}, p.label)"
+WITHDRAWN = f"COALESCE({CORRECTED.format(column='withdrawn')}, 0)"
 SERIAL = {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"}
 COLUMNS = {"pairs": ("seq", "pair_key", "text1", "text2", "label", "client_id", "source", "received"),
            "conflicts": ("seq", "post_key", "stored_key", "reason", "text1", "text2", "label", "client_id", "source", "received"),
-           "splits": ("seq", "text_key", "text", "split"), "state": ("name", "value")}
+           "splits": ("seq", "text_key", "text", "split"), "state": ("name", "value"),
+           "corrections": ("seq", "pair_key", "label", "withdrawn", "by_whom", "why", "received")}
 
 
 class StoreUnavailable(Exception):
@@ -256,11 +270,12 @@ class HomeDB:
         return stored
 
     def rows(self, cursor, column: str, values: list[str]) -> dict[str, tuple]:
-        """The stored (pair_key, label, client_id) whose `column` is one of `values`, by that value."""
+        """The stored (pair_key, label as last corrected, client_id) whose `column` is one of `values`,
+        by that value."""
         found = {}
         for start in range(0, len(values), SELECT_CHUNK):
             chunk = values[start:start + SELECT_CHUNK]
-            cursor.execute(self.sql(f"SELECT pair_key, label, client_id FROM pairs WHERE {column} IN "
+            cursor.execute(self.sql(f"SELECT pair_key, {LABEL}, client_id FROM pairs p WHERE {column} IN "
                                     f"({', '.join('?' * len(chunk))})"), chunk)
             for row in cursor.fetchall():
                 found[row[0] if column == "pair_key" else row[2]] = tuple(row)
@@ -269,11 +284,43 @@ class HomeDB:
     # -------------------------------------------------------------------------------- the reads
 
     def pairs(self, after: int = 0) -> list[dict]:
-        """Every stored pair after seq `after`, in arrival order: {seq, text1, text2, label, id, source, received}."""
+        """Every stored pair after seq `after` that no one withdrew, in arrival order, its label as last
+        corrected: {seq, text1, text2, label, id, source, received}."""
         with self.transaction() as cursor:
-            cursor.execute(self.sql("SELECT seq, text1, text2, label, client_id, source, received FROM pairs "
-                                    "WHERE seq > ? ORDER BY seq"), (after,))
+            cursor.execute(self.sql(f"SELECT seq, text1, text2, {LABEL}, client_id, source, received FROM pairs p "
+                                    f"WHERE seq > ? AND {WITHDRAWN} = 0 ORDER BY seq"), (after,))
             return [dict(zip(("seq", "text1", "text2", "label", "id", "source", "received"), r)) for r in cursor.fetchall()]
+
+    def correct(self, corrections: list[dict], received: str | None = None) -> int:
+        """Correct stored pairs' labels, or withdraw pairs, as a person decided: each {text1, text2 or
+        id, label (0, 1, or None to withdraw), by, why}, kept with who, when and why (a later
+        correction of the same pair wins; none is ever deleted). The pair keeps its seq and its
+        texts their splits. Returns how many were kept; a pair that is not stored is an InputError."""
+        received = received or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self.transaction(writing=True) as cursor:
+            rows = []
+            for c in corrections:
+                if c.get("id") is not None:
+                    found = self.rows(cursor, "client_id", [str(c["id"])]).get(str(c["id"]))
+                else:
+                    found = self.rows(cursor, "pair_key", [key_digest(pair_key(c["text1"], c["text2"]))]).get(
+                        key_digest(pair_key(c["text1"], c["text2"])))
+                if found is None:
+                    named = f"id {c['id']!r}" if c.get("id") is not None else f"{c['text1']!r} / {c['text2']!r}"
+                    raise InputError(f"no stored pair is {named}: nothing to correct")
+                withdrawn = c.get("label") is None
+                rows.append((found[0], None if withdrawn else int(c["label"]), int(withdrawn), c["by"], c["why"], received))
+            cursor.executemany(self.sql("INSERT INTO corrections (pair_key, label, withdrawn, by_whom, why, received) "
+                                        "VALUES (?, ?, ?, ?, ?, ?)"), rows)
+        return len(rows)
+
+    def corrections(self) -> list[dict]:
+        """Every correction, oldest first, with the pair's texts and the label it was posted with."""
+        with self.transaction() as cursor:
+            cursor.execute("SELECT p.text1, p.text2, p.label, p.client_id, c.label, c.withdrawn, c.by_whom, c.why, "
+                           "c.received FROM corrections c JOIN pairs p ON p.pair_key = c.pair_key ORDER BY c.seq")
+            names = ("text1", "text2", "posted_label", "id", "label", "withdrawn", "by", "why", "received")
+            return [dict(zip(names, r)) for r in cursor.fetchall()]
 
     def count(self, after: int = 0) -> int:
         """Pairs stored after seq `after` (all of them by default)."""
@@ -292,20 +339,29 @@ class HomeDB:
             return cursor.fetchone()[0]
 
     def conflicts(self) -> list[dict]:
-        """Each contradiction beside the stored pair it contradicts, oldest first."""
+        """Each contradiction beside the stored pair it contradicts, oldest first, and how a person
+        settled it (the stored pair's label now, withdrawn, `settled_by` None while no one has)."""
         with self.transaction() as cursor:
-            cursor.execute("SELECT c.reason, c.text1, c.text2, c.label, c.client_id, c.source, c.received, "
-                           "p.text1, p.text2, p.label, p.client_id, p.received "
-                           "FROM conflicts c JOIN pairs p ON p.pair_key = c.stored_key ORDER BY c.seq")
-            names = ("reason", "text1", "text2", "label", "id", "source", "received",
-                     "stored_text1", "stored_text2", "stored_label", "stored_id", "stored_received")
+            cursor.execute(f"SELECT c.reason, c.text1, c.text2, c.label, c.client_id, c.source, c.received, "
+                           f"p.text1, p.text2, p.label, p.client_id, p.received, {LABEL}, {WITHDRAWN}, "
+                           f"{CORRECTED.format(column='by_whom')} "
+                           f"FROM conflicts c JOIN pairs p ON p.pair_key = c.stored_key ORDER BY c.seq")
+            names = ("reason", "text1", "text2", "label", "id", "source", "received", "stored_text1", "stored_text2",
+                     "stored_label", "stored_id", "stored_received", "label_now", "withdrawn", "settled_by")
             return [dict(zip(names, r)) for r in cursor.fetchall()]
 
     def export(self, folder: Path) -> dict[str, int]:
-        """folder/pairs.tsv (every stored pair once) and folder/conflicts.tsv, as pair files that
-        `train.py --data` reads (text1, text2, label, then id, source, received)."""
+        """folder/pairs.tsv (every stored pair once, as corrected, none withdrawn) and folder/conflicts.tsv,
+        as pair files that `train.py --data` reads (text1, text2, label, then id, source, received), and
+        folder/corrections.tsv (who corrected what, when and why)."""
         folder.mkdir(parents=True, exist_ok=True)
         written = {}
+        with open(folder / "corrections.tsv", "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+            corrections = self.corrections()
+            writer.writerow(("text1", "text2", "posted_label", "id", "label", "withdrawn", "by", "why", "received"))
+            writer.writerows([["" if v is None else v for v in c.values()] for c in corrections])
+        written["corrections"] = len(corrections)
         for name, rows in (("pairs", self.pairs()), ("conflicts", self.conflicts())):
             with open(folder / f"{name}.tsv", "w", encoding="utf-8", newline="") as f:
                 writer = csv.writer(f, delimiter="\t", lineterminator="\n")

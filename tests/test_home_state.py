@@ -113,3 +113,34 @@ def test_the_versions_served_and_the_base_threshold_are_rows_every_process_reads
     other = HomeDB("sqlite:///pairs.db", home)  # another process's connection
     assert other.state("served")["current"]["path"] == "rounds/round-001" and other.state("served")["previous"]["version"] == "base"
     assert other.state("base")["threshold"] == 0.75 and home_state.base_threshold(home) == 0.75
+
+
+def test_a_person_corrects_a_label_or_withdraws_a_pair_and_the_round_export_and_move_keep_it(file_home, postgres, tmp_path, capsys):
+    flywheel.main(["--home", str(file_home), "--migrate"])
+    db = home_state.database(file_home)
+    first, other = db.pairs()[0], db.pairs()[1]
+    flywheel.main(["--home", str(file_home), "--conflicts"])
+    assert "2 conflicts, 2 not settled" in capsys.readouterr().out
+    # the contradiction said the first pair's label was wrong: a person settles it, and withdraws another pair
+    flywheel.main(["--home", str(file_home), "--correct", first["text1"], first["text2"], str(1 - first["label"]),
+                   "--why", "read both questions: the post was right", "--by", "ana"])
+    flywheel.main(["--home", str(file_home), "--correct", other["text2"], other["text1"], "withdraw", "--why", "spam"])
+    out = capsys.readouterr().out
+    assert "by ana" in out and "withdrawn" in out
+    code, err = run_cli(flywheel.main, ["--home", str(file_home), "--correct", "never", "posted", "1", "--why", "x"], capsys)
+    assert code == 2 and "no stored pair" in err
+    code, err = run_cli(flywheel.main, ["--home", str(file_home), "--correct", first["text1"], first["text2"], "2", "--why", "x"], capsys)
+    assert code == 2 and "0, 1 or withdraw" in err
+    flywheel.main(["--home", str(file_home), "--conflicts"])
+    assert "settled by ana: label" in capsys.readouterr().out
+    pairs, *_ = flywheel.pairs_from_database(file_home, db, None)  # what the next round trains and judges on
+    assert (first["text1"], first["text2"], 1 - first["label"]) in pairs and len(pairs) == 99
+    assert all((other["text1"], other["text2"]) != p[:2] for p in pairs)
+    assert db.add([{"text1": first["text1"], "text2": first["text2"], "label": 1 - first["label"]}])["duplicates"] == 1
+    split_of = Ledger(db).split_of
+    flywheel.main(["--home", str(file_home), "--export", str(tmp_path / "out")])
+    assert "corrections.tsv (2)" in capsys.readouterr().out
+    assert "ana\tread both questions" in (tmp_path / "out" / "corrections.tsv").read_text()
+    flywheel.main(["--home", str(file_home), "--migrate", "--database", postgres.database("corrected_home")])
+    moved = home_state.database(file_home)
+    assert moved.pairs() == db.pairs() and len(moved.corrections()) == 2 and Ledger(moved).split_of == split_of

@@ -164,6 +164,26 @@ def test_pairs_need_the_key_and_are_stored_once(home, monkeypatch):
     assert home_state.database(home).count() == first["accepted"]
 
 
+def test_a_person_corrects_a_stored_label_through_the_api_with_the_write_key(home, monkeypatch):
+    monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
+    good = {"authorization": f"Bearer {KEY}"}
+    with LoopbackServer(serve.make_app(home, None, device=TEST_DEVICE)) as server:
+        url = server.url + "/v1/pairs"
+        posted = pairs_of(4, 3)
+        httpx.post(url, json={"pairs": posted}, headers=good).raise_for_status()
+        fix = {"text1": posted[0]["text1"], "text2": posted[0]["text2"], "label": 1 - posted[0]["label"], "by": "ana",
+               "why": "a wrong first label"}
+        assert httpx.post(url + "/corrections", json={"corrections": [fix]}).status_code == 401
+        assert httpx.post(url + "/corrections", json={"corrections": [fix | {"why": ""}]}, headers=good).status_code == 400
+        missing = httpx.post(url + "/corrections", json={"corrections": [fix | {"text1": "never posted"}]}, headers=good)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "pair_not_found"
+        withdraw = {"text1": posted[1]["text1"], "text2": posted[1]["text2"], "label": None, "by": "ana", "why": "spam"}
+        reply = httpx.post(url + "/corrections", json={"corrections": [fix, withdraw]}, headers=good)
+        assert reply.status_code == 200 and reply.json()["corrected"] == 2
+    stored = {(p["text1"], p["text2"]): p["label"] for p in home_state.database(home).pairs()}
+    assert stored[(fix["text1"], fix["text2"])] == fix["label"] and (withdraw["text1"], withdraw["text2"]) not in stored
+
+
 def test_a_batch_stored_is_acknowledged_even_when_a_read_after_the_commit_fails(home, monkeypatch):
     monkeypatch.setenv("EMBED_FT_WRITE_KEY", KEY)
     assert home_state.base_threshold(home) is None  # the server tunes the curated --val's threshold for itself only
