@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                         "pair's label (LABEL 0 or 1), or withdraw it (LABEL withdraw), with --why; kept with who and when")
     parser.add_argument("--why", help="with --correct: why, kept beside the correction")
     parser.add_argument("--by", default=getpass.getuser(), help="with --correct: who (default: this user)")
+    parser.add_argument("--prune", type=int, metavar="KEEP", help="only remove the model folders and work files of "
+                        "rounds: all but the versions served and the last KEEP rounds (the history keeps every number)")
     parser.add_argument("--migrate", action="store_true", help="only move a home made before the database into it, "
                         "or a database home into the (empty) --database, the old one kept")
     parser.add_argument("--plot", metavar="FILE", help="only draw this history.jsonl as a figure")
@@ -356,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
         return show_data(home, args.conflicts, args.export)
     if args.correct:
         return correct(home, args.correct, args.why, args.by)
+    if args.prune is not None:
+        return prune(home, args.prune)
     if args.set:
         options.parse_overrides(args.set)  # a bad --set is named before it is kept
     given = {k: getattr(args, k) for k in SETTINGS}
@@ -409,6 +414,27 @@ def correct(home: Path, given: list[str], why: str | None, by: str) -> None:
     db.correct([{"text1": text1, "text2": text2, "label": None if label == "withdraw" else int(label), "by": by, "why": why}])
     print(f"{text1!r} / {text2!r}: " + ("withdrawn" if label == "withdraw" else f"label {label}") +
           f", by {by} ({why}); the next round trains on it, its texts keep their splits")
+
+
+def prune(home: Path, keep: int) -> None:
+    """--prune KEEP: every round's model folder and training files go, but the versions the home serves
+    (current and previous: a client pinned to either keeps working) and the last KEEP rounds'. Under
+    the round lock, so no round writes meanwhile. The history, which keeps every round's numbers, stays."""
+    if keep < 0:
+        raise InputError("--prune KEEP: a number of rounds, 0 or more")
+    served = {pointer["path"] for pointer in home_state.served(home).values() if pointer and pointer["path"]}
+    db = home_state.database(home)
+    freed, removed = 0, []
+    with db.round_lock(wait=False) if db is not None else FileLock(home / "round.lock", wait=False):
+        rounds = sorted({p.name for kind in ("rounds", "work") for p in (home / kind).glob("round-*") if p.is_dir()})
+        for name in rounds[:max(0, len(rounds) - keep)]:
+            for folder in (home / "rounds" / name, home / "work" / name):
+                if folder.is_dir() and str(folder.relative_to(home)) not in served:
+                    freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                    shutil.rmtree(folder)
+                    removed.append(str(folder.relative_to(home)))
+    print(f"{len(removed)} folders removed ({freed / 2 ** 20:.0f} MiB): {', '.join(removed) or 'none'}; kept the versions "
+          f"served ({', '.join(sorted(served)) or 'the base model'}) and the last {keep} rounds")
 
 
 def migrate(home: Path, url: str) -> None:

@@ -144,3 +144,20 @@ def test_a_person_corrects_a_label_or_withdraws_a_pair_and_the_round_export_and_
     flywheel.main(["--home", str(file_home), "--migrate", "--database", postgres.database("corrected_home")])
     moved = home_state.database(file_home)
     assert moved.pairs() == db.pairs() and len(moved.corrections()) == 2 and Ledger(moved).split_of == split_of
+
+
+def test_prune_keeps_the_versions_served_and_the_last_rounds(tiny_model_dir, tmp_path, capsys):
+    home = tmp_path / "fw"
+    flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--init"])
+    for n in range(1, 6):
+        for kind in ("rounds", "work"):
+            (home / kind / f"round-00{n}").mkdir(parents=True)
+            (home / kind / f"round-00{n}" / "file").write_bytes(b"x" * 1000)
+    pointer = lambda n: {"version": f"round-00{n}", "path": f"rounds/round-00{n}", "promoted_at": "then"}
+    home_state.database(home).set_state("served", {"current": pointer(3), "previous": pointer(1)})
+    flywheel.main(["--home", str(home), "--prune", "1"])
+    assert sorted(p.name for p in (home / "rounds").iterdir()) == ["round-001", "round-003", "round-005"]
+    assert [p.name for p in (home / "work").iterdir()] == ["round-005"]
+    assert "6 folders removed" in capsys.readouterr().out
+    code, err = run_cli(flywheel.main, ["--home", str(home), "--prune", "-1"], capsys)
+    assert code == 2 and "0 or more" in err
