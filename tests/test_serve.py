@@ -536,6 +536,9 @@ UNENCODABLE = {
                        "model": '{"pairs": [{"text1": "t1a", "text2": "t2a"}], "model": "X"}'},
     "/v1/pairs": {f"pairs[0].{field}": '{"pairs": [{"text1": "t1a", "text2": "t2a", "label": 1, "FIELD": "X"}]}'.replace("FIELD", field)
                   for field in ("text1", "text2", "id", "source")} | {"pairs[0].label": '{"pairs": [{"text1": "t1a", "text2": "t2a", "label": "X"}]}'},
+    "/v1/pairs/corrections": {f"corrections[0].{field}": '{"corrections": [{"text1": "t1a", "text2": "t2a", "label": 1, '
+                              '"by": "ana", "why": "w", "FIELD": "X"}]}'.replace("FIELD", field)
+                              for field in ("text1", "text2", "id", "by", "why")},
 }
 
 
