@@ -50,10 +50,9 @@ def add_batches(url, batches, answers):
     db.close()
 
 
-def test_three_processes_retrying_each_others_batches_store_each_pair_once(url):
-    batches = [[pair(f"q{b} {i}", f"r{b} {i}", i % 2, f"id-{b}-{i}") for i in range(20)] for b in range(12)]
-    clash = [pair("q0 0", "r0 0", 1, "other-id")]                    # contradicts batch 0's first pair
-    plans = [batches[0:6] + batches[6:8], batches[6:12] + batches[0:2] + [clash], batches[2:6] + batches[8:12] + [clash]]
+def in_processes(url, plans) -> list[dict]:
+    """Each plan (a list of batches) added by a process of its own, all at once; every answer. A
+    batch refused (an exception) ends its process with a nonzero code, which fails the test."""
     with multiprocessing.Manager() as manager:
         answers = manager.list()
         workers = [multiprocessing.get_context("spawn").Process(target=add_batches, args=(url, plan, answers))
@@ -64,6 +63,14 @@ def test_three_processes_retrying_each_others_batches_store_each_pair_once(url):
             w.join(60)
         answers = list(answers)
     assert all(w.exitcode == 0 for w in workers)
+    return answers
+
+
+def test_three_processes_retrying_each_others_batches_store_each_pair_once(url):
+    batches = [[pair(f"q{b} {i}", f"r{b} {i}", i % 2, f"id-{b}-{i}") for i in range(20)] for b in range(12)]
+    clash = [pair("q0 0", "r0 0", 1, "other-id")]                    # contradicts batch 0's first pair
+    plans = [batches[0:6] + batches[6:8], batches[6:12] + batches[0:2] + [clash], batches[2:6] + batches[8:12] + [clash]]
+    answers = in_processes(url, plans)
     db = HomeDB(url)
     assert db.count() == 240 and sum(a["accepted"] for a in answers) == 240   # none lost, none doubled
     assert sum(a["duplicates"] for a in answers) == 12 * 20  # each of the 12 batches was sent twice, over processes
@@ -166,16 +173,8 @@ def test_no_batch_is_refused_whatever_the_servers_default_isolation(postgres, is
         connection.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} SET default_transaction_isolation = '{isolation}'")
     batches = [[pair(f"q{b} {i}", f"r{b} {i}", i % 2, f"id-{b}-{i}") for i in range(20)] for b in range(9)]
     plans = [batches[0:6], batches[3:9], batches[6:9] + batches[0:3]]  # every batch sent twice, by two processes
-    with multiprocessing.Manager() as manager:
-        answers = manager.list()
-        workers = [multiprocessing.get_context("spawn").Process(target=add_batches, args=(url, plan, answers))
-                   for plan in plans]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(60)
-        answers = list(answers)
-    assert all(w.exitcode == 0 for w in workers) and len(answers) == 18  # no batch refused
+    answers = in_processes(url, plans)
+    assert len(answers) == 18  # no batch refused
     db = HomeDB(url)
     assert db.count() == 180 and sum(a["accepted"] for a in answers) == 180
     db.close()
