@@ -155,7 +155,7 @@ def pairs_from_database(home: Path, db, sources: list[str] | None) -> tuple[list
 def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Callable[[], None]) -> dict:
     started = time.perf_counter()
     past = jsonl.read(home / "history.jsonl")
-    number, mode, pointer = len(past) + 1, chosen["mode"], home_state.current_version(home)
+    number, mode, pointer = home_state.round_number(home, past), chosen["mode"], home_state.current_version(home)
     before = pointer["path"] or "base"
     db = home_state.database(home)
     pairs, new_pairs, facts, sources_of = (pairs_from_database(home, db, sources) if db is not None else
@@ -240,7 +240,16 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
     row["seconds"] = time.perf_counter() - started
     if promoted:  # everything measured first: the history's line follows the switch at once
         commit()
-        home_state.switch_current(home, folder)
+        try:
+            home_state.switch_current(home, folder, expected=pointer, number=number)
+        except home_state.LostRace as e:  # another round holds the lock now: it decides, this one says so
+            row = {k: v for k, v in row.items() if k not in ("audit", "seen", "audit_agrees", "note")}
+            row |= {"decision": "lost", "current_after": before, "lost": str(e)}
+            jsonl.append(home / "history.jsonl", row)
+            commit()
+            print(f"round {number}: its candidate won, but this round lost its lock before the switch ({e}): "
+                  f"not promoted; {folder} stays for inspection")
+            return row
     jsonl.append(home / "history.jsonl", row)
     commit()
     print(history.describe(row))

@@ -407,6 +407,13 @@ class HomeDB:
         cursor.execute(self.sql("INSERT INTO state (name, value) VALUES (?, ?) "
                                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value"), (name, json.dumps(value)))
 
+    def take_round_number(self, at_least: int) -> int:
+        """A round number no round has taken, at least `at_least`, taken in the writers' turn."""
+        with self.transaction(writing=True) as cursor:
+            number = max(at_least, (self.read_state(cursor, "round_taken") or 0) + 1)
+            self.write_state(cursor, "round_taken", number)
+        return number
+
     @contextlib.contextmanager
     def round_lock(self, wait: bool = False):
         """One round at a time for the home, across processes and, on PostgreSQL, machines."""
@@ -428,8 +435,11 @@ class HomeDB:
             try:
                 yield
             finally:
-                connection.execute("SELECT pg_advisory_unlock(%s)", (ROUND_LOCK,))
-                connection.autocommit = False
+                try:
+                    connection.execute("SELECT pg_advisory_unlock(%s)", (ROUND_LOCK,))
+                    connection.autocommit = False
+                except self.unavailable:  # the connection is gone, and the session's lock with it:
+                    pass                   # what the round did stands, and it says so itself
 
     def copy_into(self, other: "HomeDB") -> dict[str, int]:
         """Every row of every table into `other`, which must hold none, each `seq` kept (a home's

@@ -71,17 +71,43 @@ def current_version(home: Path) -> dict:
     return served(home)["current"]
 
 
-def switch_current(home: Path, target: Path) -> None:
+class LostRace(Exception):
+    """The home's served version changed since this round started: another round promoted meanwhile
+    (this one lost its lock: an idle connection dropped, its backend terminated)."""
+
+
+def round_number(home: Path, history: list[dict]) -> int:
+    """The number of the round that starts now, holding the round lock: one past the history's last.
+    On PostgreSQL a round can lose its lock and go on (an idle connection dropped, its backend
+    terminated) while another takes the lock, so the number comes from the database, where every
+    round takes its own and none is taken twice: two rounds never write one folder. (A round
+    interrupted there starts again under a new number; on SQLite, one machine whose kernel lock a
+    living round cannot lose, it keeps its number and resumes its checkpoint.)"""
+    by_history = max((row["round"] for row in history), default=0) + 1
+    db = database(home)
+    return db.take_round_number(by_history) if db is not None and db.dialect == "postgresql" else by_history
+
+
+def switch_current(home: Path, target: Path, expected: dict | None = None, number: int | None = None) -> None:
     """Make the model folder `target` (complete, under the home) current; the one before stays served.
     One row (or, in a file home, one small file renamed over the old one): a reader sees the old
-    pointer or the new one, never half of one."""
+    pointer or the new one, never half of one. With `expected` (the current pointer when round
+    `number` started) the switch is a compare-and-set in the writers' turn, a fencing token: if
+    another round has switched or taken a number since, nothing changes and LostRace says so."""
     pointer = {"version": target.name, "path": str(target.relative_to(home)),
                "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     db = database(home)
-    if db is not None:
-        db.set_state("served", {"current": pointer, "previous": current_version(home)})
-    else:
+    if db is None:
         jsonl.write_json(home / "current.json", pointer)
+        return
+    with db.transaction(writing=True) as cursor:
+        now = (db.read_state(cursor, "served") or {"current": BASE_POINTER})["current"]
+        if expected is not None and now != expected:
+            raise LostRace(f"the home serves {now['version']} now, not {expected['version']} as when this round began")
+        taken = db.read_state(cursor, "round_taken")
+        if number is not None and taken is not None and taken != number:
+            raise LostRace(f"round {taken} has started since this one (round {number}) did")
+        db.write_state(cursor, "served", {"current": pointer, "previous": now})
 
 
 def base_threshold(home: Path) -> float | None:

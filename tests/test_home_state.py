@@ -5,6 +5,7 @@ from conftest import run_cli, synthetic_pairs
 import flywheel
 from state import home_state
 import jsonl
+from state import home_db
 from state.home_db import HomeDB
 from state.heldout import Ledger
 from state.pair_store import PairStore
@@ -161,3 +162,30 @@ def test_prune_keeps_the_versions_served_and_the_last_rounds(tiny_model_dir, tmp
     assert "6 folders removed" in capsys.readouterr().out
     code, err = run_cli(flywheel.main, ["--home", str(home), "--prune", "-1"], capsys)
     assert code == 2 and "0 or more" in err
+
+
+def test_a_round_that_lost_its_lock_cannot_promote_and_no_number_is_taken_twice(tiny_model_dir, tmp_path, postgres):
+    """Round A holds the lock and trains; its connection is terminated (an idle timeout, a proxy), so
+    round B takes the lock and starts while A goes on: each takes its own number, B promotes, and A's
+    switch, when it comes, is refused (the served row and the numbers taken are its fencing token)."""
+    import psycopg
+    home = tmp_path / "fw"
+    flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--init", "--database", postgres.database("lost_lock")])
+    db, other = home_state.database(home), HomeDB(home_state.database(home).url)
+    with db.round_lock():
+        a_number, a_start = home_state.round_number(home, []), home_state.current_version(home)
+        with psycopg.connect(db.url, autocommit=True) as admin:  # A's lock goes with its terminated session
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
+                          (home_db.ROUND_LOCK,))
+        with other.round_lock():  # B gets the lock A lost
+            b_number = home_state.round_number(home, [])
+            home_state.switch_current(home, home / "rounds" / f"round-{b_number:03d}", home_state.current_version(home), b_number)
+        with pytest.raises(home_state.LostRace, match="serves round-002 now"):
+            home_state.switch_current(home, home / "rounds" / f"round-{a_number:03d}", a_start, a_number)
+    # leaving A's block does not raise: its lock went with its session, and what it did stands
+    assert (a_number, b_number) == (1, 2) and home_state.current_version(home)["version"] == "round-002"
+    with pytest.raises(home_state.LostRace, match="round 3 has started"):  # a round older than the last taken
+        with db.round_lock():
+            c = home_state.round_number(home, [{"round": 2}])
+            home_state.switch_current(home, home / "rounds" / "round-009", home_state.current_version(home), c - 1)
+    other.close()
