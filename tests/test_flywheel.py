@@ -187,14 +187,14 @@ def test_a_crash_during_the_switch_leaves_the_old_current_intact(flywheel_setup,
     flywheel.main(args)
     before = Embedder.load(home / home_state.current_version(home)["path"]).encode(["t1a t1b"])
     write_tsv(drops / "02.tsv", synthetic_pairs(300, 5))
-    real_set_state = home_db.HomeDB.set_state
+    real_write_state = home_db.HomeDB.write_state
 
-    def crash(db, name, value):
+    def crash(db, cursor, name, value):
         if name == "served":
             raise OSError("power cut (pretend)")
-        return real_set_state(db, name, value)
+        return real_write_state(db, cursor, name, value)
 
-    monkeypatch.setattr(home_db.HomeDB, "set_state", crash)
+    monkeypatch.setattr(home_db.HomeDB, "write_state", crash)
     monkeypatch.setattr(flywheel.gate, "level", lambda *args: 1.0)  # any candidate that is ahead wins
     with pytest.raises(OSError, match="power cut"):
         flywheel.main(args)
