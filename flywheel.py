@@ -154,7 +154,7 @@ def pairs_from_database(home: Path, db, sources: list[str] | None) -> tuple[list
 
 def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Callable[[], None]) -> dict:
     started = time.perf_counter()
-    past = jsonl.read(home / "history.jsonl")
+    past = logged_promotion(home, jsonl.read(home / "history.jsonl"), commit)
     number, mode, pointer = home_state.round_number(home, past), chosen["mode"], home_state.current_version(home)
     before = pointer["path"] or "base"
     db = home_state.database(home)
@@ -239,6 +239,7 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
         card.add_audit(home / after, row)
     row["seconds"] = time.perf_counter() - started
     if promoted:  # everything measured first: the history's line follows the switch at once
+        jsonl.write_json(work / "decision.json", row)  # what a crash before the line leaves for the next round
         commit()
         try:
             home_state.switch_current(home, folder, expected=pointer, number=number)
@@ -254,6 +255,24 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
     commit()
     print(history.describe(row))
     return row
+
+
+def logged_promotion(home: Path, past: list[dict], commit: Callable[[], None]) -> list[dict]:
+    """The history, with the line of a round that crashed between its switch and its line: the served
+    row names a version the history never promoted, so that round's line, kept in its work folder
+    before the switch, is appended first. Without it the next round would judge the served model
+    against itself, and count one test too few."""
+    path = home_state.current_version(home)["path"]
+    if path is None or any(r.get("decision") == "promoted" and r.get("candidate") == path for r in past):
+        return past
+    kept = jsonl.read_json(home / "work" / Path(path).name / "decision.json")
+    if kept is None:  # a version promoted before the rounds kept their decision: nothing to repair from
+        return past
+    kept["repaired"] = "the switch was made and the round stopped before its history line; appended by the next round"
+    jsonl.append(home / "history.jsonl", kept)
+    commit()
+    print(f"round {kept['round']}: promoted {path}, and stopped before its history line; the line is added now")
+    return past + [kept]
 
 
 def the_model_to_beat(home: Path, before: str, base_model, val: list[data.Pair], number: int):

@@ -203,6 +203,29 @@ def test_a_crash_during_the_switch_leaves_the_old_current_intact(flywheel_setup,
     assert len(jsonl.read(home / "history.jsonl")) == 1  # the round is not logged as done: rerun it
 
 
+def test_a_crash_after_the_switch_before_the_history_line_is_repaired_by_the_next_round(flywheel_setup, monkeypatch):
+    drops, home, args = flywheel_setup
+    write_tsv(drops / "01.tsv", synthetic_pairs(600, 1))
+    real_append = jsonl.append
+
+    def crash(path, row):
+        if path.name == "history.jsonl" and row.get("decision") == "promoted" and "repaired" not in row:
+            raise OSError("power cut (pretend)")
+        return real_append(path, row)
+
+    monkeypatch.setattr(jsonl, "append", crash)
+    with pytest.raises(OSError, match="power cut"):
+        flywheel.main(args)
+    monkeypatch.setattr(jsonl, "append", real_append)
+    assert home_state.current_version(home)["version"] == "round-001" and not jsonl.read(home / "history.jsonl")
+    write_tsv(drops / "02.tsv", synthetic_pairs(300, 5))
+    flywheel.main(args)
+    rows = jsonl.read(home / "history.jsonl")
+    assert [(r["round"], r["decision"]) for r in rows][0] == (1, "promoted") and "repaired" in rows[0]
+    assert rows[1]["round"] == 2 and rows[1]["current"] == "rounds/round-001"  # judged against round 1, not itself
+    assert rows[1]["round_of_life"] == 2  # round 1's test is counted
+
+
 HOLD_THE_LOCK = """
 import sys, time
 sys.path.insert(0, {root!r})
