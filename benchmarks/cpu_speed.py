@@ -128,7 +128,7 @@ def main() -> None:
                 out, rss = run([sys.executable, str(ROOT / "train.py"), "--model", args.model, "--data", train_file,
                                 "--val", str(val), "--test", str(test), "--dataset-size", str(args.pairs), "--epochs", "1",
                                 "--precision", precision, "--device", "cpu", "--no-save", "--no-zero-shot",
-                                "--no-select-best", "--out", f"{tmp}/ours"])
+                                "--no-select-best", "--out", f"{tmp}/ours", "--overwrite"])
                 metrics = json.loads(Path(f"{tmp}/ours/metrics.json").read_text())
                 rows.setdefault(f"train ours {precision}", []).append((metrics["training"]["pairs_per_s"], rss))
             out, rss = run([args.peer_python, args.peer, "--model", args.model, "--train", train_file, "--val", str(val),
