@@ -35,6 +35,7 @@ import data  # noqa: E402
 import flops  # noqa: E402
 from model import Embedder, cpu_has_bf16  # noqa: E402
 from options import Config  # noqa: E402
+from train import length_groups_for  # noqa: E402
 
 ENCODE = '''
 import json, sys, time
@@ -89,7 +90,7 @@ def training_flops_per_pair(model_dir: str, train_file: str, pairs: int, batch: 
     tokenized = batching.TokenizedPairs(data.subsample(data.load_pairs(train_file), pairs, seed=0), model)
     order = tokenized.epoch_order(Config.seed, 0, batch, Config.bucket_by_length)
     total = 0.0
-    for features, _, labels, _ in tokenized.batches(order, batch, Config.length_groups):
+    for features, _, labels, _ in tokenized.batches(order, batch, length_groups_for(Config(), torch.device("cpu"))):
         lengths = [f["input_ids"].shape[1] for f in features for _ in range(f["input_ids"].shape[0])]
         total += 3 * flops.forward_flops(lengths, *flops.model_shape(model.encoder.config), 256)
     return total / pairs
