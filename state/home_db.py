@@ -58,6 +58,7 @@ SELECT_CHUNK = 500     # keys a SELECT ... IN (...) names at most (SQLite limits
 LOCK_TIMEOUT_MS, STATEMENT_TIMEOUT_MS = 5_000, 60_000  # then a writer answers 503, a round fails in one line
 LOCAL_HOSTS = ("", "localhost", "127.0.0.1", "::1")
 EXPORT_FIELDS = ("text1", "text2", "label", "id", "source", "received")
+CORRECTION_FIELDS = ("text1", "text2", "posted_label", "id", "label", "withdrawn", "by", "why", "received")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs (
@@ -101,6 +102,7 @@ CREATE TABLE IF NOT EXISTS corrections (
     why TEXT NOT NULL,
     received TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS corrections_of_pair ON corrections (pair_key, seq);
 """
 # A pair's label as a person last corrected it, else as it was posted; and whether it was withdrawn.
 CORRECTED = ("(SELECT c.{column} FROM corrections c WHERE c.pair_key = p.pair_key ORDER BY c.seq DESC LIMIT 1)")
@@ -300,11 +302,9 @@ class HomeDB:
         with self.transaction(writing=True) as cursor:
             rows = []
             for c in corrections:
-                if c.get("id") is not None:
-                    found = self.rows(cursor, "client_id", [str(c["id"])]).get(str(c["id"]))
-                else:
-                    found = self.rows(cursor, "pair_key", [key_digest(pair_key(c["text1"], c["text2"]))]).get(
-                        key_digest(pair_key(c["text1"], c["text2"])))
+                column, value = (("client_id", str(c["id"])) if c.get("id") is not None else
+                                 ("pair_key", key_digest(pair_key(c["text1"], c["text2"]))))
+                found = self.rows(cursor, column, [value]).get(value)
                 if found is None:
                     named = f"id {c['id']!r}" if c.get("id") is not None else f"{c['text1']!r} / {c['text2']!r}"
                     raise InputError(f"no stored pair is {named}: nothing to correct")
@@ -319,8 +319,7 @@ class HomeDB:
         with self.transaction() as cursor:
             cursor.execute("SELECT p.text1, p.text2, p.label, p.client_id, c.label, c.withdrawn, c.by_whom, c.why, "
                            "c.received FROM corrections c JOIN pairs p ON p.pair_key = c.pair_key ORDER BY c.seq")
-            names = ("text1", "text2", "posted_label", "id", "label", "withdrawn", "by", "why", "received")
-            return [dict(zip(names, r)) for r in cursor.fetchall()]
+            return [dict(zip(CORRECTION_FIELDS, r)) for r in cursor.fetchall()]
 
     def count(self, after: int = 0) -> int:
         """Pairs stored after seq `after` (all of them by default)."""
@@ -359,7 +358,7 @@ class HomeDB:
         with open(folder / "corrections.tsv", "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             corrections = self.corrections()
-            writer.writerow(("text1", "text2", "posted_label", "id", "label", "withdrawn", "by", "why", "received"))
+            writer.writerow(CORRECTION_FIELDS)
             writer.writerows([["" if v is None else v for v in c.values()] for c in corrections])
         written["corrections"] = len(corrections)
         for name, rows in (("pairs", self.pairs()), ("conflicts", self.conflicts())):
