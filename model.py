@@ -162,10 +162,12 @@ class Embedder(nn.Module):
         if name or text:
             self.layout.default_prompt_name = name or CUSTOM_PROMPT
 
-    def tokenize(self, texts: list[str], role: str = "default", truncate: bool = True) -> tuple[list[list[int]], int]:
-        """Token ids of the texts, each after the prompt of its role or name (Layout.prompt_for), and
-        how many leading tokens pooling leaves out: the prompt's, where the model excludes it."""
-        prompt = self.layout.prompt_for(role)
+    def tokenize(self, texts: list[str], role: str = "default", truncate: bool = True,
+                 prompt: str | None = None) -> tuple[list[list[int]], int]:
+        """Token ids of the texts, each after the prompt of its role or name (Layout.prompt_for), or
+        after `prompt` where one is given ("" for none), and how many leading tokens pooling leaves
+        out: the prompt's, where the model excludes it."""
+        prompt = self.layout.prompt_for(role) if prompt is None else prompt
         texts = [prompt + t for t in texts] if prompt else texts
         if self.layout.do_lower_case:
             texts = [t.lower() for t in texts]

@@ -141,7 +141,7 @@ def test_every_entry_point_names_a_damaged_pairs_file(files, tiny_model_dir, cap
     import dedup
     bad = str(files[name])
     for main, args in [(evaluate.main, ["--model", str(tiny_model_dir), "--val", bad, "--test", str(files["test"])]),
-                       (dedup.main, [bad, "--model", str(tiny_model_dir)])]:
+                       (dedup.main, [bad, "--model", str(tiny_model_dir), "--out", str(files["test"].parent / "d")])]:
         code, err = run_cli(main, args, capsys)
         assert code == 2 and "Traceback" not in err and err.startswith("error: ") and str(bad) in err, err
 

@@ -7,6 +7,7 @@ import hashlib
 import pytest
 from conftest import run_cli, st_modules, synthetic_pairs, write_tsv
 
+import corpus
 import dedup
 import evaluate
 import flywheel
@@ -16,7 +17,8 @@ import sweep
 import train
 
 ENTRY_POINTS = {"train": train.main, "evaluate": evaluate.main, "dedup": dedup.main, "flywheel": flywheel.main,
-                "sweep": sweep.main, "serve": serve.main}
+                "sweep": sweep.main, "serve": serve.main, "corpus embed": corpus.embed_main,
+                "corpus index": corpus.index_main, "corpus search": corpus.search_main}
 # Options whose names say "a path" must declare a path kind (a metavar of paths.KINDS): the guard
 # against a path option added with a plain metavar, which the walk would not see.
 PATH_NAMES = {"model", "models", "base", "baseline", "data", "val", "test", "out", "home", "pairs", "cache", "json",
@@ -192,6 +194,7 @@ def accepts(entry: str, option: str, model: str, tmp_path, files: dict) -> list[
             ("sweep", "--baseline"): ["--local", "--models", files["model"], "--sizes", "40", "--dims", "8", "--data",
                                       files["train"], "--results", out + ".jsonl", "--runs", out, "--set", "epochs=1",
                                       "--baseline", model] + quick,
+            ("corpus embed", "--model"): [files["texts"], "--model", model, "--out", out, "--device", "cpu"],
             ("serve", "--model"): None}[entry, option]
 
 
@@ -206,6 +209,8 @@ def test_a_folder_sentence_transformers_saved_is_accepted_wherever_a_model_is_na
     model = published(tiny_model_dir, tmp_path / "published", pooling, prompts)
     files = {name: str(write_tsv(tmp_path / f"{name}.tsv", synthetic_pairs(40, seed))) for name, seed in [("train", 3), ("val", 1), ("test", 2)]}
     files["model"] = str(tiny_model_dir)
+    (tmp_path / "texts.txt").write_text("t1a t1b\nt2a the\n")
+    files["texts"] = str(tmp_path / "texts.txt")
     walked = [(entry, option) for entry, option, kind in CASES if kind == "MODEL"]
     assert len(walked) >= 7
     for entry, option in walked:

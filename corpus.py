@@ -1,0 +1,377 @@
+"""Your corpus, embedded once, indexed and searched: what the fine-tuned model exists for.
+
+    python corpus.py embed questions.txt --model out --out corpus           # one text a line
+    python corpus.py embed docs.parquet --model BAAI/bge-small-en-v1.5 --out corpus   # id and text columns
+    python corpus.py embed docs.jsonl --home fw --out corpus                # the home's served version: corpus/round-003
+    python corpus.py search corpus "how do I learn python" -k 5
+    python corpus.py search corpus --queries questions.txt --out hits.jsonl
+    python corpus.py index corpus                                           # build the index again
+
+The output folder (corpus_folder.py) holds the vectors in Parquet shards that DuckDB, LanceDB and the
+vector databases' loaders read as they are, a manifest naming what made them, and an index
+(vector_index.py). The job keeps four promises:
+
+- Streaming: texts are read, embedded and written a shard at a time (--shard-size texts), sorted by
+  length within the shard so that little padding is computed; memory is bounded by a shard, never by
+  the corpus (the ids are kept only as 64-bit hashes, 16 bytes a text).
+- Resumable: killed at any moment, the same command goes on where it stopped. Shards are written
+  whole or not at all and a text is embedded only if no whole shard holds its id, so no text is ever
+  embedded into the folder twice, and the shards come out as an uninterrupted run's.
+- Incremental: run again over a grown corpus, it embeds only the new texts, and drops the rows whose
+  id is gone or whose text changed (their shards are rewritten whole).
+- One model a folder: the manifest names the model by its fingerprint (fingerprint.py), its pooling,
+  prompt, width, dtype and normalisation; a run with anything else stops with one line. A home's
+  corpus goes into a folder of its version's name, so the next promotion's re-embedding lands beside
+  the old one, which stays until you remove it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import corpus_folder
+import corpus_input
+import errors
+import paths
+import vector_index
+from errors import InputError
+
+SHARD_SIZE = 10_000
+IDENTITY = ("fingerprint", "version", "pooling", "prompt", "width", "dtype", "normalize", "max_length")
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+def open_model(model: str | None, home: Path | None, device: str = "auto") -> tuple[object, str, str | None]:
+    """The model to embed with, its name as the user gave it, and the home's version (None without --home)."""
+    if home is not None:
+        from server.versions import load_pointer
+        from state import home_state
+        pointer = home_state.current_version(home)
+        version = load_pointer(home, pointer, device)
+        name = str(home / pointer["path"]) if pointer["path"] else json.loads((home / "flywheel.json").read_text())["base"]
+        return version.model, name, version.id
+    from model import load_model, pick_device
+    return load_model(model).to(pick_device(device)).eval(), model, None
+
+
+def chosen_prompt(model, role: str, choice: str | None) -> str:
+    """The prompt a role's texts take: the model's own for the role (`Layout.prompt_for`), a prompt of
+    the model named by `choice`, or none (`choice` "none")."""
+    if choice is None:
+        return model.layout.prompt_for(role)
+    if choice == "none":
+        return ""
+    if choice not in model.layout.prompts:
+        raise InputError(f"the model names no prompt {choice!r}; it names {', '.join(map(repr, model.layout.prompts)) or 'none'}")
+    return model.layout.prompts[choice]
+
+
+def identity(model, name: str, version: str | None, prompt: str, bf16: bool) -> dict:
+    """Everything that made a vector: two folders' vectors compare only where all of it is equal."""
+    from fingerprint import fingerprint
+    return {"model": name, "fingerprint": fingerprint(model), "version": version, "pooling": model.layout.pooling,
+            "prompt": prompt, "width": model.dim, "dtype": "bf16" if bf16 else "fp32",
+            "normalize": model.layout.normalize, "max_length": model.max_length}
+
+
+def check_same_model(manifest: dict, made_by: dict, folder: Path) -> None:
+    """Another model, prompt or dtype never mixes into a folder."""
+    differs = [k for k in IDENTITY if manifest.get(k) != made_by.get(k)]
+    if differs:
+        k = differs[0]
+        raise InputError(f"{folder} holds vectors of {manifest.get('model')} with {k} {manifest.get(k)!r}; this run's "
+                         f"{k} is {made_by.get(k)!r}: embed into a new --out folder (or remove {folder})")
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+def embed_corpus(source: Path, out: Path, model, name: str, version: str | None = None, shard_size: int = SHARD_SIZE,
+                 batch_size: int = 128, bf16: bool | None = None, document_prompt: str | None = None,
+                 id_column: str | None = None, text_column: str | None = None, build_index: bool = True,
+                 progress: bool | None = None) -> dict:
+    """Embed every text of `source` not yet in `out` (a folder of the model's, see the module's
+    docstring), drop what the source no longer holds, then build the index. Returns the manifest."""
+    from model import cpu_has_bf16
+    bf16 = (model.device.type == "cuda" or cpu_has_bf16()) if bf16 is None else bf16
+    prompt = chosen_prompt(model, "document", document_prompt)
+    made_by = identity(model, name, version, prompt, bf16)
+    columns = {"id_column": id_column, "text_column": text_column}
+    started = time.perf_counter()
+
+    # 1. The source's ids and texts as hashes; an id given two texts stops here, before anything is written.
+    id_hashes, text_hashes = scan(source, columns)
+    folder = out / version if version else out
+    manifest = corpus_folder.read_manifest(folder)
+    if manifest is not None:
+        check_same_model(manifest, made_by, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus_folder.remove_leftovers(folder)
+    manifest = (manifest or {"created": now()}) | made_by
+    corpus_folder.write_manifest(folder, manifest)
+
+    # 2. What the folder already holds: rows whose id is gone from the source, or whose text changed, go.
+    kept_ids, dropped = drop_stale(folder, id_hashes, text_hashes)
+    # 3. What is left to embed: each id's first row, unless a shard holds it.
+    first = first_occurrences(id_hashes)
+    todo = first & ~np.isin(id_hashes, kept_ids)
+    total = int(todo.sum())
+    print(f"{source}: {int(first.sum()):,} texts; {len(kept_ids):,} already in {folder}, {total:,} to embed"
+          + (f", {dropped:,} dropped (gone from the source or changed)" if dropped else ""), file=sys.stderr)
+
+    # 4. Embed and write a shard at a time.
+    number = max([int(corpus_folder.SHARD.fullmatch(p.name).group(1)) for p in corpus_folder.shards(folder)] + [-1]) + 1
+    cut, embedded, seconds = 0, 0, 0.0
+    show = progress if progress is not None else total > 0
+    with tqdm(total=total, unit="text", desc="embed", disable=not show, smoothing=0.1) as bar:
+        for ids, texts in shards_to_embed(source, columns, todo, shard_size):
+            tick = time.perf_counter()
+            vectors, at_limit = embed_texts(model, texts, prompt, batch_size, bf16)
+            corpus_folder.write_shard(corpus_folder.shard_path(folder, number), ids, texts, vectors)
+            seconds += time.perf_counter() - tick
+            number, cut, embedded = number + 1, cut + at_limit, embedded + len(texts)
+            bar.update(len(texts))
+    if cut:
+        print(f"note: {cut:,} text(s) reached the model's limit of {model.max_length} tokens and were cut there "
+              f"(as sentence-transformers cuts them)", file=sys.stderr)
+
+    counts = [corpus_folder.count_rows(p) for p in corpus_folder.shards(folder)]
+    manifest |= {"texts": sum(counts), "shards": len(counts), "updated": now(), "source": str(source),
+                 "last_run": {"embedded": embedded, "dropped": dropped, "cut_at_limit": cut,
+                              "texts_per_second": round(embedded / seconds, 1) if seconds else None,
+                              "seconds": round(time.perf_counter() - started, 1),
+                              "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}}
+    corpus_folder.write_manifest(folder, manifest)
+    if build_index:
+        manifest = index_corpus(folder)
+    return manifest
+
+
+def scan(source: Path, columns: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's id and text hashes, in the source's order, read as a stream; an id with two texts is an error."""
+    id_hashes, text_hashes, ids, texts = [], [], [], []
+    for row in corpus_input.rows(source, **columns):
+        ids.append(row.id)
+        texts.append(row.text)
+        if len(ids) == 65_536:
+            id_hashes.append(corpus_input.hash64(ids))
+            text_hashes.append(corpus_input.hash64(texts))
+            ids, texts = [], []
+    id_hashes.append(corpus_input.hash64(ids))
+    text_hashes.append(corpus_input.hash64(texts))
+    id_hashes, text_hashes = np.concatenate(id_hashes), np.concatenate(text_hashes)
+    if not len(id_hashes):
+        raise InputError(f"{source} holds no text")
+    corpus_input.check_ids(source, id_hashes, text_hashes, **columns)
+    return id_hashes, text_hashes
+
+
+def first_occurrences(id_hashes: np.ndarray) -> np.ndarray:
+    """True at each id's first row (the same text twice, or the same id and text twice, is one row)."""
+    _, first = np.unique(id_hashes, return_index=True)
+    mask = np.zeros(len(id_hashes), bool)
+    mask[first] = True
+    return mask
+
+
+def drop_stale(folder: Path, id_hashes: np.ndarray, text_hashes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rewrite each shard without the rows the source no longer holds as they are; the id hashes kept."""
+    wanted = set(zip(id_hashes.tolist(), text_hashes.tolist()))
+    kept, dropped = [], 0
+    for path in corpus_folder.shards(folder):
+        table = corpus_folder.read_columns(path, ["id", "text"])
+        ids, texts = corpus_input.hash64(table["id"]), corpus_input.hash64(table["text"])
+        keep = np.array([(i, t) in wanted for i, t in zip(ids.tolist(), texts.tolist())], bool)
+        if not keep.all():
+            vectors = corpus_folder.read_vectors(path)[keep]
+            if keep.any():
+                corpus_folder.write_shard(path, [table["id"][i] for i in np.nonzero(keep)[0]],
+                                          [table["text"][i] for i in np.nonzero(keep)[0]], vectors)
+            else:
+                path.unlink()
+            dropped += int((~keep).sum())
+        kept.append(ids[keep])
+    return (np.concatenate(kept) if kept else np.zeros(0, np.uint64)), dropped
+
+
+def shards_to_embed(source: Path, columns: dict, todo: np.ndarray, shard_size: int):
+    """The rows `todo` marks, read from the source again, `shard_size` at a time: (ids, texts)."""
+    ids, texts = [], []
+    for position, row in enumerate(corpus_input.rows(source, **columns)):
+        if todo[position]:
+            ids.append(row.id)
+            texts.append(row.text)
+            if len(ids) == shard_size:
+                yield ids, texts
+                ids, texts = [], []
+    if ids:
+        yield ids, texts
+
+
+def embed_texts(model, texts: list[str], prompt: str, batch_size: int, bf16: bool) -> tuple[np.ndarray, int]:
+    """One shard's vectors (unit rows where the model normalises), and how many texts reached the
+    token limit. `encode_ids` sorts the shard's texts by length, longest first, and packs each batch."""
+    input_ids, skip = model.tokenize(texts, prompt=prompt)
+    vectors = model.encode_ids(input_ids, batch_size, False, bf16, skip)
+    return vectors, sum(len(ids) >= model.max_length for ids in input_ids)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------ the index
+
+def index_corpus(folder: Path, exact: bool | None = None) -> dict:
+    """Build the index over every shard's vectors and keep its recall@10 against exact search, its
+    build time and size, in the manifest."""
+    manifest = corpus_folder.read_manifest(folder)
+    if manifest is None:
+        raise InputError(f"{folder} is not a corpus folder (no {corpus_folder.MANIFEST}): run corpus.py embed first")
+    vectors = corpus_folder.all_vectors(folder)
+    started = time.perf_counter()
+    index = vector_index.build(vectors, exact)
+    built = time.perf_counter() - started
+    recall = vector_index.recall_at_10(index, vectors)
+    corpus_folder.write_whole(folder / corpus_folder.INDEX, lambda temporary: vector_index.save(index, temporary))
+    manifest["index"] = {"kind": vector_index.kind(index), "vectors": len(vectors), "build_seconds": round(built, 1),
+                         "bytes": (folder / corpus_folder.INDEX).stat().st_size, "recall_at_10": round(recall, 4),
+                         "recall_measured_on": min(1000, len(vectors))}
+    corpus_folder.write_manifest(folder, manifest)
+    print(f"index: {manifest['index']['kind']} over {len(vectors):,} vectors in {built:.1f} s, "
+          f"recall@10 {recall:.3f} against exact search", file=sys.stderr)
+    return manifest
+
+
+def search_corpus(folder: Path, queries: list[str], model, k: int = 10, query_prompt: str | None = None,
+                  bf16: bool | None = None) -> list[list[dict]]:
+    """The `k` nearest texts of each query: [{id, text, score}], best first. Each query takes the
+    model's query prompt (or the one chosen), as retrieval does; the model must be the corpus's."""
+    manifest = corpus_folder.read_manifest(folder)
+    if manifest is None or not (folder / corpus_folder.INDEX).is_file():
+        raise InputError(f"{folder} has no index: run corpus.py embed (or corpus.py index) first")
+    from fingerprint import fingerprint
+    if fingerprint(model) != manifest["fingerprint"]:
+        raise InputError(f"the corpus in {folder} was embedded with {manifest['model']} (version "
+                         f"{manifest.get('version') or '-'}); search it with that model")
+    input_ids, skip = model.tokenize(queries, prompt=chosen_prompt(model, "query", query_prompt))
+    vectors = model.encode_ids(input_ids, 128, False, manifest["dtype"] == "bf16" if bf16 is None else bf16, skip)
+    if not manifest["normalize"]:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    scores, rows = vector_index.search(vector_index.load(folder / corpus_folder.INDEX), vectors, k)
+    found = corpus_folder.rows_of(folder, rows)
+    return [[{**found[q * rows.shape[1] + j], "score": round(float(scores[q, j]), 4)}
+             for j in range(rows.shape[1]) if rows[q, j] >= 0] for q in range(len(queries))]
+
+
+def corpus_of(out: Path, home: Path | None) -> Path:
+    """The folder to search: OUT itself, or, for a home, the folder of the version it serves now."""
+    if home is None:
+        return out
+    from state import home_state
+    return out / home_state.current_version(home)["version"]
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def main(argv: list[str] | None = None) -> None:
+    """`corpus.py embed|index|search ...`: each command parses its own options."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"embed": embed_main, "index": index_main, "search": search_main}
+    if not argv or argv[0] not in commands:
+        raise InputError(f"use: python corpus.py {{{','.join(commands)}}} ... (--help after the command for its options)")
+    commands[argv[0]](argv[1:])
+
+
+def embed_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="corpus.py embed", description="Embed a corpus file into a folder of "
+                                     "Parquet shards, and index it.")
+    parser.add_argument("texts", metavar="FILE", help=".txt (one text a line), or .csv/.tsv/.jsonl/.parquet with a text column")
+    parser.add_argument("--out", required=True, metavar="OUTDIR", help="the corpus folder (a home's: one folder a version inside)")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", metavar="MODEL", help="a model folder or a hub name")
+    who.add_argument("--home", metavar="DIR", help="a flywheel home: its served version")
+    parser.add_argument("--id-column")
+    parser.add_argument("--text-column")
+    parser.add_argument("--document-prompt", help="a prompt name of the model's, or none (default: the model's "
+                        "prompt for documents: one named document, passage or corpus)")
+    parser.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="texts a shard: what memory holds at once")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 on a GPU and on CPUs with bf16 units, else fp32")
+    parser.add_argument("--no-index", action="store_true", help="only the shards; build the index later (corpus.py index)")
+    parser.add_argument("--device", default="auto")
+    errors.add_debug_flag(parser)
+    args = paths.parse(parser, argv)
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise InputError("--shard-size and --batch-size must be at least 1")
+    model, name, version = open_model(args.model, Path(args.home) if args.home else None, args.device)
+    manifest = embed_corpus(Path(args.texts), Path(args.out), model, name, version, args.shard_size, args.batch_size,
+                            None if args.dtype == "auto" else args.dtype == "bf16", args.document_prompt,
+                            args.id_column, args.text_column, not args.no_index)
+    run = manifest["last_run"]
+    print(f"{manifest['texts']:,} texts in {Path(args.out) / (version or '')}: {run['embedded']:,} embedded at "
+          f"{run['texts_per_second'] or 0:,} texts/s, peak memory {run['peak_memory_mib']:,} MiB")
+
+
+def index_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="corpus.py index", description="Build a corpus folder's index again.")
+    parser.add_argument("folder", metavar="DIR")
+    parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"exact search (default: exact up to {vector_index.EXACT_UP_TO:,} vectors)")
+    errors.add_debug_flag(parser)
+    args = paths.parse(parser, argv)
+    index_corpus(Path(args.folder), args.exact)
+
+
+def search_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="corpus.py search", description="The nearest texts of a query, or of "
+                                     "each line of a file.")
+    parser.add_argument("folder", metavar="DIR")
+    parser.add_argument("query", nargs="?")
+    parser.add_argument("--queries", metavar="FILE", help="one query a line")
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--home", metavar="DIR", help="a flywheel home: search its served version's folder in DIR")
+    parser.add_argument("--query-prompt", help="a prompt name of the model's, or none (default: its query prompt)")
+    parser.add_argument("--out", metavar="OUT", help="the hits as JSON Lines, one query a line (default: printed)")
+    parser.add_argument("--device", default="auto")
+    errors.add_debug_flag(parser)
+    search_command(paths.parse(parser, argv))
+
+
+def search_command(args) -> None:
+    if (args.query is None) == (args.queries is None):
+        raise InputError("give one query, or --queries FILE")
+    if args.k < 1:
+        raise InputError("-k must be at least 1")
+    folder = corpus_of(Path(args.folder), Path(args.home) if args.home else None)
+    manifest = corpus_folder.read_manifest(folder)
+    if manifest is None:
+        raise InputError(f"{folder} is not a corpus folder (no {corpus_folder.MANIFEST}): run corpus.py embed first")
+    from model import load_model, pick_device
+    model = load_model(manifest["model"]).to(pick_device(args.device)).eval()
+    queries = [args.query] if args.query is not None else [r.text for r in corpus_input.rows(Path(args.queries))]
+    hits = search_corpus(folder, queries, model, args.k, args.query_prompt)
+    print(f"answering with {manifest['model']} (version {manifest.get('version') or '-'}), "
+          f"{manifest['index']['kind']} index over {manifest['index']['vectors']:,} texts", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            for query, found in zip(queries, hits):
+                f.write(json.dumps({"query": query, "hits": found}, ensure_ascii=False) + "\n")
+        return
+    for query, found in zip(queries, hits):
+        print(f"{query}")
+        for hit in found:
+            print(f"  {hit['score']:.3f}  {hit['id']}  {hit['text']}")
+
+
+if __name__ == "__main__":
+    errors.run(main)
