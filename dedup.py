@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold", type=float, help="cosine above which two texts are duplicates "
                         "(default: the model's stored threshold)")
     parser.add_argument("--tune-on", metavar="DATA", help="labelled pairs to choose the threshold on (best accuracy)")
-    parser.add_argument("--labels", metavar="DATA", help="labelled pairs to check the groups against")
+    parser.add_argument("--labels", metavar="DATA", action="append", default=[],
+                        help="labelled pairs to check the groups against (repeat for several files)")
     parser.add_argument("--columns", help="TEXT1,TEXT2,LABEL column names of a pairs file, if not recognised")
     parser.add_argument("--id-column")
     parser.add_argument("--text-column")
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     from model import load_model, pick_device
     model = load_model(manifest["model"]).to(pick_device(args.device)).eval()
     threshold = threshold_for(args.threshold, model, args.tune_on)
-    pairs = data.load_pairs(args.labels, data.parse_columns(args.columns)) if args.labels else pairs
+    checks = {args.source: pairs} if pairs else {}
+    checks |= {path: data.load_pairs(path, data.parse_columns(args.columns)) for path in args.labels}
 
     started = time.perf_counter()
     vectors = corpus_folder.all_vectors(folder)
@@ -202,9 +204,10 @@ def main(argv: list[str] | None = None) -> None:
                "texts_in_groups": int((group_of >= 0).sum()), "to_remove": sum(len(m) for _, m in found),
                "largest_group": 1 + len(found[0][1]) if found else 0, "seconds": round(seconds, 1),
                "index": manifest.get("index", {}).get("kind")}
-    if pairs:
-        texts = corpus_folder.read_column(folder, "text")
-        summary["labels"] = check_against_labels(group_of, {t: i for i, t in enumerate(texts)}, vectors, threshold, pairs)
+    if checks:
+        row_of = {t: i for i, t in enumerate(corpus_folder.read_column(folder, "text"))}
+        summary["labels"] = {path: check_against_labels(group_of, row_of, vectors, threshold, labelled)
+                             for path, labelled in checks.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(describe(summary, out))
 
@@ -227,12 +230,12 @@ def describe(summary: dict, out: Path) -> str:
     text = (f"{summary['texts']:,} texts, threshold {summary['threshold']:.4f}: {summary['groups']:,} groups holding "
             f"{summary['texts_in_groups']:,} texts (largest {summary['largest_group']}), {summary['to_remove']:,} ids to "
             f"remove, in {summary['seconds']:.1f} s; written to {out.resolve()}")
-    labels = summary.get("labels")
-    if labels and labels.get("labelled_pairs"):
-        show = lambda r: (f"precision {r['precision']:.2%}" if r["precision"] is not None else "precision -") + \
-            (f", recall {r['recall']:.2%}" if r["recall"] is not None else "")
-        text += (f"\nagainst {labels['labelled_pairs']:,} labelled pairs ({labels['labelled_duplicates']:,} duplicates): "
-                 f"groups {show(labels['groups'])}; exact pairwise decisions {show(labels['pairwise'])}")
+    show = lambda r: (f"precision {r['precision']:.2%}" if r["precision"] is not None else "precision -") + \
+        (f", recall {r['recall']:.2%}" if r["recall"] is not None else "")
+    for path, labels in summary.get("labels", {}).items():
+        if labels.get("labelled_pairs"):
+            text += (f"\nagainst {labels['labelled_pairs']:,} labelled pairs of {path} ({labels['labelled_duplicates']:,} "
+                     f"duplicates): groups {show(labels['groups'])}; exact pairwise decisions {show(labels['pairwise'])}")
     return text
 
 

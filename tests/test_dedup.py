@@ -94,6 +94,6 @@ def test_a_published_model_is_told_how_to_get_a_threshold_and_tune_on_gives_one(
     code, err = run_cli(dedup.main, [str(pairs), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "d")], capsys)
     assert code == 2 and err.count("error:") == 1 and "--tune-on PAIRS" in err
     dedup.main([str(pairs), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "d"), "--tune-on", str(pairs)])
-    labels = json.loads((tmp_path / "d" / "summary.json").read_text())["labels"]
+    labels = json.loads((tmp_path / "d" / "summary.json").read_text())["labels"][str(pairs)]
     assert labels["labelled_pairs"] == 40 and set(labels) == {"labelled_pairs", "labelled_duplicates", "groups", "pairwise"}
     assert "exact pairwise decisions" in capsys.readouterr().out
