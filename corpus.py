@@ -94,7 +94,8 @@ def check_same_model(manifest: dict, made_by: dict, folder: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ the job
 
-def embed_corpus(source: Path, out: Path, model, name: str, version: str | None = None, shard_size: int = SHARD_SIZE,
+def embed_corpus(source: Path, out: Path, model, name: str, version: str | None = None, home: Path | None = None,
+                 shard_size: int = SHARD_SIZE,
                  batch_size: int = 128, bf16: bool | None = None, document_prompt: str | None = None,
                  id_column: str | None = None, text_column: str | None = None, build_index: bool = True,
                  progress: bool | None = None) -> dict:
@@ -152,6 +153,9 @@ def embed_corpus(source: Path, out: Path, model, name: str, version: str | None 
     corpus_folder.write_manifest(folder, manifest)
     if build_index:
         manifest = index_corpus(folder)
+    if home is not None:  # the home's servers keep this version while the corpus names it
+        from state import home_state
+        home_state.name_corpus(home, out, version)
     return manifest
 
 
@@ -314,7 +318,8 @@ def embed_main(argv: list[str]) -> None:
     if args.shard_size < 1 or args.batch_size < 1:
         raise InputError("--shard-size and --batch-size must be at least 1")
     model, name, version = open_model(args.model, Path(args.home) if args.home else None, args.device)
-    manifest = embed_corpus(Path(args.texts), Path(args.out), model, name, version, args.shard_size, args.batch_size,
+    manifest = embed_corpus(Path(args.texts), Path(args.out), model, name, version, Path(args.home) if args.home else None,
+                            args.shard_size, args.batch_size,
                             None if args.dtype == "auto" else args.dtype == "bf16", args.document_prompt,
                             args.id_column, args.text_column, not args.no_index)
     run = manifest["last_run"]

@@ -61,11 +61,14 @@ def correct(home: Path, given: list[str], why: str | None, by: str) -> None:
 
 def prune(home: Path, keep: int) -> None:
     """--prune KEEP: every round's model folder and training files go, but the versions the home serves
-    (current and previous: a client pinned to either keeps working) and the last KEEP rounds'. Under
+    (current, previous, and any a corpus folder names: a client pinned to one keeps working) and the
+    last KEEP rounds'. Under
     the round lock, so no round writes meanwhile. The history, which keeps every round's numbers, stays."""
     if keep < 0:
         raise InputError("--prune KEEP: a number of rounds, 0 or more")
     served = {pointer["path"] for pointer in home_state.served(home).values() if pointer and pointer["path"]}
+    served |= {p["path"] for p in map(lambda v: home_state.pointer_of(home, v), home_state.corpora(home).values())
+               if p and p["path"]}  # a version a corpus folder names is still served
     db = home_state.database(home)
     freed, removed = 0, []
     with db.round_lock(wait=False) if db is not None else FileLock(home / "round.lock", wait=False):

@@ -1,9 +1,11 @@
 """The model versions a server holds, and how a new one takes over without a restart.
 
 A flywheel home names the versions served, the current one and the one before it, in its database
-(`home_state.served`; a round changes that row when it promotes). A server holds both, so that a
-client whose vector index was built with the old vectors can still embed its queries with them
-while it re-indexes (`"model": "round-002"`). Any other model name is served by the current version.
+(`home_state.served`; a round changes that row when it promotes). A server holds both, and any
+older version that a corpus folder still names (`home_state.corpora`, written by corpus.py embed
+--home), so that a client whose vector index was built with older vectors can still embed its
+queries with them while it re-indexes (`"model": "round-002"`), however many promotions come
+first. Any other model name is served by the current version.
 
     versions = Versions.from_home(Path("fw"))
     HomeWatcher(versions, Path("fw")).start()     # polls the row; loads a promoted model beside the old one
@@ -164,19 +166,23 @@ class Versions:
         return cls([load_version(Path(folder).resolve().name, folder, device)], keep=1)
 
     @classmethod
-    def from_home(cls, home: Path, device: str = "auto", keep: int = 2) -> "Versions":
-        """The versions the home serves: the current one and the one before it (the base model before
-        two promotions)."""
-        pointers = served_pointers(home)[-keep:]
-        versions = cls([load_pointer(home, p, device) for p in pointers], keep)
+    def from_home(cls, home: Path, device: str = "auto") -> "Versions":
+        """The versions the home serves: the current one, the one before it (the base model before two
+        promotions), and any older one a corpus folder still names."""
+        pointers = served_pointers(home)
+        versions = cls([load_pointer(home, p, device) for p in pointers], keep=len(pointers))
         versions.wanted, versions.audits = pointers[-1]["version"], history.latest_audits(home)
         return versions
 
 
 def served_pointers(home: Path) -> list[dict]:
-    """The pointers of the versions the home serves, oldest first."""
+    """The pointers of the versions the home serves, oldest first: those a corpus folder still names
+    (home_state.corpora), the previous one and the current one."""
     served = home_state.served(home)
-    return [p for p in (served["previous"], served["current"]) if p]
+    newest = [p for p in (served["previous"], served["current"]) if p]
+    named = sorted(set(home_state.corpora(home).values()) - {p["version"] for p in newest})
+    older = [home_state.pointer_of(home, version) for version in named]
+    return sorted([p for p in older if p], key=lambda p: p["promoted_at"] or "") + newest
 
 
 class HomeWatcher(threading.Thread):
@@ -206,8 +212,9 @@ class HomeWatcher(threading.Thread):
         self.versions.wanted = pointers[-1]["version"]
         self.refresh_base_threshold()
         self.refresh_audits()
-        if [v.id for v in self.versions.held] == [p["version"] for p in pointers][-self.versions.keep:]:
+        if [v.id for v in self.versions.held] == [p["version"] for p in pointers]:
             return
+        self.versions.keep = len(pointers)
         if self.before_load:
             self.before_load()
         started, held = time.perf_counter(), {v.id: v for v in self.versions.held}

@@ -110,6 +110,34 @@ def switch_current(home: Path, target: Path, expected: dict | None = None, numbe
         db.write_state(cursor, "served", {"current": pointer, "previous": now})
 
 
+def name_corpus(home: Path, corpus: Path, version: str) -> None:
+    """A corpus folder (corpus.py embed --home) was embedded with `version`: every server keeps that
+    version loaded while a corpus names it, so that a client whose index was built with it can embed
+    its queries with it, however many promotions come before the corpus moves on. One entry a corpus
+    folder: re-embedding it with a newer version lets the older one go."""
+    named = corpora(home) | {str(corpus.resolve()): version}
+    db = database(home)
+    if db is not None:
+        db.set_state("corpora", named)
+    else:
+        jsonl.write_json(home / "corpora.json", named)
+
+
+def corpora(home: Path) -> dict[str, str]:
+    """{corpus folder: the version it was embedded with}."""
+    db = database(home)
+    return (db.state("corpora") if db is not None else jsonl.read_json(home / "corpora.json")) or {}
+
+
+def pointer_of(home: Path, version: str) -> dict | None:
+    """The pointer of a version the home has promoted (or the base model's), from its history."""
+    if version == "base":
+        return BASE_POINTER
+    promoted = [r for r in jsonl.read(home / "history.jsonl") if r.get("decision") == "promoted"
+                and Path(r["candidate"]).name == version]
+    return {"version": version, "path": promoted[-1]["candidate"], "promoted_at": promoted[-1]["time"]} if promoted else None
+
+
 def base_threshold(home: Path) -> float | None:
     """The base model's threshold, as the last round (or a curated --val) tuned it on validation."""
     db = database(home)
@@ -195,6 +223,8 @@ def migrate(home: Path, url: str) -> dict:
     base = jsonl.read_json(home / "base.json")
     if base:
         db.set_state("base", base)
+    if corpora(home):
+        db.set_state("corpora", corpora(home))
     settings = jsonl.read_json(home / "flywheel.json") or {}
     jsonl.write_json(home / "flywheel.json", settings | {"database": url})
     return counts | {"texts": len({t for t, _ in splits}), "version": served(home)["current"]["version"]}

@@ -156,3 +156,35 @@ def test_a_text_longer_than_the_model_takes_is_cut_and_counted(tiny, tmp_path, c
     manifest = corpus.embed_corpus(tmp_path / "c.txt", tmp_path / "out", tiny, "tiny", bf16=False)
     assert manifest["last_run"]["cut_at_limit"] == 1 and manifest["texts"] == 2
     assert f"reached the model's limit of {tiny.max_length} tokens" in capsys.readouterr().err
+
+
+def test_a_home_corpus_follows_its_versions_and_the_server_keeps_the_one_it_names(tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    import flywheel
+    import jsonl
+    from server.versions import served_pointers
+    from state import home_state
+    home, out = tmp_path / "fw", tmp_path / "corpus"
+    flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--init"])
+    (tmp_path / "c.txt").write_text("\n".join(texts(60)) + "\n")
+    embed = ["embed", str(tmp_path / "c.txt"), "--home", str(home), "--out", str(out), "--dtype", "fp32", "--device", "cpu"]
+    corpus.main(embed)
+    assert corpus_folder.read_manifest(out / "base")["version"] == "base"
+    assert home_state.corpora(home) == {str(out.resolve()): "base"}
+    for number in (1, 2):  # two promotions while the corpus still names the base model
+        model = load_model(str(tiny_model_dir))
+        with torch.no_grad():
+            model.encoder.embeddings.word_embeddings.weight.add_(0.1 * number)
+        model.save(home / "rounds" / f"round-00{number}")
+        jsonl.append(home / "history.jsonl", {"round": number, "decision": "promoted",
+                                              "candidate": f"rounds/round-00{number}", "time": f"2026-12-0{number}T00:00:00"})
+        home_state.switch_current(home, home / "rounds" / f"round-00{number}")
+    assert [p["version"] for p in served_pointers(home)] == ["base", "round-001", "round-002"]
+    corpus.main(embed)  # re-embedded with the version served now, beside the old folder
+    assert corpus_folder.read_manifest(out / "round-002")["version"] == "round-002" and (out / "base").is_dir()
+    assert [p["version"] for p in served_pointers(home)] == ["round-001", "round-002"]
+    capsys.readouterr()
+    corpus.main(["search", str(out), texts(60)[7], "--home", str(home), "-k", "1", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert "(version round-002)" in captured.err and texts(60)[7] in captured.out
