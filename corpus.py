@@ -95,62 +95,30 @@ def check_same_model(manifest: dict, made_by: dict, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------ the job
 
 def embed_corpus(source: Path, out: Path, model, name: str, version: str | None = None, home: Path | None = None,
-                 shard_size: int = SHARD_SIZE,
-                 batch_size: int = 128, bf16: bool | None = None, document_prompt: str | None = None,
-                 id_column: str | None = None, text_column: str | None = None, build_index: bool = True,
-                 progress: bool | None = None) -> dict:
+                 shard_size: int = SHARD_SIZE, batch_size: int = 128, bf16: bool | None = None,
+                 document_prompt: str | None = None, id_column: str | None = None, text_column: str | None = None,
+                 build_index: bool = True, progress: bool | None = None) -> dict:
     """Embed every text of `source` not yet in `out` (a folder of the model's, see the module's
     docstring), drop what the source no longer holds, then build the index. Returns the manifest."""
     from model import cpu_has_bf16
     bf16 = (model.device.type == "cuda" or cpu_has_bf16()) if bf16 is None else bf16
     prompt = chosen_prompt(model, "document", document_prompt)
-    made_by = identity(model, name, version, prompt, bf16)
     columns = {"id_column": id_column, "text_column": text_column}
-    started = time.perf_counter()
-
-    # 1. The source's ids and texts as hashes; an id given two texts stops here, before anything is written.
-    id_hashes, text_hashes = scan(source, columns)
     folder = out / version if version else out
-    manifest = corpus_folder.read_manifest(folder)
-    if manifest is not None:
-        check_same_model(manifest, made_by, folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    corpus_folder.remove_leftovers(folder)
-    manifest = (manifest or {"created": now()}) | made_by
-    corpus_folder.write_manifest(folder, manifest)
-
-    # 2. What the folder already holds: rows whose id is gone from the source, or whose text changed, go.
-    kept_ids, dropped = drop_stale(folder, id_hashes, text_hashes)
-    # 3. What is left to embed: each id's first row, unless a shard holds it.
-    first = first_occurrences(id_hashes)
-    todo = first & ~np.isin(id_hashes, kept_ids)
-    total = int(todo.sum())
-    print(f"{source}: {int(first.sum()):,} texts; {len(kept_ids):,} already in {folder}, {total:,} to embed"
-          + (f", {dropped:,} dropped (gone from the source or changed)" if dropped else ""), file=sys.stderr)
-
-    # 4. Embed and write a shard at a time.
-    number = max([int(corpus_folder.SHARD.fullmatch(p.name).group(1)) for p in corpus_folder.shards(folder)] + [-1]) + 1
-    cut, embedded, seconds = 0, 0, 0.0
-    show = progress if progress is not None else total > 0
-    with tqdm(total=total, unit="text", desc="embed", disable=not show, smoothing=0.1) as bar:
-        for ids, texts in shards_to_embed(source, columns, todo, shard_size):
+    started = time.perf_counter()
+    todo, number, dropped = plan(source, folder, identity(model, name, version, prompt, bf16), columns)
+    cut, seconds = 0, 0.0
+    show = progress if progress is not None else len(todo) > 0
+    with tqdm(total=len(todo), unit="text", desc="embed", disable=not show, smoothing=0.1) as bar:
+        for ids, texts in rows_of_shards(source, columns, todo, shard_size):
             tick = time.perf_counter()
-            vectors, at_limit = embed_texts(model, texts, prompt, batch_size, bf16)
-            corpus_folder.write_shard(corpus_folder.shard_path(folder, number), ids, texts, vectors)
+            cut += embed_shard(model, ids, texts, corpus_folder.shard_path(folder, number), prompt, batch_size, bf16)
             seconds += time.perf_counter() - tick
-            number, cut, embedded = number + 1, cut + at_limit, embedded + len(texts)
+            number += 1
             bar.update(len(texts))
-    if cut:
-        print(f"note: {cut:,} text(s) reached the model's limit of {model.max_length} tokens and were cut there "
-              f"(as sentence-transformers cuts them)", file=sys.stderr)
-
-    counts = [corpus_folder.count_rows(p) for p in corpus_folder.shards(folder)]
-    manifest |= {"texts": sum(counts), "shards": len(counts), "updated": now(), "source": str(source),
-                 "last_run": {"embedded": embedded, "dropped": dropped, "cut_at_limit": cut,
-                              "texts_per_second": round(embedded / seconds, 1) if seconds else None,
-                              "seconds": round(time.perf_counter() - started, 1),
-                              "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}}
-    corpus_folder.write_manifest(folder, manifest)
+    manifest = finish(folder, source, {"embedded": len(todo), "dropped": dropped, "cut_at_limit": cut,
+                                       "texts_per_second": round(len(todo) / seconds, 1) if seconds else None,
+                                       "seconds": round(time.perf_counter() - started, 1)}, model.max_length)
     if build_index:
         manifest = index_corpus(folder)
     if home is not None:  # the home's servers keep this version while the corpus names it
@@ -159,10 +127,56 @@ def embed_corpus(source: Path, out: Path, model, name: str, version: str | None 
     return manifest
 
 
-def scan(source: Path, columns: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's id and text hashes, in the source's order, read as a stream; an id with two texts is an error."""
-    id_hashes, text_hashes, ids, texts = [], [], [], []
+def plan(source: Path, folder: Path, made_by: dict, columns: dict) -> tuple[np.ndarray, int, int]:
+    """What is left to do: the source's rows (their line numbers) to embed, the first new shard's
+    number, and how many stored rows were dropped. Nothing is written before the source is read
+    whole and found sound."""
+    # 1. The source's ids and texts as hashes; an id given two texts stops here.
+    lines, id_hashes, text_hashes = scan(source, columns)
+    manifest = corpus_folder.read_manifest(folder)
+    if manifest is not None:
+        check_same_model(manifest, made_by, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus_folder.remove_leftovers(folder)
+    corpus_folder.write_manifest(folder, (manifest or {"created": now()}) | made_by)
+    # 2. What the folder already holds: rows whose id is gone from the source, or whose text changed, go.
+    kept_ids, dropped = drop_stale(folder, id_hashes, text_hashes)
+    # 3. What is left to embed: each id's first row, unless a shard holds it.
+    first = first_occurrences(id_hashes)
+    todo = lines[first & ~np.isin(id_hashes, kept_ids)]
+    print(f"{source}: {int(first.sum()):,} texts; {len(kept_ids):,} already in {folder}, {len(todo):,} to embed"
+          + (f", {dropped:,} dropped (gone from the source or changed)" if dropped else ""), file=sys.stderr)
+    number = max([int(corpus_folder.SHARD.fullmatch(p.name).group(1)) for p in corpus_folder.shards(folder)] + [-1]) + 1
+    return todo, number, dropped
+
+
+def embed_shard(model, ids: list[str], texts: list[str], path: Path, prompt: str, batch_size: int, bf16: bool) -> int:
+    """One shard's texts embedded and written whole; how many reached the model's token limit.
+    `encode_ids` sorts the shard's texts by length, longest first, and packs each batch."""
+    input_ids, skip = model.tokenize(texts, prompt=prompt)
+    corpus_folder.write_shard(path, ids, texts, model.encode_ids(input_ids, batch_size, False, bf16, skip))
+    return sum(len(ids) >= model.max_length for ids in input_ids)
+
+
+def finish(folder: Path, source: Path, run: dict, max_length: int) -> dict:
+    """The manifest's counts and this run's figures (its rate, its peak memory), once every shard is whole."""
+    if run["cut_at_limit"]:
+        print(f"note: {run['cut_at_limit']:,} text(s) reached the model's limit of {max_length} tokens and were cut "
+              f"there (as sentence-transformers cuts them)", file=sys.stderr)
+    counts = [corpus_folder.count_rows(p) for p in corpus_folder.shards(folder)]
+    run["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    manifest = corpus_folder.read_manifest(folder) | {"texts": sum(counts), "shards": len(counts), "updated": now(),
+                                                      "source": str(source), "last_run": run}
+    corpus_folder.write_manifest(folder, manifest)
+    return manifest
+
+
+def scan(source: Path, columns: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row's line number, id hash and text hash, in the source's order, read as a stream; an id
+    with two texts is an error."""
+    lines, id_hashes, text_hashes, ids, texts = [], [], [], [], []
     for row in corpus_input.rows(source, **columns):
+        lines.append(row.line)
         ids.append(row.id)
         texts.append(row.text)
         if len(ids) == 65_536:
@@ -175,7 +189,7 @@ def scan(source: Path, columns: dict) -> tuple[np.ndarray, np.ndarray]:
     if not len(id_hashes):
         raise InputError(f"{source} holds no text")
     corpus_input.check_ids(source, id_hashes, text_hashes, **columns)
-    return id_hashes, text_hashes
+    return np.array(lines, np.int64), id_hashes, text_hashes
 
 
 def first_occurrences(id_hashes: np.ndarray) -> np.ndarray:
@@ -206,26 +220,23 @@ def drop_stale(folder: Path, id_hashes: np.ndarray, text_hashes: np.ndarray) -> 
     return (np.concatenate(kept) if kept else np.zeros(0, np.uint64)), dropped
 
 
-def shards_to_embed(source: Path, columns: dict, todo: np.ndarray, shard_size: int):
-    """The rows `todo` marks, read from the source again, `shard_size` at a time: (ids, texts)."""
+def rows_of_shards(source: Path, columns: dict, lines: np.ndarray, shard_size: int):
+    """The rows at `lines` (sorted), read from the source again, `shard_size` at a time: (ids, texts)."""
     ids, texts = [], []
-    for position, row in enumerate(corpus_input.rows(source, **columns)):
-        if todo[position]:
+    wanted = iter(lines.tolist())
+    next_line = next(wanted, None)
+    for row in corpus_input.rows(source, **columns, start_line=int(lines[0]) if len(lines) else 1):
+        if next_line is None:
+            break
+        if row.line == next_line:
             ids.append(row.id)
             texts.append(row.text)
+            next_line = next(wanted, None)
             if len(ids) == shard_size:
                 yield ids, texts
                 ids, texts = [], []
     if ids:
         yield ids, texts
-
-
-def embed_texts(model, texts: list[str], prompt: str, batch_size: int, bf16: bool) -> tuple[np.ndarray, int]:
-    """One shard's vectors (unit rows where the model normalises), and how many texts reached the
-    token limit. `encode_ids` sorts the shard's texts by length, longest first, and packs each batch."""
-    input_ids, skip = model.tokenize(texts, prompt=prompt)
-    vectors = model.encode_ids(input_ids, batch_size, False, bf16, skip)
-    return vectors, sum(len(ids) >= model.max_length for ids in input_ids)
 
 
 def now() -> str:

@@ -47,15 +47,18 @@ def hash64(values: list[str]) -> np.ndarray:
                      for v in values], dtype=np.uint64)
 
 
-def rows(path: Path, id_column: str | None = None, text_column: str | None = None) -> Iterator[Row]:
-    """Every (id, text) of the file in order; empty texts are skipped (and counted on stderr)."""
+def rows(path: Path, id_column: str | None = None, text_column: str | None = None, start_line: int = 1) -> Iterator[Row]:
+    """Every (id, text) of the file in order, from `start_line` on; empty texts are skipped (and counted
+    on stderr). A Parquet file's row groups before `start_line` are not read at all."""
     name = path.name.removesuffix(".gz")
     if not (name.endswith(".txt") or name.endswith(TABLES)):
         raise InputError(f"unknown corpus file type: {path} (use .txt, .csv, .tsv, .jsonl or .parquet)")
     data.check_contents(path)
     empty = 0
     try:
-        for row in (text_lines(path) if name.endswith(".txt") else table_rows(path, name, id_column, text_column)):
+        for row in (text_lines(path) if name.endswith(".txt") else table_rows(path, name, id_column, text_column, start_line)):
+            if row.line < start_line:
+                continue
             if row.text.strip():
                 yield row
             else:
@@ -75,10 +78,10 @@ def text_lines(path: Path) -> Iterator[Row]:
             yield Row(number, text_id(text), text)
 
 
-def table_rows(path: Path, name: str, id_column: str | None, text_column: str | None) -> Iterator[Row]:
+def table_rows(path: Path, name: str, id_column: str | None, text_column: str | None, start_line: int = 1) -> Iterator[Row]:
     """A table's rows: the header picks the columns, then each row's id (or the text's) and text."""
     if name.endswith(".parquet"):
-        yield from parquet_rows(path, id_column, text_column)
+        yield from parquet_rows(path, id_column, text_column, start_line)
         return
     with data.open_text(path) as f:
         reader = (data.json_rows(f, path) if name.endswith((".jsonl", ".json"))
@@ -96,8 +99,9 @@ def table_rows(path: Path, name: str, id_column: str | None, text_column: str | 
             yield Row(number, str(row[id_at]) if id_at is not None and row[id_at] is not None else text_id(text), text)
 
 
-def parquet_rows(path: Path, id_column: str | None, text_column: str | None) -> Iterator[Row]:
-    """A Parquet file a batch of rows at a time, only the two columns read."""
+def parquet_rows(path: Path, id_column: str | None, text_column: str | None, start_line: int = 1) -> Iterator[Row]:
+    """A Parquet file a batch of rows at a time, only the two columns read, from the row group that
+    holds `start_line` on."""
     import pyarrow.parquet as pq
     try:
         table = pq.ParquetFile(path)
@@ -106,8 +110,11 @@ def parquet_rows(path: Path, id_column: str | None, text_column: str | None) -> 
     names = table.schema_arrow.names
     id_at, text_at = pick(names, id_column, text_column, path)
     wanted = [names[text_at]] + ([names[id_at]] if id_at is not None else [])
-    number = 0
-    for batch in table.iter_batches(batch_size=10_000, columns=wanted):
+    ends = np.cumsum([table.metadata.row_group(g).num_rows for g in range(table.num_row_groups)])
+    first_group = int(np.searchsorted(ends, start_line - 1, side="right"))
+    number = int(ends[first_group - 1]) if first_group else 0
+    groups = list(range(first_group, table.num_row_groups))
+    for batch in table.iter_batches(batch_size=10_000, columns=wanted, row_groups=groups) if groups else []:
         columns = batch.to_pydict()
         for i, text in enumerate(columns[names[text_at]]):
             number += 1

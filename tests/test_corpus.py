@@ -188,3 +188,15 @@ def test_a_home_corpus_follows_its_versions_and_the_server_keeps_the_one_it_name
     corpus.main(["search", str(out), texts(60)[7], "--home", str(home), "-k", "1", "--device", "cpu"])
     captured = capsys.readouterr()
     assert "(version round-002)" in captured.err and texts(60)[7] in captured.out
+
+
+def test_parquet_rows_from_a_line_on_skip_whole_row_groups_and_keep_the_numbers(tmp_path):
+    import pyarrow as pa
+
+    import corpus_input
+    column = texts(50)
+    column[23] = ""  # an empty text: skipped, yet every later row keeps its number
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(50)], "text": column}), tmp_path / "c.parquet", row_group_size=7)
+    everything = list(corpus_input.rows(tmp_path / "c.parquet"))
+    assert len(everything) == 49 and everything[23].line == 25 and everything[23].id == "d24"
+    assert list(corpus_input.rows(tmp_path / "c.parquet", start_line=20)) == [r for r in everything if r.line >= 20]
