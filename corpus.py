@@ -118,7 +118,7 @@ def embed_corpus(source: Path, out: Path, model, name: str, version: str | None 
             bar.update(len(texts))
     manifest = finish(folder, source, {"embedded": len(todo), "dropped": dropped, "cut_at_limit": cut,
                                        "texts_per_second": round(len(todo) / seconds, 1) if seconds else None,
-                                       "seconds": round(time.perf_counter() - started, 1)}, model.max_length)
+                                       "seconds": round(time.perf_counter() - started, 1)})
     if build_index:
         manifest = index_corpus(folder)
     if home is not None:  # the home's servers keep this version while the corpus names it
@@ -158,15 +158,15 @@ def embed_shard(model, ids: list[str], texts: list[str], path: Path, prompt: str
     return sum(len(ids) >= model.max_length for ids in input_ids)
 
 
-def finish(folder: Path, source: Path, run: dict, max_length: int) -> dict:
+def finish(folder: Path, source: Path, run: dict) -> dict:
     """The manifest's counts and this run's figures (its rate, its peak memory), once every shard is whole."""
+    manifest = corpus_folder.read_manifest(folder)
     if run["cut_at_limit"]:
-        print(f"note: {run['cut_at_limit']:,} text(s) reached the model's limit of {max_length} tokens and were cut "
-              f"there (as sentence-transformers cuts them)", file=sys.stderr)
+        print(f"note: {run['cut_at_limit']:,} text(s) reached the model's limit of {manifest['max_length']} tokens and "
+              f"were cut there (as sentence-transformers cuts them)", file=sys.stderr)
     counts = [corpus_folder.count_rows(p) for p in corpus_folder.shards(folder)]
     run["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    manifest = corpus_folder.read_manifest(folder) | {"texts": sum(counts), "shards": len(counts), "updated": now(),
-                                                      "source": str(source), "last_run": run}
+    manifest |= {"texts": sum(counts), "shards": len(counts), "updated": now(), "source": str(source), "last_run": run}
     corpus_folder.write_manifest(folder, manifest)
     return manifest
 
