@@ -38,7 +38,7 @@ image = (
     .env({"HF_HOME": "/data/huggingface", "TOKENIZERS_PARALLELISM": "false"})
     .add_local_python_source("corpus", "corpus_folder", "corpus_input", "vector_index", "fingerprint", "errors", "paths",
                              "data", "model", "jsonl", "packing", "pooling", "st_layout", "sources",
-                             # what corpus.py's --home imports (a home's versions), never called here
+                             # what corpus.py imports for a home's versions: never called in a container
                              "server", "state", "history", "evaluate", "paired", "openai_embeddings", "cpu_threads")
 )
 volume = modal.Volume.from_name("embed-ft-corpus", create_if_missing=True)
