@@ -148,8 +148,9 @@ def corpus_from(source: Path, out: Path, args) -> tuple[Path, list[data.Pair]]:
         source.write_text("".join(t.replace("\n", " ") + "\n" for t in texts))
     from model import load_model, pick_device
     model = load_model(args.model).to(pick_device(args.device)).eval()
-    corpus.embed_corpus(source, out / "corpus", model, args.model, id_column=args.id_column,
-                        text_column=args.text_column, batch_size=args.batch_size)
+    # every text takes the model's default prompt: the one its threshold was tuned with
+    corpus.embed_corpus(source, out / "corpus", model, args.model, id_column=args.id_column, text_column=args.text_column,
+                        batch_size=args.batch_size, document_prompt=model.layout.default_prompt_name or "none")
     return out / "corpus", pairs
 
 
@@ -181,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     from model import load_model, pick_device
     model = load_model(manifest["model"]).to(pick_device(args.device)).eval()
     threshold = threshold_for(args.threshold, model, args.tune_on)
+    if manifest["prompt"] != model.layout.prompt_for("default") and args.threshold is None:
+        print(f"note: {folder} was embedded with the prompt {manifest['prompt']!r}, and the threshold was tuned with "
+              f"{model.layout.prompt_for('default')!r}: pass --threshold, or embed it with --document-prompt "
+              f"{model.layout.default_prompt_name or 'none'}", file=sys.stderr)
     checks = {args.source: pairs} if pairs else {}
     checks |= {path: data.load_pairs(path, data.parse_columns(args.columns)) for path in args.labels}
 
