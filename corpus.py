@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 import corpus_folder
 import corpus_input
 import errors
+import fingerprint
 import paths
 import vector_index
 from errors import InputError
@@ -77,8 +78,7 @@ def chosen_prompt(model, role: str, choice: str | None) -> str:
 
 def identity(model, name: str, version: str | None, prompt: str, bf16: bool) -> dict:
     """Everything that made a vector: two folders' vectors compare only where all of it is equal."""
-    from fingerprint import fingerprint
-    return {"model": name, "fingerprint": fingerprint(model), "version": version, "pooling": model.layout.pooling,
+    return {"model": name, "fingerprint": fingerprint.of(model), "version": version, "pooling": model.layout.pooling,
             "prompt": prompt, "width": model.dim, "dtype": "bf16" if bf16 else "fp32",
             "normalize": model.layout.normalize, "max_length": model.max_length}
 
@@ -273,8 +273,7 @@ def search_corpus(folder: Path, queries: list[str], model, k: int = 10, query_pr
     manifest = corpus_folder.read_manifest(folder)
     if manifest is None or not (folder / corpus_folder.INDEX).is_file():
         raise InputError(f"{folder} has no index: run corpus.py embed (or corpus.py index) first")
-    from fingerprint import fingerprint
-    if fingerprint(model) != manifest["fingerprint"]:
+    if fingerprint.of(model) != manifest["fingerprint"]:
         raise InputError(f"the corpus in {folder} was embedded with {manifest['model']} (version "
                          f"{manifest.get('version') or '-'}); search it with that model")
     input_ids, skip = model.tokenize(queries, prompt=chosen_prompt(model, "query", query_prompt))

@@ -56,6 +56,7 @@ import checkpoint
 import data
 import errors
 import evaluate
+import fingerprint
 import gate
 import history
 import home_admin
@@ -70,7 +71,7 @@ from model import Embedder, load_model
 from state import heldout, home_state
 from state.file_lock import FileLock
 from state.home_db import check_url
-from state.home_state import fingerprint, pair_files
+from state.home_state import file_digest, pair_files
 from state.pair_store import pair_key, pair_sources, settle
 
 SETTINGS = ("base", "val", "test", "mode", "alpha", "set", "fractions", "caps", "after_caps")
@@ -121,7 +122,7 @@ def pairs_from_files(home: Path, sources: list[str], past: list[dict]) -> tuple[
     paths_ = pair_files(sources)
     if not paths_:
         raise InputError(f"no pair files (.csv, .tsv, .jsonl, .parquet, optionally .gz) in {' '.join(sources)} yet")
-    files = {os.path.relpath(p): fingerprint(p) for p in paths_}  # no absolute path in the history
+    files = {os.path.relpath(p): file_digest(p) for p in paths_}  # no absolute path in the history
     seen = home_state.files_read(past)
     new = [f for f, digest in files.items() if digest not in seen]
     if not new:
@@ -244,7 +245,8 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
         jsonl.write_json(work / "decision.json", row)  # what a crash before the line leaves for the next round
         commit()
         try:
-            home_state.switch_current(home, folder, expected=pointer, number=number)
+            home_state.switch_current(home, folder, expected=pointer, number=number,
+                                      fingerprint=fingerprint.of(candidate.encoder))
         except home_state.LostRace as e:  # another round holds the lock now: it decides, this one says so
             row = {k: v for k, v in row.items() if k not in ("audit", "seen", "audit_agrees", "note")}
             row |= {"decision": "lost", "current_after": before, "lost": str(e)}

@@ -38,6 +38,7 @@ import torch
 import data
 import evaluate
 import history
+import fingerprint
 import jsonl
 from errors import InputError
 from model import Embedder, load_model, pick_device
@@ -114,11 +115,22 @@ def base_version(home: Path, device: str) -> Version:
     return version
 
 
+class NotThatModel(Exception):
+    """A version's folder holds another model than the one the home promoted under its id."""
+
+
 def load_pointer(home: Path, pointer: dict, device: str) -> Version:
-    """The version a pointer of `home_state.served` names."""
+    """The version a pointer of `home_state.served` names. Its folder must hold the model the round
+    promoted (the pointer's fingerprint): two models under one id would put two models' vectors in
+    one client index with no error, so another model is refused, never served."""
     if pointer["path"] is None:
         return base_version(home, device)
-    return load_version(pointer["version"], str(home / pointer["path"]), device, pointer["promoted_at"])
+    version = load_version(pointer["version"], str(home / pointer["path"]), device, pointer["promoted_at"])
+    found = fingerprint.of(version.model) if pointer.get("fingerprint") else None
+    if found != pointer.get("fingerprint"):
+        raise NotThatModel(f"{home / pointer['path']} holds another model than the one promoted as {pointer['version']} "
+                           f"(fingerprint {found[:12]}, promoted {pointer['fingerprint'][:12]}): not served")
+    return version
 
 
 def freeze_long_lived() -> None:
@@ -203,6 +215,8 @@ class HomeWatcher(threading.Thread):
         while not self.stopped.wait(self.every):
             try:
                 self.poll()
+            except NotThatModel as e:  # loud, every poll, until a person looks: never served
+                print(f"error: {e}", flush=True)
             except Exception as e:  # a database or volume hiccup, a half-copied folder: keep serving, try again
                 print(f"warning: could not follow the home's versions yet: {e}", flush=True)
 

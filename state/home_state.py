@@ -88,14 +88,17 @@ def round_number(home: Path, history: list[dict]) -> int:
     return db.take_round_number(by_history) if db is not None and db.dialect == "postgresql" else by_history
 
 
-def switch_current(home: Path, target: Path, expected: dict | None = None, number: int | None = None) -> None:
+def switch_current(home: Path, target: Path, expected: dict | None = None, number: int | None = None,
+                   fingerprint: str | None = None) -> None:
     """Make the model folder `target` (complete, under the home) current; the one before stays served.
     One row (or, in a file home, one small file renamed over the old one): a reader sees the old
     pointer or the new one, never half of one. With `expected` (the current pointer when round
     `number` started) the switch is a compare-and-set in the writers' turn, a fencing token: if
-    another round has switched or taken a number since, nothing changes and LostRace says so."""
+    another round has switched or taken a number since, nothing changes and LostRace says so. The
+    pointer keeps the model's `fingerprint` (fingerprint.py), so that a server that finds another
+    model in the folder refuses it."""
     pointer = {"version": target.name, "path": str(target.relative_to(home)),
-               "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")} | ({"fingerprint": fingerprint} if fingerprint else {})
     db = database(home)
     if db is None:
         jsonl.write_json(home / "current.json", pointer)
@@ -169,7 +172,7 @@ def pair_files(sources: list[str]) -> list[Path]:
     return files
 
 
-def fingerprint(path: Path) -> str:
+def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -192,7 +195,7 @@ def new_pair_count(home: Path) -> int:
     seen = files_read(jsonl.read(home / "history.jsonl"))
     folder = home / "pairs"
     files = pair_files([str(folder)]) if folder.is_dir() else []
-    return sum(len(data.load_pairs(str(p))) for p in files if fingerprint(p) not in seen)
+    return sum(len(data.load_pairs(str(p))) for p in files if file_digest(p) not in seen)
 
 
 # ------------------------------------------------------------------------------ the migration
@@ -206,7 +209,7 @@ def migrate(home: Path, url: str) -> dict:
     db = HomeDB(url, home)
     seen = files_read(jsonl.read(home / "history.jsonl"))
     files = pair_files([str(home / "pairs")]) if (home / "pairs").is_dir() else []
-    read = [f for f in files if fingerprint(f) in seen]
+    read = [f for f in files if file_digest(f) in seen]
     counts = {"read": 0, "unread": 0, "duplicates": 0, "conflicts": 0}
     for kind, group in (("read", read), ("unread", [f for f in files if f not in read]),
                         ("conflicts", sorted((home / "pairs" / "conflicts").glob("batch-*.jsonl")))):

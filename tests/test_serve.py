@@ -666,3 +666,22 @@ def test_draining_refuses_new_requests_while_admitted_ones_finish():
             await asyncio.sleep(0.05)
         assert server.should_exit and drain.in_flight == 0
     asyncio.run(scenario())
+
+
+def test_a_folder_holding_another_model_than_the_one_promoted_is_refused_never_served(home, tiny_model_dir):
+    import torch
+
+    import fingerprint
+    from server.versions import HomeWatcher, NotThatModel, Versions, load_pointer
+    promoted, other = (Embedder.from_pretrained(str(tiny_model_dir)) for _ in range(2))
+    with torch.no_grad():
+        other.encoder.embeddings.word_embeddings.weight.add_(0.5)
+    promoted.save(home / "rounds" / "round-001")
+    versions = Versions.from_home(home, "cpu")
+    home_state.switch_current(home, home / "rounds" / "round-001", fingerprint=fingerprint.of(promoted))
+    assert load_pointer(home, home_state.current_version(home), "cpu").id == "round-001"
+    other.save(home / "rounds" / "round-001")  # a second writer under the same id: the folder now holds another model
+    watcher = HomeWatcher(versions, home, device="cpu")
+    with pytest.raises(NotThatModel, match="holds another model than the one promoted as round-001"):
+        watcher.poll()
+    assert versions.current.id == "base"
