@@ -377,7 +377,7 @@ image = (
     .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "packing", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
                              "openai_embeddings", "paired", "paths", "flywheel", "gate", "history", "pooling", "st_layout",
-                             "cpu_threads", "calibration", "home_admin",
+                             "cpu_threads", "calibration", "home_admin", "fingerprint",
                              "server", "state")  # Modal adds serve.py
 )
 volume = modal.Volume.from_name("embed-ft-flywheel", create_if_missing=True)
