@@ -283,3 +283,46 @@ def test_a_retrieval_round_promotes_on_ranking(flywheel_setup):
     assert first["objective"] == "retrieval" and first["traffic"]["test"].startswith("sign test on per-query reciprocal ranks")
     assert first["decision"] == "promoted" and first["traffic"]["mrr_a"] > first["traffic"]["mrr_b"]
     assert first["p_value"] < first["alpha_round"]
+
+
+KILL_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import flywheel, jsonl
+from state import home_state
+step = {step!r}
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if step == "after its decision is kept":
+    write_json = jsonl.write_json
+    jsonl.write_json = lambda path, obj: (write_json(path, obj), path.name == "decision.json" and die())
+elif step == "after the switch":
+    switch = home_state.switch_current
+    home_state.switch_current = lambda *a, **k: (switch(*a, **k), die())
+else:  # after the history line, before the round returns
+    append = jsonl.append
+    jsonl.append = lambda path, row: (append(path, row), path.name == "history.jsonl" and die())
+flywheel.gate.level = lambda *args: 1.0  # any candidate that is ahead wins: the round reaches its last steps
+flywheel.main({args!r})
+"""
+
+
+@pytest.mark.parametrize("step", ["after its decision is kept", "after the switch", "after the history line"])
+def test_kill_9_at_each_of_a_promotions_last_steps_then_history_pointer_and_ledger_agree(flywheel_setup, step):
+    drops, home, args = flywheel_setup
+    write_tsv(drops / "01.tsv", synthetic_pairs(600, 1))
+    killed = subprocess.run([sys.executable, "-c", KILL_AT.format(root=str(ROOT), step=step, args=args)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    write_tsv(drops / "02.tsv", synthetic_pairs(300, 5))
+    flywheel.main(args)  # the next round, as a scheduler would start it
+    rows = jsonl.read(home / "history.jsonl")
+    promoted = [r["candidate"] for r in rows if r.get("decision") == "promoted"]
+    assert [r["round"] for r in rows] == list(range(1, len(rows) + 1))          # each round's line once, in order
+    assert home_state.current_version(home)["path"] == (promoted[-1] if promoted else None)  # the pointer is the history's
+    judged = [r for r in rows if r.get("decision") in ("promoted", "refused")]
+    assert [r["round_of_life"] for r in judged] == list(range(1, len(judged) + 1))  # every test counted once
+    if step != "after its decision is kept":   # the switch was made: round 1 promoted, round 2 judged against it
+        assert rows[0]["decision"] == "promoted" and rows[1]["current"] == "rounds/round-001"
+    splits = home_state.ledger(home).split_of
+    test_texts = {data.normalise(t) for a, b, _ in data.load_pairs(str(home / "heldout" / "test.tsv.gz")) for t in (a, b)}
+    assert all(splits[t] == "test" for t in test_texts)                          # the ledger still holds every test text there
