@@ -24,7 +24,7 @@ A round:
    one width, decided at --init, so that a client's vector index never changes width;
 3. compares it with the current model, each at its own threshold tuned on validation: if the
    validation pairs' groups (pairs that share texts) favour it by each pair's log-loss
-   (`calibration.py`) or by its errors, the test pairs' groups vote too by the cost validation chose, and it is promoted when they favour it at
+   (`calibration.py`), the test pairs' groups vote too, and it is promoted when they favour it at
    the level this round may spend of the home's life-long alpha and it decides fewer test pairs
    wrong (`gate.py`), and, where the home has a curated --test, is not significantly worse there;
 4. audits the model that is current after the round on the audit pairs, which no decision sees, and
@@ -217,10 +217,8 @@ def locked_round(home: Path, chosen: dict, sources: list[str] | None, commit: Ca
     costs = {name: decision_costs(model, thresholds[name], val, test) for name, model in
              (("candidate", candidate), ("current", incumbent))}
     screen = ({"favoured": True} if config.objective == "retrieval" else   # retrieval rounds are always tested
-              gate.favoured({c: v for c, (v, _) in costs["candidate"].items()},
-                            {c: v for c, (v, _) in costs["current"].items()}, paired.groups_of(val)))
-    verdict = (judge(candidate, incumbent, thresholds, right, costs, screen.get("cost"), test, curated.get("test"), at,
-                     config.objective)
+              gate.favoured(costs["candidate"][0], costs["current"][0], paired.groups_of(val)))
+    verdict = (judge(candidate, incumbent, thresholds, right, costs, test, curated.get("test"), at, config.objective)
                if screen["favoured"] else {"alpha_round": 0.0, "decision": "refused", "refused_by": "validation"})
     promoted = verdict["decision"] == "promoted"
     after = str(folder.relative_to(home)) if promoted else before
@@ -291,30 +289,25 @@ def the_model_to_beat(home: Path, before: str, base_model, val: list[data.Pair],
     return incumbent, threshold
 
 
-def decision_costs(model, threshold: float, val: list[data.Pair], test: list[data.Pair]) -> dict[str, tuple]:
-    """Each validation and each test pair's costs for a model, (validation, test) by cost (`gate.COSTS`):
-    the log-loss of its probability (calibration.py, the slope fitted on validation) and its error.
-    What the screen and the gate's votes compare."""
-    val_scores, test_scores = evaluate.cosine_scores(model, val), evaluate.cosine_scores(model, test)
-    val_labels, test_labels = evaluate.labels_of(val), evaluate.labels_of(test)
-    slope = calibration.fit_slope(val_scores, threshold, val_labels)
-    errors = lambda scores, labels: ((scores > threshold) != (labels == 1)).astype(float)  # as evaluate.correct
-    return {"log-loss": (calibration.log_losses(val_scores, threshold, val_labels, slope),
-                         calibration.log_losses(test_scores, threshold, test_labels, slope)),
-            "errors": (errors(val_scores, val_labels), errors(test_scores, test_labels))}
+def decision_costs(model, threshold: float, val: list[data.Pair], test: list[data.Pair]) -> tuple[np.ndarray, np.ndarray]:
+    """Each validation and each test pair's cost for a model (calibration.py: the log-loss of its
+    probability, its slope fitted on validation): what the screen and the gate's votes compare."""
+    val_scores, labels = evaluate.cosine_scores(model, val), evaluate.labels_of(val)
+    slope = calibration.fit_slope(val_scores, threshold, labels)
+    return (calibration.log_losses(val_scores, threshold, labels, slope),
+            calibration.log_losses(evaluate.cosine_scores(model, test), threshold, evaluate.labels_of(test), slope))
 
 
-def judge(candidate, incumbent, thresholds: dict, right: dict, costs: dict, cost: str | None, test: list[data.Pair],
-          curated_test, at: float, objective: str) -> dict:
-    """The gate's verdict at level `at`: on pairs by the `cost` validation chose (with a curated test
-    set as a guard), or on ranking."""
+def judge(candidate, incumbent, thresholds: dict, right: dict, costs: dict, test: list[data.Pair], curated_test,
+          at: float, objective: str) -> dict:
+    """The gate's verdict at level `at`: on pairs (with a curated test set as a guard), or on ranking."""
     if objective == "retrieval":
         ranks = [np.array(evaluate.retrieval_metrics(m, test, per_query=True)["reciprocal_ranks"]) for m in (candidate, incumbent)]
         return gate.decide_queries(*ranks, at)
     guard = None
     if curated_test:
         guard = tuple(evaluate.correct(m, curated_test, thresholds[n]) for n, m in (("candidate", candidate), ("current", incumbent)))
-    return gate.decide(right["candidate"], right["current"], costs["candidate"][cost][1], costs["current"][cost][1], at, guard,
+    return gate.decide(right["candidate"], right["current"], costs["candidate"][1], costs["current"][1], at, guard,
                        paired.groups_of(test), paired.groups_of(curated_test) if curated_test else None)
 
 

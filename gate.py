@@ -36,14 +36,10 @@ never exceeds alpha (a union bound). That is why not LORD (Javanmard and Montana
 alpha-investing (Foster and Stine 2008): they earn budget back with each discovery, but their
 guarantees assume independent p-values, or a positive dependence nobody can check here.
 
-The test is the sign test over groups of each model's costs (`paired.compare_losses`): each group of
-test pairs that share texts (`paired.groups_of`) votes for the model whose summed cost over its pairs
-is lower. A pair's cost is one of two, chosen on validation each round (`favoured`): the log-loss of
-the model's calibrated probability of its label (`calibration.py`, fitted on validation), or its
-error (1 if decided wrong, else 0). Log-loss weighs how sure every decision was, and gains most
-where a candidate is surer on the many easy pairs; errors count only what a user sees, and win where
-a candidate decides more pairs right but less surely. The cost whose validation vote favours the
-candidate most surely is the one the test counts. Under "no better" each vote is at best a fair coin, so the
+The test is the sign test over groups of each model's costs (`paired.compare_losses`): every pair's
+cost is the log-loss of the model's calibrated probability of its label (`calibration.py`, fitted on
+validation), and each group of test pairs that share texts (`paired.groups_of`) votes for the model
+whose summed cost over its pairs is lower. Under "no better" each vote is at best a fair coin, so the
 test is exact whatever a group's pairs share. It uses how sure each decision was, on every pair,
 where a count of the pairs one model got right uses only the few the two decide differently; and one
 vote a group means a popular question whose hundreds of pairs a candidate handles differently cannot
@@ -63,7 +59,6 @@ import paired
 
 GUARD_ALPHA = 0.05
 ROUNDS_SHARE = 0.1  # of alpha, the part allotted by rounds; the rest follows the test set's groups
-COSTS = ("log-loss", "errors")  # a pair's cost in the votes, chosen on validation each round
 
 
 def allotted(rounds: int, alpha: float, test_groups: int = 0, test_cap: int = 0) -> float:
@@ -88,20 +83,11 @@ def level(history: list[dict], alpha: float, test_groups: int = 0, test_cap: int
     return max(0.0, allotted(rounds, alpha, test_groups, test_cap) - spent(history))
 
 
-def favoured(candidate_costs: dict[str, np.ndarray], current_costs: dict[str, np.ndarray],
-             groups: np.ndarray | None = None) -> dict:
-    """Does the validation split favour the candidate, and by which cost: each cost (`COSTS`) lets the
-    validation groups vote (a lower summed cost), and the cost whose vote favours the candidate most
-    surely (the smallest sign-test p) is the one the test will count. Validation never shares a text
-    with the test split, so a choice made on it leaves the test exact."""
-    screens = {}
-    for cost in candidate_costs:
-        votes = paired.compare_losses(candidate_costs[cost], current_costs[cost], groups)
-        screens[cost] = {"for": votes["groups_for_a"], "against": votes["groups_for_b"], "p": votes["p_value"]}
-    cost = min(screens, key=lambda c: (screens[c]["p"], list(screens).index(c)))
-    chosen = screens[cost]
-    return {"cost": cost, "for": chosen["for"], "against": chosen["against"],
-            "favoured": chosen["for"] > chosen["against"], "by_cost": screens}
+def favoured(candidate_loss: np.ndarray, current_loss: np.ndarray, groups: np.ndarray | None = None) -> dict:
+    """Does the validation split favour the candidate: more of its groups vote for it (a lower summed cost)?"""
+    votes = paired.compare_losses(candidate_loss, current_loss, groups)
+    return {"for": votes["groups_for_a"], "against": votes["groups_for_b"],
+            "favoured": votes["groups_for_a"] > votes["groups_for_b"]}
 
 
 def decide(candidate_right: np.ndarray, current_right: np.ndarray, candidate_loss: np.ndarray,

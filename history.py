@@ -85,7 +85,7 @@ def describe(row: dict) -> str:
         line = (f"round {row['round']}: candidate {t['error_a']:.2%} [{lc:.1%}, {hc:.1%}] vs current {t['error_b']:.2%} "
                 f"[{lk:.1%}, {hk:.1%}] test error on {t['n']:,} pairs in {t['groups']:,} groups ({t['only_a_right']} vs "
                 f"{t['only_b_right']} pairs only one got right); {e['groups_for_a']} vs {e['groups_for_b']} groups favour "
-                f"each by its {row.get('screen', {}).get('cost', 'log-loss')}, p = {e['p_value']:.2g} (at this round's level {row['alpha_round']:.2g}"
+                f"each by its log-loss, p = {e['p_value']:.2g} (at this round's level {row['alpha_round']:.2g}"
                 f"{spending(row)}) -> {row['decision'].upper()}")
     elif "traffic" in row:  # a round decided before the gate weighed costs
         line = (f"round {row['round']}: " + paired.describe(row["traffic"], "candidate", "current")
@@ -94,7 +94,7 @@ def describe(row: dict) -> str:
         votes = row.get("screen", {})
         line = (f"round {row['round']}: candidate {row['candidate_error']:.2%} vs current {row['current_error']:.2%} test "
                 f"error; not tested, since validation does not favour it ({votes.get('for')} groups for it by their "
-                f"{votes.get('cost', 'log-loss')}, {votes.get('against')} against): nothing spent{spending(row)} -> REFUSED")
+                f"log-loss, {votes.get('against')} against): nothing spent{spending(row)} -> REFUSED")
     if "curated" in row:
         line += f"; on the curated test: {row['curated']['verdict']}"
     if "audit" in row:

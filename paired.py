@@ -182,7 +182,7 @@ def compare_losses(a_loss: np.ndarray, b_loss: np.ndarray, groups: np.ndarray | 
     d = np.bincount(ids, weights=np.asarray(b_loss, float) - np.asarray(a_loss, float), minlength=1) if len(a_loss) else np.zeros(0)
     for_a, for_b = int(np.sum(d > 1e-12)), int(np.sum(d < -1e-12))
     p_better, p_worse = sign_test(for_a, for_b), sign_test(for_b, for_a)
-    return {"test": "sign test over groups of the summed cost, one-sided", "groups": len(d),
+    return {"test": "sign test over groups of the summed log-loss, one-sided", "groups": len(d),
             "groups_for_a": for_a, "groups_for_b": for_b, "loss_a": float(np.mean(a_loss)) if len(a_loss) else 0.0,
             "loss_b": float(np.mean(b_loss)) if len(b_loss) else 0.0, "p_value": p_better, "p_worse": p_worse,
             "verdict": verdict(p_better, p_worse, len(d), "groups", alpha)}
