@@ -246,23 +246,34 @@ def now() -> str:
 # ------------------------------------------------------------------------------------------ the index
 
 def index_corpus(folder: Path, exact: bool | None = None) -> dict:
-    """Build the index over every shard's vectors and keep its recall@10 against exact search, its
-    build time and size, in the manifest."""
+    """The index over every shard's vectors, its recall@10 against exact search, build time and size
+    kept in the manifest. Where the shards it was built over are all still there as they were (a grown
+    corpus, nothing dropped), the new shards' vectors are added to it instead of building it again."""
     manifest = corpus_folder.read_manifest(folder)
     if manifest is None:
         raise InputError(f"{folder} is not a corpus folder (no {corpus_folder.MANIFEST}): run corpus.py embed first")
     vectors = corpus_folder.all_vectors(folder)
+    if not manifest["normalize"]:  # a model published without Normalize: the index compares cosines all the same
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    counts = {p.name: corpus_folder.count_rows(p) for p in corpus_folder.shards(folder)}
+    before = manifest.get("index", {}).get("shards", {})
+    grown = (exact is None and before and (folder / corpus_folder.INDEX).is_file()
+             and list(counts.items())[:len(before)] == list(before.items()))
     started = time.perf_counter()
-    index = vector_index.build(vectors, exact)
+    if grown:
+        index = vector_index.load(folder / corpus_folder.INDEX)
+        index = vector_index.extend(index, vectors, sum(before.values()))
+    else:
+        index = vector_index.build(vectors, exact)
     built = time.perf_counter() - started
     recall = vector_index.recall_at_10(index, vectors)
     corpus_folder.write_whole(folder / corpus_folder.INDEX, lambda temporary: vector_index.save(index, temporary))
     manifest["index"] = {"kind": vector_index.kind(index), "vectors": len(vectors), "build_seconds": round(built, 1),
-                         "bytes": (folder / corpus_folder.INDEX).stat().st_size, "recall_at_10": round(recall, 4),
-                         "recall_measured_on": min(1000, len(vectors))}
+                         "built": "extended" if grown else "built", "bytes": (folder / corpus_folder.INDEX).stat().st_size,
+                         "recall_at_10": round(recall, 4), "recall_measured_on": min(1000, len(vectors)), "shards": counts}
     corpus_folder.write_manifest(folder, manifest)
-    print(f"index: {manifest['index']['kind']} over {len(vectors):,} vectors in {built:.1f} s, "
-          f"recall@10 {recall:.3f} against exact search", file=sys.stderr)
+    print(f"index: {manifest['index']['kind']} over {len(vectors):,} vectors, {manifest['index']['built']} in "
+          f"{built:.1f} s, recall@10 {recall:.3f} against exact search", file=sys.stderr)
     return manifest
 
 
@@ -291,7 +302,12 @@ def corpus_of(out: Path, home: Path | None) -> Path:
     if home is None:
         return out
     from state import home_state
-    return out / home_state.current_version(home)["version"]
+    served = home_state.current_version(home)["version"]
+    if not (out / served / corpus_folder.MANIFEST).is_file():
+        held = sorted(p.parent.name for p in out.glob(f"*/{corpus_folder.MANIFEST}"))
+        raise InputError(f"{home} serves {served} and {out} holds {', '.join(held) or 'no version'}: run corpus.py embed "
+                         f"--home {home} --out {out} again (meanwhile, search {out}/{held[-1] if held else '...'} itself)")
+    return out / served
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -1,6 +1,7 @@
 """A nearest-neighbour index over a corpus's vectors (unit rows, so inner product is cosine).
 
     index = build(vectors)                       # exact up to EXACT_UP_TO vectors, HNSW above
+    index = extend(index, vectors, held)         # the vectors past the first `held` added
     recall = recall_at_10(index, vectors)        # against exact search, on a sample of the corpus's own vectors
     scores, rows = search(index, queries, k=10)  # rows: positions in the corpus's order
     save(index, path); index = load(path)      # corpus_folder.write_whole makes the save whole or nothing
@@ -38,6 +39,16 @@ def build(vectors: np.ndarray, exact: bool | None = None, progress: bool = False
     index.hnsw.efConstruction = BUILD_DEPTH
     index.verbose = progress
     index.add(vectors)
+    return index
+
+
+def extend(index, vectors: np.ndarray, held: int):
+    """The index over all `vectors`, of which it holds the first `held`: the rest added (a graph links
+    each new vector in as a build would); an exact index that grows past EXACT_UP_TO is built again
+    as a graph."""
+    if kind(index) == "exact" and len(vectors) > EXACT_UP_TO:
+        return build(vectors)
+    index.add(np.ascontiguousarray(vectors[held:], dtype=np.float32))
     return index
 
 

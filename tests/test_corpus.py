@@ -200,3 +200,19 @@ def test_parquet_rows_from_a_line_on_skip_whole_row_groups_and_keep_the_numbers(
     everything = list(corpus_input.rows(tmp_path / "c.parquet"))
     assert len(everything) == 49 and everything[23].line == 25 and everything[23].id == "d24"
     assert list(corpus_input.rows(tmp_path / "c.parquet", start_line=20)) == [r for r in everything if r.line >= 20]
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_corpus_grown_with_nothing_dropped_adds_to_its_index(tiny, tmp_path, exact):
+    rows = [(f"q{i}", t) for i, t in enumerate(texts(150))]
+    out = tmp_path / "out"
+    corpus.embed_corpus(write_table(tmp_path / "c.tsv", rows[:100]), out, tiny, "tiny", shard_size=40, bf16=False,
+                        build_index=False)
+    corpus.index_corpus(out, exact=exact)
+    manifest = corpus.embed_corpus(write_table(tmp_path / "c.tsv", rows), out, tiny, "tiny", shard_size=40, bf16=False)
+    assert manifest["index"]["built"] == "extended" and manifest["index"]["vectors"] == 150
+    assert manifest["index"]["kind"].startswith("exact" if exact else "hnsw")
+    hits = corpus.search_corpus(out, [t for _, t in rows[120:125]], tiny, k=1, bf16=False)
+    assert [h[0]["id"] for h in hits] == [i for i, _ in rows[120:125]]
+    shrunk = corpus.embed_corpus(write_table(tmp_path / "c.tsv", rows[5:]), out, tiny, "tiny", shard_size=40, bf16=False)
+    assert shrunk["index"]["built"] == "built" and shrunk["index"]["vectors"] == 145  # rows dropped: built again
