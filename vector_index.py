@@ -26,7 +26,7 @@ BUILD_DEPTH = 80        # candidates looked at while linking a new vector ("efCo
 SEARCH_DEPTH = 128      # candidates looked at per query ("efSearch"): the recall/speed lever at query time
 
 
-def build(vectors: np.ndarray, exact: bool | None = None, progress: bool = False) -> "faiss.Index":
+def build(vectors: np.ndarray, exact: bool | None = None, progress: bool = False):
     """An exact index for a small corpus, an HNSW graph for a large one (or as `exact` says)."""
     import faiss
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)

@@ -10,7 +10,6 @@ Each library gets the threads torch would (every core). Prints a table; appends 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -105,7 +104,7 @@ def main() -> None:
                 "FAISS IVF-Flat (nprobe 32)": faiss_ivf}
     wanted = [n for n in builders if not args.only or any(o.strip().lower() in n.lower() for o in args.only.split(","))]
     print(f"{source}: {len(vectors):,} vectors; 1,000 queries, k=10; {os.cpu_count()} cores")
-    print(f"| index | build s | MiB | queries/s | recall@10 |\n| --- | ---: | ---: | ---: | ---: |")
+    print("| index | build s | MiB | queries/s | recall@10 |\n| --- | ---: | ---: | ---: | ---: |")
     for name in wanted:
         row = measure(name, builders[name], vectors, queries, truth) | {"source": source}
         jsonl.append(Path(args.results), row)
