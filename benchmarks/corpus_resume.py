@@ -3,8 +3,9 @@
     python benchmarks/corpus_resume.py --model DIR --texts runs/corpus_quora/questions.tsv --n 100000
 
 1. An uninterrupted run over the first N texts (its seconds).
-2. The same command into another folder, killed with SIGKILL --kills times at moments drawn at
-   random over the uninterrupted run's length, each time started again, then left to finish.
+2. The same command into another folder, killed with SIGKILL --kills times, each at a moment drawn
+   at random within its share of the uninterrupted run's length, started again each time, then left
+   to finish.
    Then: every id exactly once, the same ids, texts and shards as the uninterrupted run, and the
    largest difference between their vectors.
 3. The corpus grown by 5% (the next texts of the file): the same command again on the first
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,7 +45,7 @@ def run(argv: list[str], log: Path) -> float:
 def contents(folder: Path) -> tuple[list[tuple], np.ndarray]:
     rows, vectors = [], []
     for path in corpus_folder.shards(folder):
-        table = pq.read_table(path).to_pydict()
+        table = corpus_folder.read_columns(path, ["id", "text"])
         rows += [(path.name, i, t) for i, t in zip(table["id"], table["text"])]
         vectors.append(corpus_folder.read_vectors(path))
     return rows, np.concatenate(vectors)
@@ -72,8 +72,8 @@ def main() -> None:
     whole = run(command(first, args.model, work / "whole"), log)
 
     rng, moments = random.Random(0), []
-    for _ in range(args.kills):
-        moment = rng.uniform(0.1, 0.9) * whole
+    for _ in range(args.kills):  # each kill within the first part of what is left, so that every one lands mid-run
+        moment = rng.uniform(0.1, 0.8) * whole / args.kills
         process = subprocess.Popen(command(first, args.model, work / "killed"), stdout=open(log, "a"), stderr=subprocess.STDOUT)
         time.sleep(moment)
         if process.poll() is None:
