@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import dedup  # noqa: E402
+import corpus_input  # noqa: E402
 import evaluate  # noqa: E402
 from errors import InputError  # noqa: E402
 
@@ -40,7 +40,9 @@ from errors import InputError  # noqa: E402
 def unlabelled_texts(path: str, *held_out: list[data.Pair]) -> list[str]:
     """The distinct texts of a .txt file (one a line, optionally .gz) or of a pairs file (labels
     ignored), less every text that occurs in the held-out pairs (compared normalised)."""
-    texts, _ = dedup.read_texts(Path(path), None)
+    path = Path(path)
+    texts = ([row.text for row in corpus_input.rows(path)] if path.name.removesuffix(".gz").endswith(".txt")
+             else [t for a, b, _ in data.load_pairs(str(path)) for t in (a, b)])
     seen = {data.normalise(t) for pairs in held_out for a, b, _ in pairs for t in (a, b)}
     first: dict[str, str] = {}  # one spelling of each normalised text, the first, in file order
     for text in texts:
