@@ -1,6 +1,5 @@
 """corpus.py on a tiny model and small corpora: the shards and manifest, resume after kill -9, a grown
 corpus, another model, search, and bad input (one line each, nothing half-written)."""
-import json
 import os
 import random
 import signal
