@@ -90,7 +90,9 @@ def dedup_figures(folder: Path, out: Path, model_dir: str, labels: list[Path]) -
     tune = [] if load_model(model_dir).decision.get("threshold") is not None else ["--tune-on", str(QUORA / "splits" / "val.tsv.gz")]
     checks = [a for path in labels for a in ("--labels", str(path))]
     seconds = run(["dedup.py", str(folder), "--out", str(out), "--overwrite", *checks, *tune], out.with_suffix(".log"))
-    return {"seconds_whole_command": round(seconds, 1), **json.loads((out / "summary.json").read_text())}
+    summary = json.loads((out / "summary.json").read_text())
+    summary["labels"] = {str(Path(path).relative_to(QUORA.parent.parent)): check for path, check in summary.get("labels", {}).items()}
+    return {"seconds_whole_command": round(seconds, 1), **summary, "model": Path(summary["model"]).name}
 
 
 def old_dedup(questions: Path, sizes: list[int], model_dir: str, threshold: float, work: Path) -> list[dict]:
@@ -137,7 +139,7 @@ def main() -> None:
         embed_seconds = run(["corpus.py", "embed", str(questions), "--model", model_dir, "--out", str(folder)],
                             work / f"{name}-embed.log")
         manifest = corpus_folder.read_manifest(folder)
-        row = {"model": model_dir, "width": manifest["width"], "texts": manifest["texts"], "dtype": manifest["dtype"],
+        row = {"model": Path(model_dir).name, "width": manifest["width"], "texts": manifest["texts"], "dtype": manifest["dtype"],
                "embed_seconds_whole_command": round(embed_seconds, 1), "embed": manifest["last_run"], "index": manifest["index"],
                "search": search_figures(folder, model_dir, queries),
                "dedup": dedup_figures(folder, work / f"{name}-dedup", model_dir,

@@ -87,7 +87,7 @@ def main() -> None:
 
     grow_seconds = run(command(grown, args.model, work / "whole"), log)
     manifest = corpus_folder.read_manifest(work / "whole")
-    result = {"model": args.model, "texts": args.n, "whole_seconds": round(whole, 1), "kills": moments,
+    result = {"model": Path(args.model).name, "texts": args.n, "whole_seconds": round(whole, 1), "kills": moments,
               "every_id_once": len(ids) == len(set(ids)), "same_rows_and_shards": killed_rows == whole_rows,
               "max_abs_vector_difference": float(np.abs(killed_vectors - whole_vectors).max()),
               "dtype": manifest["dtype"], "grown_to": manifest["texts"], "grown_seconds": round(grow_seconds, 1),
