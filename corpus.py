@@ -9,7 +9,7 @@
 
 The output folder (corpus_folder.py) holds the vectors in Parquet shards that DuckDB, LanceDB and the
 vector databases' loaders read as they are, a manifest naming what made them, and an index
-(vector_index.py). The job keeps four promises:
+(corpus_search.py builds it and searches it). The job keeps four promises:
 
 - Streaming: texts are read, embedded and written a shard at a time (--shard-size texts), sorted by
   length within the shard so that little padding is computed; memory is bounded by a shard, never by
@@ -39,10 +39,10 @@ from tqdm.auto import tqdm
 
 import corpus_folder
 import corpus_input
+import corpus_search
 import errors
 import fingerprint
 import paths
-import vector_index
 from errors import InputError
 
 SHARD_SIZE = 10_000
@@ -62,18 +62,6 @@ def open_model(model: str | None, home: Path | None, device: str = "auto") -> tu
         return version.model, name, version.id
     from model import load_model, pick_device
     return load_model(model).to(pick_device(device)).eval(), model, None
-
-
-def chosen_prompt(model, role: str, choice: str | None) -> str:
-    """The prompt a role's texts take: the model's own for the role (`Layout.prompt_for`), a prompt of
-    the model named by `choice`, or none (`choice` "none")."""
-    if choice is None:
-        return model.layout.prompt_for(role)
-    if choice == "none":
-        return ""
-    if choice not in model.layout.prompts:
-        raise InputError(f"the model names no prompt {choice!r}; it names {', '.join(map(repr, model.layout.prompts)) or 'none'}")
-    return model.layout.prompts[choice]
 
 
 def identity(model, name: str, version: str | None, prompt: str, bf16: bool) -> dict:
@@ -102,7 +90,7 @@ def embed_corpus(source: Path, out: Path, model, name: str, version: str | None 
     docstring), drop what the source no longer holds, then build the index. Returns the manifest."""
     from model import cpu_has_bf16
     bf16 = (model.device.type == "cuda" or cpu_has_bf16()) if bf16 is None else bf16
-    prompt = chosen_prompt(model, "document", document_prompt)
+    prompt = model.layout.prompt_chosen("document", document_prompt)
     columns = {"id_column": id_column, "text_column": text_column}
     folder = out / version if version else out
     started = time.perf_counter()
@@ -120,7 +108,7 @@ def embed_corpus(source: Path, out: Path, model, name: str, version: str | None 
                                        "texts_per_second": round(len(todo) / seconds, 1) if seconds else None,
                                        "seconds": round(time.perf_counter() - started, 1)})
     if build_index:
-        manifest = index_corpus(folder)
+        manifest = corpus_search.index_corpus(folder)
     if home is not None:  # the home's servers keep this version while the corpus names it
         from state import home_state
         home_state.name_corpus(home, out, version)
@@ -136,6 +124,8 @@ def plan(source: Path, folder: Path, made_by: dict, columns: dict) -> tuple[np.n
     manifest = corpus_folder.read_manifest(folder)
     if manifest is not None:
         check_same_model(manifest, made_by, folder)
+    elif folder.is_dir() and any(p.suffix != ".tmp" for p in folder.iterdir()):  # a model's folder, a typo'd path
+        raise InputError(f"{folder} holds files and no corpus manifest: give --out a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
     corpus_folder.remove_leftovers(folder)
     corpus_folder.write_manifest(folder, (manifest or {"created": now()}) | made_by)
@@ -202,12 +192,14 @@ def first_occurrences(id_hashes: np.ndarray) -> np.ndarray:
 
 def drop_stale(folder: Path, id_hashes: np.ndarray, text_hashes: np.ndarray) -> tuple[np.ndarray, int]:
     """Rewrite each shard without the rows the source no longer holds as they are; the id hashes kept."""
-    wanted = set(zip(id_hashes.tolist(), text_hashes.tolist()))
+    order = np.argsort(id_hashes, kind="stable")  # the source's ids sorted, each beside its text (one text an id)
+    source_ids, source_texts = id_hashes[order], text_hashes[order]
     kept, dropped = [], 0
     for path in corpus_folder.shards(folder):
         table = corpus_folder.read_columns(path, ["id", "text"])
         ids, texts = corpus_input.hash64(table["id"]), corpus_input.hash64(table["text"])
-        keep = np.array([(i, t) in wanted for i, t in zip(ids.tolist(), texts.tolist())], bool)
+        at = np.minimum(np.searchsorted(source_ids, ids), len(source_ids) - 1)
+        keep = (source_ids[at] == ids) & (source_texts[at] == texts)
         if not keep.all():
             vectors = corpus_folder.read_vectors(path)[keep]
             if keep.any():
@@ -243,79 +235,12 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# ------------------------------------------------------------------------------------------ the index
-
-def index_corpus(folder: Path, exact: bool | None = None) -> dict:
-    """The index over every shard's vectors, its recall@10 against exact search, build time and size
-    kept in the manifest. Where the shards it was built over are all still there as they were (a grown
-    corpus, nothing dropped), the new shards' vectors are added to it instead of building it again."""
-    manifest = corpus_folder.read_manifest(folder)
-    if manifest is None:
-        raise InputError(f"{folder} is not a corpus folder (no {corpus_folder.MANIFEST}): run corpus.py embed first")
-    vectors = corpus_folder.all_vectors(folder)
-    if not manifest["normalize"]:  # a model published without Normalize: the index compares cosines all the same
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    counts = {p.name: corpus_folder.count_rows(p) for p in corpus_folder.shards(folder)}
-    before = manifest.get("index", {}).get("shards", {})
-    grown = (exact is None and before and (folder / corpus_folder.INDEX).is_file()
-             and list(counts.items())[:len(before)] == list(before.items()))
-    started = time.perf_counter()
-    if grown:
-        index = vector_index.load(folder / corpus_folder.INDEX)
-        index = vector_index.extend(index, vectors, sum(before.values()))
-    else:
-        index = vector_index.build(vectors, exact)
-    built = time.perf_counter() - started
-    recall = vector_index.recall_at_10(index, vectors)
-    corpus_folder.write_whole(folder / corpus_folder.INDEX, lambda temporary: vector_index.save(index, temporary))
-    manifest["index"] = {"kind": vector_index.kind(index), "vectors": len(vectors), "build_seconds": round(built, 1),
-                         "built": "extended" if grown else "built", "bytes": (folder / corpus_folder.INDEX).stat().st_size,
-                         "recall_at_10": round(recall, 4), "recall_measured_on": min(1000, len(vectors)), "shards": counts}
-    corpus_folder.write_manifest(folder, manifest)
-    print(f"index: {manifest['index']['kind']} over {len(vectors):,} vectors, {manifest['index']['built']} in "
-          f"{built:.1f} s, recall@10 {recall:.3f} against exact search", file=sys.stderr)
-    return manifest
-
-
-def search_corpus(folder: Path, queries: list[str], model, k: int = 10, query_prompt: str | None = None,
-                  bf16: bool | None = None) -> list[list[dict]]:
-    """The `k` nearest texts of each query: [{id, text, score}], best first. Each query takes the
-    model's query prompt (or the one chosen), as retrieval does; the model must be the corpus's."""
-    manifest = corpus_folder.read_manifest(folder)
-    if manifest is None or not (folder / corpus_folder.INDEX).is_file():
-        raise InputError(f"{folder} has no index: run corpus.py embed (or corpus.py index) first")
-    if fingerprint.of(model) != manifest["fingerprint"]:
-        raise InputError(f"the corpus in {folder} was embedded with {manifest['model']} (version "
-                         f"{manifest.get('version') or '-'}); search it with that model")
-    input_ids, skip = model.tokenize(queries, prompt=chosen_prompt(model, "query", query_prompt))
-    vectors = model.encode_ids(input_ids, 128, False, manifest["dtype"] == "bf16" if bf16 is None else bf16, skip)
-    if not manifest["normalize"]:
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    scores, rows = vector_index.search(vector_index.load(folder / corpus_folder.INDEX), vectors, k)
-    found = corpus_folder.rows_of(folder, rows)
-    return [[{**found[q * rows.shape[1] + j], "score": round(float(scores[q, j]), 4)}
-             for j in range(rows.shape[1]) if rows[q, j] >= 0] for q in range(len(queries))]
-
-
-def corpus_of(out: Path, home: Path | None) -> Path:
-    """The folder to search: OUT itself, or, for a home, the folder of the version it serves now."""
-    if home is None:
-        return out
-    from state import home_state
-    served = home_state.current_version(home)["version"]
-    if not (out / served / corpus_folder.MANIFEST).is_file():
-        held = sorted(p.parent.name for p in out.glob(f"*/{corpus_folder.MANIFEST}"))
-        raise InputError(f"{home} serves {served} and {out} holds {', '.join(held) or 'no version'}: run corpus.py embed "
-                         f"--home {home} --out {out} again (meanwhile, search {out}/{held[-1] if held else '...'} itself)")
-    return out / served
-
-
 # ------------------------------------------------------------------------------------------ command line
 
 def main(argv: list[str] | None = None) -> None:
     """`corpus.py embed|index|search ...`: each command parses its own options."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"embed": embed_main, "index": index_main, "search": search_main}
+    commands = {"embed": embed_main, "index": corpus_search.index_main, "search": corpus_search.search_main}
     if not argv or argv[0] not in commands:
         raise InputError(f"use: python corpus.py {{{','.join(commands)}}} ... (--help after the command for its options)")
     commands[argv[0]](argv[1:])
@@ -351,57 +276,6 @@ def embed_main(argv: list[str]) -> None:
     run = manifest["last_run"]
     print(f"{manifest['texts']:,} texts in {Path(args.out) / (version or '')}: {run['embedded']:,} embedded at "
           f"{run['texts_per_second'] or 0:,} texts/s, peak memory {run['peak_memory_mib']:,} MiB")
-
-
-def index_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="corpus.py index", description="Build a corpus folder's index again.")
-    parser.add_argument("folder", metavar="DIR")
-    parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
-                        help=f"exact search (default: exact up to {vector_index.EXACT_UP_TO:,} vectors)")
-    errors.add_debug_flag(parser)
-    args = paths.parse(parser, argv)
-    index_corpus(Path(args.folder), args.exact)
-
-
-def search_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="corpus.py search", description="The nearest texts of a query, or of "
-                                     "each line of a file.")
-    parser.add_argument("folder", metavar="DIR")
-    parser.add_argument("query", nargs="?")
-    parser.add_argument("--queries", metavar="FILE", help="one query a line")
-    parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--home", metavar="DIR", help="a flywheel home: search its served version's folder in DIR")
-    parser.add_argument("--query-prompt", help="a prompt name of the model's, or none (default: its query prompt)")
-    parser.add_argument("--out", metavar="OUT", help="the hits as JSON Lines, one query a line (default: printed)")
-    parser.add_argument("--device", default="auto")
-    errors.add_debug_flag(parser)
-    search_command(paths.parse(parser, argv))
-
-
-def search_command(args) -> None:
-    if (args.query is None) == (args.queries is None):
-        raise InputError("give one query, or --queries FILE")
-    if args.k < 1:
-        raise InputError("-k must be at least 1")
-    folder = corpus_of(Path(args.folder), Path(args.home) if args.home else None)
-    manifest = corpus_folder.read_manifest(folder)
-    if manifest is None:
-        raise InputError(f"{folder} is not a corpus folder (no {corpus_folder.MANIFEST}): run corpus.py embed first")
-    from model import load_model, pick_device
-    model = load_model(manifest["model"]).to(pick_device(args.device)).eval()
-    queries = [args.query] if args.query is not None else [r.text for r in corpus_input.rows(Path(args.queries))]
-    hits = search_corpus(folder, queries, model, args.k, args.query_prompt)
-    print(f"answering with {manifest['model']} (version {manifest.get('version') or '-'}), "
-          f"{manifest['index']['kind']} index over {manifest['index']['vectors']:,} texts", file=sys.stderr)
-    if args.out:
-        with open(args.out, "w") as f:
-            for query, found in zip(queries, hits):
-                f.write(json.dumps({"query": query, "hits": found}, ensure_ascii=False) + "\n")
-        return
-    for query, found in zip(queries, hits):
-        print(f"{query}")
-        for hit in found:
-            print(f"  {hit['score']:.3f}  {hit['id']}  {hit['text']}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import modal
 
 import corpus
 import corpus_folder
+import corpus_search
 
 app = modal.App("embed-ft-corpus")
 image = (
@@ -36,7 +37,7 @@ image = (
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "numpy==2.4.6", "safetensors==0.8.0", "tqdm==4.70.1",
                     "pyarrow==26.0.1", "faiss-cpu==1.15.1", "datasets==5.2.0", "openai==3.57.0")
     .env({"HF_HOME": "/data/huggingface", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("corpus", "corpus_folder", "corpus_input", "vector_index", "fingerprint", "errors", "paths",
+    .add_local_python_source("corpus", "corpus_folder", "corpus_input", "corpus_search", "vector_index", "fingerprint", "errors", "paths",
                              "data", "model", "jsonl", "packing", "pooling", "st_layout", "sources",
                              # what corpus.py imports for a home's versions: never called in a container
                              "server", "state", "history", "evaluate", "paired", "openai_embeddings", "cpu_threads")
@@ -54,7 +55,7 @@ def plan(source: str, out: str, model_name: str, shard_size: int = SHARD_SIZE, d
     """{"shards": [(number, its rows' line numbers)] still to embed, "dropped": stored rows dropped}. The
     vectors will be made on GPUs in bf16, so the manifest says bf16 whatever this container computes on."""
     model = loaded(model_name, device)
-    prompt = corpus.chosen_prompt(model, "document", document_prompt)
+    prompt = model.layout.prompt_chosen("document", document_prompt)
     made_by = corpus.identity(model, model_name, None, prompt, bf16)
     todo, number, dropped = corpus.plan(Path(source), Path(out), made_by, columns or {})
     return {"shards": [(number + k, todo[start:start + shard_size].tolist())
@@ -70,14 +71,14 @@ def embed_part(source: str, out: str, model_name: str, number: int, lines: list[
         return 0
     model = loaded(model_name, device)
     ids, texts = next(corpus.rows_of_shards(Path(source), columns or {}, np.array(lines), len(lines)))
-    return corpus.embed_shard(model, ids, texts, path, corpus.chosen_prompt(model, "document", document_prompt),
+    return corpus.embed_shard(model, ids, texts, path, model.layout.prompt_chosen("document", document_prompt),
                               batch_size, bf16)
 
 
 def finish(source: str, out: str, run: dict) -> dict:
     """The manifest's counts and the index over every shard."""
     corpus.finish(Path(out), Path(source), run)
-    return corpus.index_corpus(Path(out))
+    return corpus_search.index_corpus(Path(out))
 
 
 @functools.cache

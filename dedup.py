@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import corpus
 import corpus_folder
 import corpus_input
+import corpus_search
 import data
 import errors
 import paths
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     if not manifest["normalize"]:
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     if not (folder / corpus_folder.INDEX).is_file():
-        corpus.index_corpus(folder)
+        corpus_search.index_corpus(folder)
     index = vector_index.load(folder / corpus_folder.INDEX)
     left, right, score = near_duplicates(index, vectors, threshold, progress=True)
     found = groups(len(vectors), left, right, score)

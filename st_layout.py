@@ -66,6 +66,17 @@ class Layout:
                 return self.prompts[name]
         return self.prompts.get(self.default_prompt_name, "") if self.default_prompt_name else ""
 
+    def prompt_chosen(self, role: str, choice: str | None) -> str:
+        """The prompt a role's texts take (`prompt_for`), or the user's choice: a prompt the model
+        names, or "none" for no prompt (`--query-prompt`, `--document-prompt`)."""
+        if choice is None:
+            return self.prompt_for(role)
+        if choice == "none":
+            return ""
+        if choice not in self.prompts:
+            raise InputError(f"the model names no prompt {choice!r}; it names {', '.join(map(repr, self.prompts)) or 'none'}")
+        return self.prompts[choice]
+
     def describe(self) -> str:
         """The pipeline in words, for a run's log and the model card."""
         steps = [f"{self.pooling} pooling" + ("" if self.include_prompt else " (prompt tokens excluded)")]

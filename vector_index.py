@@ -1,8 +1,8 @@
 """A nearest-neighbour index over a corpus's vectors (unit rows, so inner product is cosine).
 
     index = build(vectors)                       # exact up to EXACT_UP_TO vectors, HNSW above
-    index = extend(index, vectors, held)         # the vectors past the first `held` added
-    recall = recall_at_10(index, vectors)        # against exact search, on a sample of the corpus's own vectors
+    index = extend(index, new_vectors)           # a grown corpus's new vectors added
+    recall = recall_at_10(index)                 # against exact search, on a sample of the index's own vectors
     scores, rows = search(index, queries, k=10)  # rows: positions in the corpus's order
     save(index, path); index = load(path)      # corpus_folder.write_whole makes the save whole or nothing
 
@@ -42,13 +42,13 @@ def build(vectors: np.ndarray, exact: bool | None = None, progress: bool = False
     return index
 
 
-def extend(index, vectors: np.ndarray, held: int):
-    """The index over all `vectors`, of which it holds the first `held`: the rest added (a graph links
-    each new vector in as a build would); an exact index that grows past EXACT_UP_TO is built again
-    as a graph."""
-    if kind(index) == "exact" and len(vectors) > EXACT_UP_TO:
-        return build(vectors)
-    index.add(np.ascontiguousarray(vectors[held:], dtype=np.float32))
+def extend(index, vectors: np.ndarray):
+    """The index with `vectors` added after those it holds (a graph links each new vector in as a build
+    would); an exact index that grows past EXACT_UP_TO is built again as a graph."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if kind(index) == "exact" and index.ntotal + len(vectors) > EXACT_UP_TO:
+        return build(np.concatenate([index.reconstruct_n(0, index.ntotal), vectors]))
+    index.add(vectors)
     return index
 
 
@@ -64,28 +64,34 @@ def search(index, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndar
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, max(index.ntotal, 1)))
 
 
-def recall_at_10(index, vectors: np.ndarray, sample: int = 1000, seed: int = 0) -> float:
-    """Of the 10 true nearest neighbours of `sample` of the corpus's own vectors (exact search), the
-    share the index finds: 1.0 for an exact index."""
+def recall_at_10(index, sample: int = 1000, seed: int = 0) -> float:
+    """Of the 10 true nearest neighbours of `sample` of the indexed vectors (exact search over the
+    vectors the graph stores, so no shard is read again), the share the index finds: 1.0 for an exact index."""
     if kind(index) == "exact":
         return 1.0
-    queries = vectors[np.random.default_rng(seed).choice(len(vectors), min(sample, len(vectors)), replace=False)]
-    truth = exact_neighbours(vectors, queries, 10)
+    import faiss
+    stored = faiss.downcast_index(index.storage)
+    rows = np.sort(np.random.default_rng(seed).choice(index.ntotal, min(sample, index.ntotal), replace=False))
+    queries = np.stack([stored.reconstruct(int(r)) for r in rows])
+    _, truth = stored.search(queries, 10)
     _, found = search(index, queries, 10)
     return float(np.mean([len(set(t) & set(f)) / len(t) for t, f in zip(truth.tolist(), found.tolist())]))
 
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 50_000) -> np.ndarray:
-    """The rows of the k best inner products of each query, by brute force a chunk of vectors at a time."""
+    """The rows of the k best inner products of each query, best first, by brute force a chunk of
+    vectors at a time; each chunk's k best are picked by partition (a full sort of a million scores a
+    query is what made this the slow part of a grown corpus's index)."""
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
     best_rows = np.zeros((len(queries), 0), np.int64)
     for start in range(0, len(vectors), chunk):
-        scores = queries @ vectors[start:start + chunk].T
-        rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
-        best_scores, best_rows = np.hstack([best_scores, scores]), np.hstack([best_rows, rows])
-        keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
-        best_scores, best_rows = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_rows, keep, 1)
-    return best_rows
+        new = queries @ vectors[start:start + chunk].T
+        scores = np.hstack([best_scores, new])
+        rows = np.hstack([best_rows, np.broadcast_to(np.arange(start, start + new.shape[1]), new.shape)])
+        keep = np.argpartition(-scores, k - 1, axis=1)[:, :k] if scores.shape[1] > k else np.arange(scores.shape[1])[None]
+        best_scores, best_rows = np.take_along_axis(scores, keep, 1), np.take_along_axis(rows, keep, 1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_rows, order, 1)
 
 
 def save(index, path: Path) -> None:

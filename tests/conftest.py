@@ -66,6 +66,18 @@ def synthetic_pairs(n: int, seed: int) -> list[tuple[str, str, int]]:
     return pairs
 
 
+def corpus_texts(n: int, seed: int = 0) -> list[str]:
+    """n distinct texts of a corpus (a topic's words, filler, a number): what the corpus tests embed."""
+    rng = random.Random(seed)
+    return [" ".join(rng.sample(TOPICS[rng.randrange(len(TOPICS))], 2) + rng.sample(FILLER, 4) + [str(i)]) for i in range(n)]
+
+
+def write_table(path: Path, rows, header=("id", "text")) -> Path:
+    """A corpus table of (id, text) rows, tab-separated."""
+    path.write_text("\t".join(header) + "\n" + "".join(f"{i}\t{t}\n" for i, t in rows))
+    return path
+
+
 def write_tsv(path: Path, pairs, header=("question1", "question2", "is_duplicate")) -> Path:
     path.write_text("\t".join(header) + "\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in pairs))
     return path

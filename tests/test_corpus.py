@@ -1,7 +1,7 @@
 """corpus.py on a tiny model and small corpora: the shards and manifest, resume after kill -9, a grown
-corpus, another model, search, and bad input (one line each, nothing half-written)."""
+corpus, another model, and bad input (one line each, nothing half-written)."""
 import os
-import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,21 +10,11 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import FILLER, ROOT, TOPICS, run_cli
+from conftest import ROOT, corpus_texts, run_cli, write_table
 
 import corpus
 import corpus_folder
 from model import load_model
-
-
-def texts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.sample(TOPICS[rng.randrange(len(TOPICS))], 2) + rng.sample(FILLER, 4) + [str(i)]) for i in range(n)]
-
-
-def write_table(path, rows, header=("id", "text")):
-    path.write_text("\t".join(header) + "\n" + "".join(f"{i}\t{t}\n" for i, t in rows))
-    return path
 
 
 @pytest.fixture
@@ -42,14 +32,14 @@ def shard_rows(folder):
 
 
 def test_shards_hold_each_text_once_with_the_vector_the_model_gives(tiny, tmp_path):
-    lines = texts(250) + texts(5)           # the first five texts twice: one row each
+    lines = corpus_texts(250) + corpus_texts(5)           # the first five texts twice: one row each
     (tmp_path / "c.txt").write_text("\n".join(lines) + "\n\n")
     manifest = corpus.embed_corpus(tmp_path / "c.txt", tmp_path / "out", tiny, "tiny", shard_size=100, bf16=False)
     rows = shard_rows(tmp_path / "out")
-    assert [t for _, t, _ in rows] == texts(250) and len({i for i, _, _ in rows}) == 250
+    assert [t for _, t, _ in rows] == corpus_texts(250) and len({i for i, _, _ in rows}) == 250
     assert [p.name for p in corpus_folder.shards(tmp_path / "out")] == ["shard-00000.parquet", "shard-00001.parquet",
                                                                        "shard-00002.parquet"]
-    expected = tiny.encode(texts(250), role="document", bf16=False)
+    expected = tiny.encode(corpus_texts(250), role="document", bf16=False)
     np.testing.assert_allclose(np.array([v for *_, v in rows]), expected, atol=1e-5)
     schema = pq.read_schema(corpus_folder.shards(tmp_path / "out")[0])
     assert str(schema.field("vector").type) == f"fixed_size_list<element: float>[{tiny.dim}]"
@@ -58,9 +48,9 @@ def test_shards_hold_each_text_once_with_the_vector_the_model_gives(tiny, tmp_pa
 
 
 def test_a_grown_corpus_embeds_only_what_is_new_and_drops_what_is_gone(tiny, tmp_path):
-    first = [(f"q{i}", t) for i, t in enumerate(texts(200))]
+    first = [(f"q{i}", t) for i, t in enumerate(corpus_texts(200))]
     corpus.embed_corpus(write_table(tmp_path / "c.tsv", first), tmp_path / "out", tiny, "tiny", shard_size=64, bf16=False)
-    grown = first[10:] + [("q11", "a changed text t0a t0b")] + [(f"new{i}", t) for i, t in enumerate(texts(10, seed=9))]
+    grown = first[10:] + [("q11", "a changed text t0a t0b")] + [(f"new{i}", t) for i, t in enumerate(corpus_texts(10, seed=9))]
     grown = [r for r in grown if r[0] != "q11"] + [("q11", "a changed text t0a t0b")]
     manifest = corpus.embed_corpus(write_table(tmp_path / "c.tsv", grown), tmp_path / "out", tiny, "tiny", shard_size=64,
                                    bf16=False)
@@ -73,7 +63,7 @@ def test_a_grown_corpus_embeds_only_what_is_new_and_drops_what_is_gone(tiny, tmp
 
 
 def test_another_model_never_mixes_into_a_folder(tiny, tiny_model_dir, tmp_path, capsys):
-    write_table(tmp_path / "c.tsv", [(f"q{i}", t) for i, t in enumerate(texts(20))])
+    write_table(tmp_path / "c.tsv", [(f"q{i}", t) for i, t in enumerate(corpus_texts(20))])
     corpus.embed_corpus(tmp_path / "c.tsv", tmp_path / "out", tiny, "tiny", bf16=False)
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     code, err = run_cli(corpus.main, ["embed", str(tmp_path / "c.tsv"), "--model", str(tiny_model_dir), "--out",
@@ -83,17 +73,16 @@ def test_another_model_never_mixes_into_a_folder(tiny, tiny_model_dir, tmp_path,
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
-def test_search_finds_a_corpus_text_by_itself(tiny, tmp_path):
-    corpus_texts = texts(120)
-    (tmp_path / "c.txt").write_text("\n".join(corpus_texts) + "\n")
-    corpus.embed_corpus(tmp_path / "c.txt", tmp_path / "out", tiny, "tiny", bf16=False)
-    hits = corpus.search_corpus(tmp_path / "out", corpus_texts[:3], tiny, k=4, bf16=False)
-    assert [h[0]["text"] for h in hits] == corpus_texts[:3] and all(len(h) == 4 for h in hits)
-    assert all(h[0]["score"] == pytest.approx(1.0, abs=1e-4) and h[0]["score"] >= h[1]["score"] for h in hits)
-    corpus.index_corpus(tmp_path / "out", exact=False)  # the graph index: recall measured against exact search
-    manifest = corpus_folder.read_manifest(tmp_path / "out")
-    assert manifest["index"]["kind"].startswith("hnsw") and 0.9 <= manifest["index"]["recall_at_10"] <= 1.0
 
+def test_a_folder_that_is_not_a_corpus_is_never_written_into(tiny_model_dir, tmp_path, capsys):
+    write_table(tmp_path / "c.tsv", [(f"q{i}", t) for i, t in enumerate(corpus_texts(20))])
+    model_folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_folder)
+    before = {p.name: p.read_bytes() for p in model_folder.iterdir() if p.is_file()}
+    code, err = run_cli(corpus.main, ["embed", str(tmp_path / "c.tsv"), "--model", str(tiny_model_dir), "--out",
+                                      str(model_folder)], capsys)
+    assert code == 2 and "holds files and no corpus manifest" in err
+    assert {p.name: p.read_bytes() for p in model_folder.iterdir() if p.is_file()} == before
 
 def embed_process(tiny_model_dir, source, out, limit_bytes=None, shard_size=50):
     """`corpus.py embed` as a user runs it, in its own process (one thread, fp32)."""
@@ -108,7 +97,7 @@ def embed_process(tiny_model_dir, source, out, limit_bytes=None, shard_size=50):
 
 
 def test_kill_9_then_the_same_command_finishes_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    (tmp_path / "c.txt").write_text("\n".join(texts(1500)) + "\n")
+    (tmp_path / "c.txt").write_text("\n".join(corpus_texts(1500)) + "\n")
     killed = embed_process(tiny_model_dir, tmp_path / "c.txt", tmp_path / "resumed")
     deadline = time.time() + 60
     while len(corpus_folder.shards(tmp_path / "resumed")) < 2 and killed.poll() is None and time.time() < deadline:
@@ -127,7 +116,7 @@ def test_kill_9_then_the_same_command_finishes_as_an_uninterrupted_run(tiny_mode
 
 
 def test_a_disk_that_fills_mid_shard_leaves_whole_shards_and_one_line(tiny_model_dir, tmp_path):
-    (tmp_path / "c.txt").write_text("\n".join(texts(400)) + "\n")
+    (tmp_path / "c.txt").write_text("\n".join(corpus_texts(400)) + "\n")
     process = embed_process(tiny_model_dir, tmp_path / "c.txt", tmp_path / "out", limit_bytes=20_000, shard_size=200)
     assert process.wait(timeout=120) == 2
     err = process.stderr.read().strip().splitlines()[-1]
@@ -166,7 +155,7 @@ def test_a_home_corpus_follows_its_versions_and_the_server_keeps_the_one_it_name
     from state import home_state
     home, out = tmp_path / "fw", tmp_path / "corpus"
     flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--init"])
-    (tmp_path / "c.txt").write_text("\n".join(texts(60)) + "\n")
+    (tmp_path / "c.txt").write_text("\n".join(corpus_texts(60)) + "\n")
     embed = ["embed", str(tmp_path / "c.txt"), "--home", str(home), "--out", str(out), "--dtype", "fp32", "--device", "cpu"]
     corpus.main(embed)
     assert corpus_folder.read_manifest(out / "base")["version"] == "base"
@@ -184,34 +173,6 @@ def test_a_home_corpus_follows_its_versions_and_the_server_keeps_the_one_it_name
     assert corpus_folder.read_manifest(out / "round-002")["version"] == "round-002" and (out / "base").is_dir()
     assert [p["version"] for p in served_pointers(home)] == ["round-001", "round-002"]
     capsys.readouterr()
-    corpus.main(["search", str(out), texts(60)[7], "--home", str(home), "-k", "1", "--device", "cpu"])
+    corpus.main(["search", str(out), corpus_texts(60)[7], "--home", str(home), "-k", "1", "--device", "cpu"])
     captured = capsys.readouterr()
-    assert "(version round-002)" in captured.err and texts(60)[7] in captured.out
-
-
-def test_parquet_rows_from_a_line_on_skip_whole_row_groups_and_keep_the_numbers(tmp_path):
-    import pyarrow as pa
-
-    import corpus_input
-    column = texts(50)
-    column[23] = ""  # an empty text: skipped, yet every later row keeps its number
-    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(50)], "text": column}), tmp_path / "c.parquet", row_group_size=7)
-    everything = list(corpus_input.rows(tmp_path / "c.parquet"))
-    assert len(everything) == 49 and everything[23].line == 25 and everything[23].id == "d24"
-    assert list(corpus_input.rows(tmp_path / "c.parquet", start_line=20)) == [r for r in everything if r.line >= 20]
-
-
-@pytest.mark.parametrize("exact", [True, False])
-def test_a_corpus_grown_with_nothing_dropped_adds_to_its_index(tiny, tmp_path, exact):
-    rows = [(f"q{i}", t) for i, t in enumerate(texts(150))]
-    out = tmp_path / "out"
-    corpus.embed_corpus(write_table(tmp_path / "c.tsv", rows[:100]), out, tiny, "tiny", shard_size=40, bf16=False,
-                        build_index=False)
-    corpus.index_corpus(out, exact=exact)
-    manifest = corpus.embed_corpus(write_table(tmp_path / "c.tsv", rows), out, tiny, "tiny", shard_size=40, bf16=False)
-    assert manifest["index"]["built"] == "extended" and manifest["index"]["vectors"] == 150
-    assert manifest["index"]["kind"].startswith("exact" if exact else "hnsw")
-    hits = corpus.search_corpus(out, [t for _, t in rows[120:125]], tiny, k=1, bf16=False)
-    assert [h[0]["id"] for h in hits] == [i for i, _ in rows[120:125]]
-    shrunk = corpus.embed_corpus(write_table(tmp_path / "c.tsv", rows[5:]), out, tiny, "tiny", shard_size=40, bf16=False)
-    assert shrunk["index"]["built"] == "built" and shrunk["index"]["vectors"] == 145  # rows dropped: built again
+    assert "(version round-002)" in captured.err and corpus_texts(60)[7] in captured.out

@@ -282,3 +282,12 @@ def test_a_model_that_runs_its_own_code_trains_saves_loads_in_sentence_transform
     with LoopbackServer(serve.make_app(None, str(out), device=TEST_DEVICE, precision="fp32")) as server:
         served = openai.OpenAI(base_url=server.url + "/v1", api_key="unused").embeddings.create(model="any", input=TEXTS[:3])
         np.testing.assert_allclose([d.embedding for d in served.data], vectors[:3], atol=1e-5)
+
+
+def test_a_role_takes_the_models_prompt_the_one_chosen_or_none():
+    from st_layout import Layout
+    e5 = Layout(prompts={"query": "query: ", "passage": "passage: "})  # an e5-style folder
+    assert e5.prompt_chosen("query", None) == "query: " and e5.prompt_chosen("document", None) == "passage: "
+    assert e5.prompt_chosen("document", "none") == "" and e5.prompt_chosen("document", "query") == "query: "
+    with pytest.raises(InputError, match="names no prompt 'doc'; it names 'query', 'passage'"):
+        e5.prompt_chosen("document", "doc")

@@ -8,6 +8,7 @@ import pytest
 from conftest import run_cli, st_modules, synthetic_pairs, write_tsv
 
 import corpus
+import corpus_search
 import dedup
 import evaluate
 import flywheel
@@ -18,7 +19,7 @@ import train
 
 ENTRY_POINTS = {"train": train.main, "evaluate": evaluate.main, "dedup": dedup.main, "flywheel": flywheel.main,
                 "sweep": sweep.main, "serve": serve.main, "corpus embed": corpus.embed_main,
-                "corpus index": corpus.index_main, "corpus search": corpus.search_main}
+                "corpus index": corpus_search.index_main, "corpus search": corpus_search.search_main}
 # Options whose names say "a path" must declare a path kind (a metavar of paths.KINDS): the guard
 # against a path option added with a plain metavar, which the walk would not see.
 PATH_NAMES = {"model", "models", "base", "baseline", "data", "val", "test", "out", "home", "pairs", "cache", "json",
