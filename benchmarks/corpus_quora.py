@@ -2,7 +2,6 @@
 de-duplicated, as a user runs it: `corpus.py embed`, then search, then `dedup.py`, each a process.
 
     python benchmarks/corpus_quora.py --model DIR [--model DIR256 ...]     # results/corpus_quora.jsonl, a table
-    python benchmarks/corpus_quora.py --model DIR --old-dedup 100000,200000   # and today's dedup.py before the index
 
 For each model: the embedding job's time, texts/s and peak memory (its manifest); the index's kind,
 build time, size and recall@10 against exact search (its manifest); search on 1,000 questions of the
@@ -12,8 +11,8 @@ precision and recall on labelled pairs beside the exact pairwise decisions at th
 on the test split's pairs (no model here trained on them; the threshold of a published model is
 tuned on the validation split, --tune-on) and on all the file's pairs.
 
---old-dedup runs dedup.py as it was before the index (all n^2 pairs, connected components), taken
-from git, on the first N questions, each with a 30-minute limit: the largest corpus it finishes.
+dedup.py as it was before the index (every pair, connected components) has its own benchmark:
+benchmarks/dedup_before_index.py.
 """
 from __future__ import annotations
 
@@ -30,14 +29,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import corpus  # noqa: E402
 import corpus_folder  # noqa: E402
+import corpus_search  # noqa: E402
 import jsonl  # noqa: E402
 import vector_index  # noqa: E402
 from model import load_model  # noqa: E402
 
 QUORA = ROOT.parent / "shared" / "data" / "quora"
-OLD_DEDUP = "d3945ac"  # the last commit with dedup.py over all pairs
 
 
 def write_questions(path: Path) -> int:
@@ -71,11 +69,11 @@ def search_figures(folder: Path, model_dir: str, queries: list[str]) -> dict:
     manifest = corpus_folder.read_manifest(folder)
     model = load_model(model_dir).eval()
     index = vector_index.load(folder / corpus_folder.INDEX)
-    corpus.search_corpus(folder, queries[:10], model, k=10)  # warm: the model's first pass, the index read
+    corpus_search.search_corpus(folder, queries[:10], model, k=10)  # warm: the model's first pass, the index read
     started = time.perf_counter()
-    corpus.search_corpus(folder, queries, model, k=10)
+    corpus_search.search_corpus(folder, queries, model, k=10)
     end_to_end = time.perf_counter() - started
-    ids, skip = model.tokenize(queries, prompt=corpus.chosen_prompt(model, "query", None))
+    ids, skip = model.tokenize(queries, prompt=model.layout.prompt_chosen("query", None))
     vectors = model.encode_ids(ids, 128, False, manifest["dtype"] == "bf16", skip)
     started = time.perf_counter()
     _, found = vector_index.search(index, vectors, 10)
@@ -95,36 +93,10 @@ def dedup_figures(folder: Path, out: Path, model_dir: str, labels: list[Path]) -
     return {"seconds_whole_command": round(seconds, 1), **summary, "model": Path(summary["model"]).name}
 
 
-def old_dedup(questions: Path, sizes: list[int], model_dir: str, threshold: float, work: Path) -> list[dict]:
-    """dedup.py before the index, on the first N questions, each run limited to 30 minutes."""
-    script = work / "dedup_all_pairs.py"
-    script.write_text(subprocess.run(["git", "show", f"{OLD_DEDUP}:dedup.py"], cwd=ROOT, capture_output=True, text=True,
-                                     check=True).stdout)
-    rows = []
-    texts = [r[1] for r in csv.reader(open(questions, encoding="utf-8"), delimiter="\t")][1:]
-    for n in sizes:
-        subset = work / f"first-{n}.txt"
-        subset.write_text("\n".join(texts[:n]) + "\n")
-        started = time.perf_counter()
-        try:
-            code = subprocess.run([sys.executable, str(script), str(subset), "--model", model_dir, "--threshold", str(threshold),
-                                   "--out", str(work / f"old-groups-{n}.jsonl")], cwd=ROOT, timeout=1800,
-                                  env={"PYTHONPATH": str(ROOT), **__import__("os").environ},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            output = code.stdout.strip().splitlines()
-            rows.append({"texts": n, "seconds": round(time.perf_counter() - started, 1), "finished": code.returncode == 0,
-                         "said": [line for line in output if "groups holding" in line or line.startswith("time:")]})
-        except subprocess.TimeoutExpired:
-            rows.append({"texts": n, "seconds": 1800, "finished": False, "said": ["stopped at 30 minutes"]})
-        print(rows[-1])
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", required=True, help="a model folder (repeat for several)")
     parser.add_argument("--work", default="runs/corpus_quora")
-    parser.add_argument("--old-dedup", default="", help="N,N,...: today's dedup.py on the first N questions")
     parser.add_argument("--results", default="results/corpus_quora.jsonl")
     args = parser.parse_args()
     work = Path(args.work)
@@ -144,9 +116,6 @@ def main() -> None:
                "search": search_figures(folder, model_dir, queries),
                "dedup": dedup_figures(folder, work / f"{name}-dedup", model_dir,
                                       [test_pairs, QUORA / "quora_duplicate_questions.tsv.gz"])}
-        if args.old_dedup:
-            row["old_dedup"] = old_dedup(questions, [int(n) for n in args.old_dedup.split(",")], model_dir,
-                                         row["dedup"]["threshold"], work)
         jsonl.append(Path(args.results), row)
         print(json.dumps(row, indent=1))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--results", default="results/corpus_resume.jsonl")
     args = parser.parse_args()
     work = Path(args.work)
+    for folder in (work / "whole", work / "killed"):  # an earlier run's folders: this run starts from nothing
+        shutil.rmtree(folder, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     rows = list(csv.reader(open(args.texts, encoding="utf-8"), delimiter="\t"))
     header, body = rows[0], rows[1:]

@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino", "onnx-int8", "openvino-int8"])
     parser.add_argument("--export-to", help="where an ONNX or OpenVINO model is exported to (once), and read from")
     parser.add_argument("--batch-size", type=int, default=32, help="sentence-transformers' default")
+    parser.add_argument("--save", help="a .npy file for the vectors, in the file's order (benchmarks/int8_error.py reads it)")
     args = parser.parse_args()
     texts = [line.rstrip("\n") for line in open(args.texts, encoding="utf-8") if line.strip()]
     if args.backend == "openvino-int8" and not Path(args.export_to).is_dir():  # the calibration texts, as a dataset folder
@@ -59,6 +60,9 @@ def main() -> None:
     started = time.perf_counter()
     vectors = model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
     seconds = time.perf_counter() - started
+    if args.save:
+        import numpy as np
+        np.save(args.save, vectors)
     print(json.dumps({"backend": args.backend, "texts": len(texts), "width": int(vectors.shape[1]),
                       "seconds": round(seconds, 2), "texts_per_second": round(len(texts) / seconds, 1)}))
 
