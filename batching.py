@@ -8,7 +8,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-import data
+from embed_ft import data
 
 
 class Batch(NamedTuple):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import paired
-from sources import is_hub_id
+from embed_ft import paired
+from embed_ft.sources import is_hub_id
 
 TRANSFORMERS_SNIPPET = '''import json, torch, torch.nn.functional as F
 from pathlib import Path
@@ -81,7 +81,7 @@ def render(metrics: dict, directory: Path) -> str:
          if "retrieval" in metrics.get(key, {})] + [
         "",
         "## Use it", "", "embed-ft (`Embedder.load`; `is_duplicate` applies the stored threshold):", "", "```python",
-        "from model import Embedder", f'embedder = Embedder.load("{directory.name}")',
+        "from embed_ft.model import Embedder", f'embedder = Embedder.load("{directory.name}")',
         'print(embedder.is_duplicate(["How do I learn Python?"], ["What is the best way to learn Python?"]))',
         "```", "", "sentence-transformers (3.x to 6.x):", "", "```python",
         "from sentence_transformers import SentenceTransformer",

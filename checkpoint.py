@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from errors import InputError, first_line
+from embed_ft.errors import InputError, first_line
 
 FILE = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"

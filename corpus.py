@@ -37,13 +37,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-import corpus_folder
-import corpus_input
-import corpus_search
-import errors
-import fingerprint
-import paths
-from errors import InputError
+from embed_ft import corpus_folder, corpus_input, corpus_search, errors, fingerprint, paths
+from embed_ft.errors import InputError
 
 SHARD_SIZE = 10_000
 IDENTITY = ("fingerprint", "version", "pooling", "prompt", "width", "dtype", "normalize", "max_length")
@@ -54,13 +49,13 @@ IDENTITY = ("fingerprint", "version", "pooling", "prompt", "width", "dtype", "no
 def open_model(model: str | None, home: Path | None, device: str = "auto") -> tuple[object, str, str | None]:
     """The model to embed with, its name as the user gave it, and the home's version (None without --home)."""
     if home is not None:
-        from server.versions import load_pointer
-        from state import home_state
+        from embed_ft.state import home_state
+        from embed_ft.server.versions import load_pointer
         pointer = home_state.current_version(home)
         version = load_pointer(home, pointer, device)
         name = str(home / pointer["path"]) if pointer["path"] else json.loads((home / "flywheel.json").read_text())["base"]
         return version.model, name, version.id
-    from model import load_model, pick_device
+    from embed_ft.model import load_model, pick_device
     return load_model(model).to(pick_device(device)).eval(), model, None
 
 
@@ -88,7 +83,7 @@ def embed_corpus(source: Path, out: Path, model, name: str, version: str | None 
                  build_index: bool = True, progress: bool | None = None) -> dict:
     """Embed every text of `source` not yet in `out` (a folder of the model's, see the module's
     docstring), drop what the source no longer holds, then build the index. Returns the manifest."""
-    from model import cpu_has_bf16
+    from embed_ft.model import cpu_has_bf16
     bf16 = (model.device.type == "cuda" or cpu_has_bf16()) if bf16 is None else bf16
     prompt = model.layout.prompt_chosen("document", document_prompt)
     columns = {"id_column": id_column, "text_column": text_column}
@@ -110,7 +105,7 @@ def embed_corpus(source: Path, out: Path, model, name: str, version: str | None 
     if build_index:
         manifest = corpus_search.index_corpus(folder)
     if home is not None:  # the home's servers keep this version while the corpus names it
-        from state import home_state
+        from embed_ft.state import home_state
         home_state.name_corpus(home, out, version)
     return manifest
 

@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from errors import InputError
-from jsonl import write_json
+from embed_ft.errors import InputError
+from embed_ft.jsonl import write_json
 
 MANIFEST = "manifest.json"
 INDEX = "index.faiss"

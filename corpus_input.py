@@ -21,8 +21,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-import data
-from errors import InputError
+from embed_ft import data
+from embed_ft.errors import InputError
 
 TEXT_COLUMNS = ("text", "sentence", "question", "content", "body", "passage", "document")
 ID_COLUMNS = ("id", "_id", "doc_id", "qid")

@@ -27,9 +27,7 @@ from pathlib import Path
 
 import modal
 
-import corpus
-import corpus_folder
-import corpus_search
+from embed_ft import corpus, corpus_folder, corpus_search
 
 app = modal.App("embed-ft-corpus")
 image = (
@@ -37,8 +35,9 @@ image = (
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "numpy==2.4.6", "safetensors==0.8.0", "tqdm==4.70.1",
                     "pyarrow==26.0.1", "faiss-cpu==1.15.1", "datasets==5.2.0", "openai==3.57.0")
     .env({"HF_HOME": "/data/huggingface", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("corpus", "corpus_folder", "corpus_input", "corpus_search", "vector_index", "fingerprint", "errors", "paths",
-                             "data", "model", "jsonl", "packing", "pooling", "st_layout", "sources",
+    .add_local_python_source("embed_ft",  # the name the modules below are imported by: embed_ft/__init__.py
+                             "corpus", "corpus_folder", "corpus_input", "corpus_search", "vector_index", "fingerprint",
+                             "errors", "paths", "data", "model", "jsonl", "packing", "pooling", "st_layout", "sources",
                              # what corpus.py imports for a home's versions: never called in a container
                              "server", "state", "history", "evaluate", "paired", "openai_embeddings", "cpu_threads")
 )
@@ -84,7 +83,7 @@ def finish(source: str, out: str, run: dict) -> dict:
 @functools.cache
 def loaded(model_name: str, device: str):
     """The model, once a container."""
-    from model import load_model, pick_device
+    from embed_ft.model import load_model, pick_device
     return load_model(model_name).to(pick_device(device)).eval()
 
 

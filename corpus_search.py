@@ -21,13 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-import corpus_folder
-import corpus_input
-import errors
-import fingerprint
-import paths
-import vector_index
-from errors import InputError
+from embed_ft import corpus_folder, corpus_input, errors, fingerprint, paths, vector_index
+from embed_ft.errors import InputError
 
 
 # ------------------------------------------------------------------------------------------ the index
@@ -95,7 +90,7 @@ def corpus_of(out: Path, home: Path | None) -> Path:
     """The folder to search: OUT itself, or, for a home, the folder of the version it serves now."""
     if home is None:
         return out
-    from state import home_state
+    from embed_ft.state import home_state
     served = home_state.current_version(home)["version"]
     if not (out / served / corpus_folder.MANIFEST).is_file():
         held = sorted(p.parent.name for p in out.glob(f"*/{corpus_folder.MANIFEST}"))
@@ -138,7 +133,7 @@ def search_command(args) -> None:
     manifest = corpus_folder.read_manifest(folder)
     if manifest is None:
         raise InputError(f"{folder} is not a corpus folder (no {corpus_folder.MANIFEST}): run corpus.py embed first")
-    from model import load_model, pick_device
+    from embed_ft.model import load_model, pick_device
     model = load_model(manifest["model"]).to(pick_device(args.device)).eval()
     queries = [args.query] if args.query is not None else [r.text for r in corpus_input.rows(Path(args.queries))]
     hits = search_corpus(folder, queries, model, args.k, args.query_prompt)

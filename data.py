@@ -18,8 +18,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from errors import InputError
-from sources import is_hub_id
+from embed_ft.errors import InputError
+from embed_ft.sources import is_hub_id
 
 Pair = tuple[str, str, int]
 

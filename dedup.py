@@ -36,15 +36,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-import corpus
-import corpus_folder
-import corpus_input
-import corpus_search
-import data
-import errors
-import paths
-import vector_index
-from errors import InputError
+from embed_ft import corpus, corpus_folder, corpus_input, corpus_search, data, errors, paths, vector_index
+from embed_ft.errors import InputError
 
 NEIGHBOURS = 32          # nearest texts asked of the index for each text, at first
 MOST_NEIGHBOURS = 1024   # a text whose every neighbour asked is a near-duplicate is asked again, up to this many
@@ -118,7 +111,7 @@ def threshold_for(given: float | None, model, tune_on: str | None) -> float:
     if given is not None:
         return given
     if tune_on:
-        import evaluate
+        from embed_ft import evaluate
         pairs = data.load_pairs(tune_on)
         evaluate.check_both_classes(pairs, "--tune-on")
         return evaluate.best_threshold(evaluate.cosine_scores(model, pairs), evaluate.labels_of(pairs))
@@ -147,7 +140,7 @@ def corpus_from(source: Path, out: Path, args) -> tuple[Path, list[data.Pair]]:
         texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
         source = out / "texts.txt"
         source.write_text("".join(t.replace("\n", " ") + "\n" for t in texts))
-    from model import load_model, pick_device
+    from embed_ft.model import load_model, pick_device
     model = load_model(args.model).to(pick_device(args.device)).eval()
     # every text takes the model's default prompt: the one its threshold was tuned with
     corpus.embed_corpus(source, out / "corpus", model, args.model, id_column=args.id_column, text_column=args.text_column,
@@ -180,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     folder, pairs = corpus_from(Path(args.source), out, args)
     manifest = corpus_folder.read_manifest(folder)
-    from model import load_model, pick_device
+    from embed_ft.model import load_model, pick_device
     model = load_model(manifest["model"]).to(pick_device(args.device)).eval()
     threshold = threshold_for(args.threshold, model, args.tune_on)
     if manifest["prompt"] != model.layout.prompt_for("default") and args.threshold is None:

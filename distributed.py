@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import checkpoint
-from options import Config, to_flags
+from embed_ft import checkpoint
+from embed_ft.options import Config, to_flags
 
 
 def setup(device: str = "auto") -> tuple[int, int]:

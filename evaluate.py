@@ -18,12 +18,9 @@ from typing import Protocol
 
 import numpy as np
 
-import errors
-import data
-import paired
-import paths
-from errors import InputError
-from sources import OPENAI, model_kind
+from embed_ft import errors, data, paired, paths
+from embed_ft.errors import InputError
+from embed_ft.sources import OPENAI, model_kind
 
 
 class Encoder(Protocol):
@@ -260,10 +257,10 @@ def open_encoder(model: str, dimensions: int | None = None, base_url: str | None
     (a sentence-transformers folder, a run's output, whole; or a pretrained model as published),
     with the prompt chosen. `dimensions` truncates (Matryoshka) either."""
     if model_kind(model) == "openai":
-        from openai_embeddings import OpenAIEmbedder
+        from embed_ft.openai_embeddings import OpenAIEmbedder
         extra = {"cache_path": cache_path} if cache_path else {}
         return OpenAIEmbedder(model.removeprefix(OPENAI), dimensions, base_url, **extra)
-    from model import load_model, pick_device
+    from embed_ft.model import load_model, pick_device
     encoder = load_model(model).to(pick_device(device))
     encoder.choose_prompt(prompt_name, prompt)
     return Truncated(encoder, dimensions) if dimensions else encoder
@@ -271,7 +268,7 @@ def open_encoder(model: str, dimensions: int | None = None, base_url: str | None
 
 def batch_size_for(model: str, batch_size: int | None) -> int:
     """Texts per forward pass, or per request for openai: models, unless given."""
-    from openai_embeddings import BATCH_SIZE
+    from embed_ft.openai_embeddings import BATCH_SIZE
     return batch_size or (BATCH_SIZE if model_kind(model) == "openai" else 128)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-import paired
+from embed_ft import paired
 
 
 def training_set_size(run: dict) -> int:

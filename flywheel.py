@@ -50,29 +50,15 @@ from typing import Callable
 
 import numpy as np
 
-import calibration
-import card
-import checkpoint
-import data
-import errors
-import evaluate
-import fingerprint
-import gate
-import history
-import home_admin
-import jsonl
-import options
-import paired
-import paths
-import run_folder
-import train
-from errors import InputError
-from model import Embedder, load_model
-from state import heldout, home_state
-from state.file_lock import FileLock
-from state.home_db import check_url
-from state.home_state import file_digest, pair_files
-from state.pair_store import pair_key, pair_sources, settle
+from embed_ft import (calibration, card, checkpoint, data, errors, evaluate, fingerprint, gate, history, home_admin,
+                      jsonl, options, paired, paths, run_folder, train)
+from embed_ft.state import heldout, home_state
+from embed_ft.errors import InputError
+from embed_ft.model import Embedder, load_model
+from embed_ft.state.file_lock import FileLock
+from embed_ft.state.home_db import check_url
+from embed_ft.state.home_state import file_digest, pair_files
+from embed_ft.state.pair_store import pair_key, pair_sources, settle
 
 SETTINGS = ("base", "val", "test", "mode", "alpha", "set", "fractions", "caps", "after_caps")
 DEFAULTS = {"mode": "scratch", "alpha": 0.05, "set": "", "val": "", "test": "",

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import paired
+from embed_ft import paired
 
 GUARD_ALPHA = 0.05
 ROUNDS_SHARE = 0.1  # of alpha, the part allotted by rounds; the rest follows the test set's groups

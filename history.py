@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-import jsonl
-import paired
-from errors import InputError
-from state.pair_store import pair_key
+from embed_ft import jsonl, paired
+from embed_ft.errors import InputError
+from embed_ft.state.pair_store import pair_key
 
 
 def latest_audits(home: Path) -> dict[str, dict]:

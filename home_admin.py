@@ -13,10 +13,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import jsonl
-from errors import InputError
-from state import home_state
-from state.file_lock import FileLock
+from embed_ft import jsonl
+from embed_ft.state import home_state
+from embed_ft.errors import InputError
+from embed_ft.state.file_lock import FileLock
 
 
 def show_data(home: Path, conflicts: bool, export: str | None) -> None:

@@ -33,13 +33,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-import st_layout
-from errors import InputError
-from jsonl import write_json
-from packing import pack
-from pooling import pool_packed, pool_padded
-from sources import model_kind
-from st_layout import IDENTITY, Layout, as_projection, load_encoder, read_dense
+from embed_ft import st_layout
+from embed_ft.errors import InputError
+from embed_ft.jsonl import write_json
+from embed_ft.packing import pack
+from embed_ft.pooling import pool_packed, pool_padded
+from embed_ft.sources import model_kind
+from embed_ft.st_layout import IDENTITY, Layout, as_projection, load_encoder, read_dense
 
 CONFIG_FILE = "embedder.json"  # ours: trust_remote_code, whether the last Dense is our projection, the decision
 CUSTOM_PROMPT = "custom"       # the name a --prompt of the user's own is saved under

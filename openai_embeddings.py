@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import InputError
+from embed_ft.errors import InputError
 
 BATCH_SIZE = 512  # texts per request
 OFFICIAL_ENDPOINT = "https://api.openai.com/v1"

@@ -8,10 +8,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-import errors
-import data
-import paths
-from errors import InputError
+from embed_ft import errors, data, paths
+from embed_ft.errors import InputError
 
 LOSSES = ("ocl", "cosent", "contrastive", "cosine")  # losses.BY_NAME builds them
 

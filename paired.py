@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-import data
+from embed_ft import data
 
 ALPHA = 0.05
 Z95 = 1.959963984540054

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import data
-from errors import InputError
-from sources import is_hub_id, model_kind
+from embed_ft import data
+from embed_ft.errors import InputError
+from embed_ft.sources import is_hub_id, model_kind
 
 KINDS = ("FILE", "DIR", "PAIRS", "OUT", "OUTDIR", "DATA", "MODEL")
 

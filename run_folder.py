@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import checkpoint
-from errors import InputError
+from embed_ft import checkpoint
+from embed_ft.errors import InputError
 
 LOCK = ".lock"
 OWNER = "EMBED_FT_RUN_OWNER"  # set by the sweep's container to its Modal input: a retry is the same owner

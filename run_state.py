@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
-import options
-import run_folder
-from errors import InputError
-from model import cpu_has_bf16
-from options import Config
+from embed_ft import checkpoint, options, run_folder
+from embed_ft.errors import InputError
+from embed_ft.model import cpu_has_bf16
+from embed_ft.options import Config
 
 LOSS_EVERY = 50  # on a GPU, steps between reads of the loss (each read waits for the GPU)
 

@@ -32,20 +32,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-import errors
-import flywheel
+from embed_ft import errors, flywheel
 import modal
-import paths
-from errors import InputError
-from evaluate import unit_rows
-from server.api_contract import (MAX_BODY_BYTES, MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key,
+from embed_ft import paths
+from embed_ft.errors import InputError
+from embed_ft.evaluate import unit_rows
+from embed_ft.server.api_contract import (MAX_BODY_BYTES, MAX_INPUTS, MAX_PAIRS, MAX_STORE_PAIRS, RETRY_AFTER_S, ApiError, check_key,
                                  correction_list, embeddings_payload, input_type, pair_list, read_json, text_list)
-from server.batcher import Batcher, QueueFull
-from cpu_threads import ThreadChooser
-from server.scheduler import RoundScheduler, parse_period
-from server.serve_metrics import Metrics
-from state import home_state
-from state.home_db import StoreUnavailable
+from embed_ft.state import home_state
+from embed_ft.server.batcher import Batcher, QueueFull
+from embed_ft.cpu_threads import ThreadChooser
+from embed_ft.server.scheduler import RoundScheduler, parse_period
+from embed_ft.server.serve_metrics import Metrics
+from embed_ft.state.home_db import StoreUnavailable
 
 INLINE_TEXTS = 64           # requests this small are tokenised and encoded on the event loop itself
 WATCH_EVERY_S = 2.0         # how often a home's server polls the versions it should serve
@@ -272,8 +271,8 @@ def build_app(versions, store=None, batcher=None, read_key: str | None = None, w
 def make_app(home: Path | None, model: str | None, device: str = "auto", precision: str = "auto",
              watch_every: float = WATCH_EVERY_S, before_load=None, batch_tokens: int = 4096):
     """Everything a server needs, for a flywheel home or a plain model folder."""
-    from model import cpu_has_bf16, pick_device
-    from server.versions import HomeWatcher, Versions
+    from embed_ft.model import cpu_has_bf16, pick_device
+    from embed_ft.server.versions import HomeWatcher, Versions
 
     bf16 = {"auto": None, "fp32": False, "bf16": True}[precision]
     target = pick_device(device)
@@ -324,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         app.state.rounds = RoundScheduler(home, period, args.min_new_pairs, app.state.metrics)
         app.state.rounds.start()
     import uvicorn
-    from server.shutdown import Drain, DrainingServer
+    from embed_ft.server.shutdown import Drain, DrainingServer
     drain = Drain(app)
     server = DrainingServer(uvicorn.Config(drain, log_level="warning"), drain, getattr(app.state, "rounds", None))
     print(ready_line(app, f"http://{args.host}:{args.port}", period), flush=True)
@@ -374,7 +373,8 @@ image = (
                     "fastapi==0.165.0", "uvicorn==0.54.0", "uvloop==0.23.0", "httptools==0.9.0",
                     "prometheus_client==0.26.0", "psycopg[binary,pool]==3.3.9")
     .env({"HF_HOME": "/root/.cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "packing", "losses",
+    .add_local_python_source("embed_ft",  # the name the modules below are imported by: embed_ft/__init__.py
+                             "errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "packing", "losses",
                              "options", "checkpoint", "distributed", "card", "run_state", "train", "evaluate",
                              "openai_embeddings", "paired", "paths", "flywheel", "gate", "history", "pooling", "st_layout",
                              "cpu_threads", "calibration", "home_admin", "fingerprint",

@@ -25,10 +25,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from errors import InputError, first_line
-from jsonl import write_json
-from pooling import MODES
-from sources import model_kind
+from embed_ft.errors import InputError, first_line
+from embed_ft.jsonl import write_json
+from embed_ft.pooling import MODES
+from embed_ft.sources import model_kind
 
 IDENTITY = "torch.nn.modules.linear.Identity"
 # The long-standing module names: every sentence-transformers version from 2 to 6 and TEI read them.

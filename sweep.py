@@ -29,13 +29,9 @@ from pathlib import Path
 
 import modal
 
-import errors
-import data
-import jsonl
-import options
-import paths
-from options import Config
-from sources import model_kind
+from embed_ft import errors, data, jsonl, options, paths
+from embed_ft.options import Config
+from embed_ft.sources import model_kind
 
 MODELS = ["BAAI/bge-base-en-v1.5", "sentence-transformers/all-mpnet-base-v2", "jinaai/jina-embeddings-v2-small-en"]
 SIZES = [100 * 2**i for i in range(11)] + [0]      # 100, 200, ..., 102,400, and 0 = the full training split
@@ -97,10 +93,7 @@ def run_config(config: dict, out_root: str, on_checkpoint=None, processes: int =
     """The objective: one training run in OUT_ROOT/KEY. A run that already finished there is read
     back, not trained again; one that was interrupted resumes from its checkpoint. A failure comes
     back as a result, so the other runs go on."""
-    import checkpoint
-    import distributed
-    import run_folder
-    import train
+    from embed_ft import checkpoint, distributed, run_folder, train
     key = config_key(config, processes)
     out = Path(out_root) / key
     row = {"kind": "run", "key": key, "config": config, "processes": processes}
@@ -137,9 +130,8 @@ def evaluate_once(config: dict, baseline: str | None = None, base_url: str | Non
 
 
 def evaluation(config: dict, baseline: str | None, base_url: str | None) -> dict:
-    import evaluate
-    import train
-    from model import load_model
+    from embed_ft import evaluate, train
+    from embed_ft.model import load_model
     config = Config(**config | {"dataset_size": 0})
     if baseline is None:
         _, (_, val, test), model = train.prepare(config)
@@ -156,8 +148,7 @@ def evaluation(config: dict, baseline: str | None, base_url: str | None) -> dict
 def outcomes(encoder, val, test, batch_size: int) -> dict:
     """The metrics, each test pair's outcome (packed) so the table can pair runs with this row, and
     the test pairs' groups (pairs that share texts), by which the table counts."""
-    import evaluate
-    import paired
+    from embed_ft import evaluate, paired
     remembered = evaluate.Remembered(encoder)
     result = evaluate.evaluate(remembered, val, test, batch_size)
     return result | {"test_correct": paired.pack(evaluate.correct(remembered, test, result["val"]["threshold"], batch_size)),
@@ -176,9 +167,10 @@ image = (
     .uv_pip_install("torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0", "numpy==2.4.6",
                     "safetensors==0.8.0", "tqdm==4.70.1", "openai==3.57.0", "einops==0.8.2")
     .env({"HF_HOME": "/cache/huggingface", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses", "options", "checkpoint", "distributed",
-                             "card", "run_state", "train", "evaluate", "openai_embeddings", "paired", "paths", "packing", "pooling", "st_layout",
-                             "cpu_threads")  # Modal adds sweep.py
+    .add_local_python_source("embed_ft",  # the name the modules below are imported by: embed_ft/__init__.py
+                             "errors", "sources", "run_folder", "jsonl", "data", "batching", "model", "losses", "options",
+                             "checkpoint", "distributed", "card", "run_state", "train", "evaluate", "openai_embeddings",
+                             "paired", "paths", "packing", "pooling", "st_layout", "cpu_threads")  # Modal adds sweep.py
 )
 # The GPU containers never reach the hub: `fetch` put everything they load in the volume first.
 offline_image = image.env({"HF_HUB_OFFLINE": "1"})
@@ -193,7 +185,7 @@ CPUS_PER_GPU = 4.0  # tokenising, batching and the training loop's host work; Mo
 def fetch(models: list[str], dataset: str) -> None:
     """Download each model (as a run loads it: jina's remote code lives in another repository) and
     the dataset into the volume once, so that the containers of the fan-out read them offline."""
-    import model
+    from embed_ft import model
     for name in models:
         model.load_model(name, 0, trust_remote_code=name in NEEDS_REMOTE_CODE)
     data.load_pairs(dataset)
@@ -319,7 +311,7 @@ def record_baseline(configs: list[dict], name: str, path: Path, remote: bool = F
 
 
 def finish(path: Path, figure: Path | None = None, title: str = "") -> None:
-    import figures
+    from embed_ft import figures
     rows = jsonl.read(path)
     print(figures.sweep_table(rows))
     figure = figure or path.with_suffix(".png")

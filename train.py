@@ -26,23 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import batching
-import card
-import checkpoint
-import errors
-import data
-import distributed
-import evaluate
-import losses
-import options
-import paired
-import run_folder
-from cpu_threads import ThreadChooser
-from jsonl import write_json
-from losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum
-from model import cpu_has_bf16, load_model, mix_weights, pick_device
-from options import Config
-from run_state import Checkpointer, LossWatch, Run, cpu_copy, start_run
+from embed_ft import (batching, card, checkpoint, errors, data, distributed, evaluate, losses, options, paired,
+                      run_folder)
+from embed_ft.cpu_threads import ThreadChooser
+from embed_ft.jsonl import write_json
+from embed_ft.losses import InBatchContrastiveLoss, MatryoshkaLoss, WeightedSum
+from embed_ft.model import cpu_has_bf16, load_model, mix_weights, pick_device
+from embed_ft.options import Config
+from embed_ft.run_state import Checkpointer, LossWatch, Run, cpu_copy, start_run
 
 
 # ---------------------------------------------------------------------------------------- set-up

@@ -29,11 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import corpus_folder  # noqa: E402
-import corpus_search  # noqa: E402
-import jsonl  # noqa: E402
-import vector_index  # noqa: E402
-from model import load_model  # noqa: E402
+from embed_ft import corpus_folder, corpus_search, jsonl, vector_index# noqa: E402
+from embed_ft.model import load_model# noqa: E402
 
 QUORA = ROOT.parent / "shared" / "data" / "quora"
 

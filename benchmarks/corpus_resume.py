@@ -28,8 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import corpus_folder  # noqa: E402
-import jsonl  # noqa: E402
+from embed_ft import corpus_folder, jsonl  # noqa: E402
 
 
 def command(source: Path, model: str, out: Path) -> list[str]:

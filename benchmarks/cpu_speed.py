@@ -30,18 +30,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import batching  # noqa: E402
-import data  # noqa: E402
+from embed_ft import batching, data  # noqa: E402
 import flops  # noqa: E402
-from model import Embedder, cpu_has_bf16  # noqa: E402
-from options import Config  # noqa: E402
-from train import length_groups_for  # noqa: E402
+from embed_ft.model import Embedder, cpu_has_bf16# noqa: E402
+from embed_ft.options import Config# noqa: E402
+from embed_ft.train import length_groups_for# noqa: E402
 
 ENCODE = '''
 import json, sys, time
 sys.path.insert(0, {root!r})
-import data, evaluate
-from model import Embedder
+from embed_ft import data, evaluate
+from embed_ft.model import Embedder
 val, test = data.load_pairs({val!r}), data.load_pairs({test!r})
 model = Embedder.from_pretrained({model!r})
 texts = lambda pairs: sorted({{t for a, b, _ in pairs for t in (a, b)}})

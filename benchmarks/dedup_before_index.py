@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import jsonl  # noqa: E402
+from embed_ft import jsonl  # noqa: E402
 
 OLD_DEDUP = "d3945ac"  # the last commit with dedup.py over all pairs
 LIMIT = 1800           # seconds

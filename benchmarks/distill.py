@@ -30,9 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import jsonl  # noqa: E402
-import paired  # noqa: E402
+from embed_ft import data, jsonl, paired  # noqa: E402
 import silver  # noqa: E402
 
 SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"
@@ -136,7 +134,7 @@ def row_of(name: str, what: dict, metrics: dict) -> dict:
 
 def published_teacher(models: Path) -> dict:
     """The teacher of 0 gold pairs, all-mpnet-base-v2 as published, evaluated as train.py evaluates."""
-    import evaluate
+    from embed_ft import evaluate
     val, test = (data.load_pairs(str(SPLITS / f"{s}.tsv.gz")) for s in ("val", "test"))
     encoder = evaluate.Remembered(evaluate.open_encoder(str(models / TEACHER), device="cpu"))
     result = evaluate.evaluate(encoder, val, test)
@@ -147,7 +145,7 @@ def published_teacher(models: Path) -> dict:
 
 def encode_cost(models: Path, rounds: int = 3) -> dict:
     """Texts per second of the student and the teacher on the same 2,000 validation texts, in turn."""
-    from model import load_model
+    from embed_ft.model import load_model
     texts = list(dict.fromkeys(t for a, b, _ in data.load_pairs(str(SPLITS / "val.tsv.gz")) for t in (a, b)))[:2000]
     encoders = {name: load_model(str(models / name)).eval() for name in (STUDENT, TEACHER)}
     speeds = {name: [] for name in encoders}

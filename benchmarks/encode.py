@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-from model import Embedder, cpu_has_bf16  # noqa: E402
+from embed_ft import data# noqa: E402
+from embed_ft.model import Embedder, cpu_has_bf16# noqa: E402
 
 
 def naive_encode(embedder: Embedder, texts: list[str], batch_size: int) -> np.ndarray:

@@ -39,12 +39,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import data  # noqa: E402
-from state import home_state  # noqa: E402
-import jsonl  # noqa: E402
-from state.home_db import HomeDB  # noqa: E402
-from state.pair_store import pair_key  # noqa: E402
-from serve import WATCH_EVERY_S  # noqa: E402
+from embed_ft import data, jsonl# noqa: E402
+from embed_ft.state import home_state# noqa: E402
+from embed_ft.state.home_db import HomeDB# noqa: E402
+from embed_ft.state.pair_store import pair_key# noqa: E402
+from embed_ft.serve import WATCH_EVERY_S# noqa: E402
 from serve_speed import cpu_name, free_port, wait_until_up  # noqa: E402
 
 KEY = "scale-key"
@@ -277,7 +276,7 @@ def throughput(urls: list[str], pairs: list[data.Pair], seconds: float, batch: i
 
 def make_home(folder: Path, base: str, database: str | None) -> Path:
     """A home of `base`: on `database`, or on the file store (None: a home made before the database)."""
-    import flywheel
+    from embed_ft import flywheel
     argv = ["--home", str(folder), "--base", base, "--init"] + (["--database", database] if database else [])
     flywheel.main(argv)
     if database is None:

@@ -34,16 +34,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import flywheel  # noqa: E402
-from state import heldout  # noqa: E402
-import jsonl  # noqa: E402
-import options  # noqa: E402
-import paired  # noqa: E402
-from state import home_state  # noqa: E402
-import train  # noqa: E402
-from model import Embedder, load_model  # noqa: E402
+from embed_ft import data, evaluate, flywheel, jsonl, options, paired, train# noqa: E402
+from embed_ft.state import heldout, home_state# noqa: E402
+from embed_ft.model import Embedder, load_model# noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 KEY = "stream-write-key"

@@ -26,14 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import flywheel  # noqa: E402
-import jsonl  # noqa: E402
-import paired  # noqa: E402
+from embed_ft import data, evaluate, flywheel, jsonl, paired  # noqa: E402
 from flywheel_stream import SHARED, Server, served_model  # noqa: E402
-from model import load_model  # noqa: E402
-from state import home_state  # noqa: E402
+from embed_ft.state import home_state# noqa: E402
+from embed_ft.model import load_model# noqa: E402
 
 
 def traffic_and_unseen(pairs: list[data.Pair], size: int, seed: int = 0) -> tuple[list[data.Pair], list[data.Pair]]:

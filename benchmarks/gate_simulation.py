@@ -45,10 +45,8 @@ from scipy.stats import binom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import gate  # noqa: E402
-import paired  # noqa: E402
-from state.heldout import AFTER_CAPS, CAPS, FRACTIONS  # noqa: E402
+from embed_ft import data, gate, paired# noqa: E402
+from embed_ft.state.heldout import AFTER_CAPS, CAPS, FRACTIONS# noqa: E402
 
 ROUNDS, ALPHA, DISAGREE, WIN = 10_000, 0.05, 0.06, 0.6
 PER_ROUND = 1000  # pairs a round; the sim counts a new held-out pair as a new group, as the caps count groups

@@ -40,13 +40,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import batching  # noqa: E402
-import data  # noqa: E402
+from embed_ft import batching, data  # noqa: E402
 import flops  # noqa: E402
-import train  # noqa: E402
-from losses import OnlineContrastiveLoss  # noqa: E402
-from model import Embedder  # noqa: E402
-from options import Config  # noqa: E402
+from embed_ft import train# noqa: E402
+from embed_ft.losses import OnlineContrastiveLoss# noqa: E402
+from embed_ft.model import Embedder# noqa: E402
+from embed_ft.options import Config# noqa: E402
 
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense TFLOP/s, SXM parts
 BUCKETS = [16, 32, 64, 128, 256]  # static lengths for CUDA graphs

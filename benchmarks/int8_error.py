@@ -27,10 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import jsonl  # noqa: E402
-from model import load_model  # noqa: E402
+from embed_ft import data, evaluate, jsonl# noqa: E402
+from embed_ft.model import load_model# noqa: E402
 
 SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"
 

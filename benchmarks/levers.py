@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import jsonl  # noqa: E402
-import train  # noqa: E402
-from options import Config, parse_overrides  # noqa: E402
+from embed_ft import jsonl, train# noqa: E402
+from embed_ft.options import Config, parse_overrides# noqa: E402
 
 
 def run(base: dict, changes: dict, seed: int) -> dict:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-from model import autocast_for, cpu_has_bf16, load_model  # noqa: E402
+from embed_ft import data# noqa: E402
+from embed_ft.model import autocast_for, cpu_has_bf16, load_model# noqa: E402
 from serve_speed import cpu_name  # noqa: E402
 
 SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "quora" / "splits"

@@ -18,10 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import jsonl  # noqa: E402
-import paired  # noqa: E402
+from embed_ft import data, evaluate, jsonl, paired  # noqa: E402
 
 SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "quora" / "splits"
 

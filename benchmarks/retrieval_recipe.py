@@ -19,14 +19,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import paired  # noqa: E402
-import jsonl  # noqa: E402
-import run_folder  # noqa: E402
-import train  # noqa: E402
-from model import Embedder, load_model  # noqa: E402
-from options import Config, parse_overrides  # noqa: E402
+from embed_ft import data, evaluate, paired, jsonl, run_folder, train# noqa: E402
+from embed_ft.model import Embedder, load_model# noqa: E402
+from embed_ft.options import Config, parse_overrides# noqa: E402
 
 
 def ranks(encoder, pairs: list[data.Pair]) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import data  # noqa: E402
+from embed_ft import data  # noqa: E402
 from serve_speed import wait_until_up  # noqa: E402
 
 SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"
@@ -39,7 +39,7 @@ SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"
 def make_home(folder: Path, base: str, pairs: int) -> Path:
     """A home from the base model holding the first `pairs` Quora training pairs (its first round
     trains on about half of them, every default)."""
-    from state import home_state
+    from embed_ft.state import home_state
     home = folder / "template"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     subprocess.run([sys.executable, str(ROOT / "flywheel.py"), "--home", str(home), "--base", base, "--init",

@@ -23,9 +23,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import flywheel  # noqa: E402
-import jsonl  # noqa: E402
+from embed_ft import data, flywheel, jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"

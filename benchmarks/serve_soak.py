@@ -30,11 +30,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import flywheel  # noqa: E402
-from state import home_state  # noqa: E402
-import jsonl  # noqa: E402
-from model import load_model  # noqa: E402
+from embed_ft import data, flywheel, jsonl# noqa: E402
+from embed_ft.state import home_state# noqa: E402
+from embed_ft.model import load_model# noqa: E402
 from serve_speed import cpu_name, free_port, wait_until_up  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

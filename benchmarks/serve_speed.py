@@ -38,9 +38,8 @@ from typing import Iterator
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import jsonl  # noqa: E402
-from model import cpu_has_bf16, load_model  # noqa: E402
+from embed_ft import data, jsonl# noqa: E402
+from embed_ft.model import cpu_has_bf16, load_model# noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"

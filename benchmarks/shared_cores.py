@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
+from embed_ft import data  # noqa: E402
 
 SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"
 ARMS = {"picked step by step": "0", "every core": str(os.cpu_count())}

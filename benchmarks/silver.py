@@ -31,10 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import corpus_input  # noqa: E402
-import evaluate  # noqa: E402
-from errors import InputError  # noqa: E402
+from embed_ft import data, corpus_input, evaluate# noqa: E402
+from embed_ft.errors import InputError# noqa: E402
 
 
 def unlabelled_texts(path: str, *held_out: list[data.Pair]) -> list[str]:

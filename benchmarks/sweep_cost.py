@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import sweep  # noqa: E402
+from embed_ft import sweep  # noqa: E402
 
 # pair-class has 404,290 rows (the Quora release; the dataset viewer shows 404k); the sweep splits
 # 5,000 validation and 10,000 test pairs off it (sweep.FIXED), whole duplicate clusters at a time.

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import batching  # noqa: E402
-import data  # noqa: E402
+from embed_ft import batching, data  # noqa: E402
 import flops  # noqa: E402
-from losses import OnlineContrastiveLoss  # noqa: E402
-from model import Embedder, cpu_has_bf16  # noqa: E402
+from embed_ft.losses import OnlineContrastiveLoss# noqa: E402
+from embed_ft.model import Embedder, cpu_has_bf16# noqa: E402
 
 
 def step_times(model_dir: str, tokenized, groups: int, precision: str, freeze: bool, steps: int, warmup: int,

@@ -18,11 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import paired  # noqa: E402
-import jsonl  # noqa: E402
-from model import Embedder, load_model, mix_weights  # noqa: E402
+from embed_ft import data, evaluate, paired, jsonl# noqa: E402
+from embed_ft.model import Embedder, load_model, mix_weights# noqa: E402
 
 
 def mixed(published: dict, tuned: dict, alpha: float) -> dict:

@@ -16,9 +16,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import evaluate  # noqa: E402
-from model import Embedder, cpu_has_bf16  # noqa: E402
+from embed_ft import data, evaluate# noqa: E402
+from embed_ft.model import Embedder, cpu_has_bf16# noqa: E402
 
 
 def main() -> None:

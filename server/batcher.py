@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from cpu_threads import ThreadChooser
+from embed_ft.cpu_threads import ThreadChooser
 
 
 class QueueFull(Exception):

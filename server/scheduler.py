@@ -11,10 +11,9 @@ import sys
 import threading
 from pathlib import Path
 
-import errors
-import jsonl
-from errors import InputError
-from state import home_state
+from embed_ft import errors, jsonl
+from embed_ft.state import home_state
+from embed_ft.errors import InputError
 
 FLYWHEEL = Path(__file__).resolve().parents[1] / "flywheel.py"  # a round is the entry point, run as a process
 

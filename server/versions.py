@@ -35,14 +35,10 @@ from typing import Callable
 
 import torch
 
-import data
-import evaluate
-import history
-import fingerprint
-import jsonl
-from errors import InputError
-from model import Embedder, load_model, pick_device
-from state import home_state
+from embed_ft import data, evaluate, history, fingerprint, jsonl
+from embed_ft.state import home_state
+from embed_ft.errors import InputError
+from embed_ft.model import Embedder, load_model, pick_device
 
 VERSION_NAME = re.compile(r"base|round-\d+")  # names that mean a version, not "whatever is current"
 

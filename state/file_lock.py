@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from errors import InputError
+from embed_ft.errors import InputError
 
 
 class BusyError(InputError):

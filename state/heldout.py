@@ -37,8 +37,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import data
-import jsonl
+from embed_ft import data, jsonl
 
 HELD_OUT = ("validation", "test", "audit")
 CURATED = "curated"

@@ -48,9 +48,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from errors import InputError, first_line
-from state.file_lock import BusyError, FileLock
-from state.pair_store import pair_key
+from embed_ft.errors import InputError, first_line
+from embed_ft.state.file_lock import BusyError, FileLock
+from embed_ft.state.pair_store import pair_key
 
 ADD_LOCK = 0x656D6264    # the advisory lock id that PostgreSQL writers take turns on ("embd")
 ROUND_LOCK = 0x726F756E  # ... and the one a round holds for its whole length ("roun")

@@ -19,12 +19,11 @@ import json
 import time
 from pathlib import Path
 
-import data
-import jsonl
-from errors import InputError
-from state import heldout
-from state.home_db import HomeDB
-from state.pair_store import PairStore
+from embed_ft import data, jsonl
+from embed_ft.state import heldout
+from embed_ft.errors import InputError
+from embed_ft.state.home_db import HomeDB
+from embed_ft.state.pair_store import PairStore
 
 DEFAULT_DATABASE = "sqlite:///pairs.db"  # relative: inside the home
 BASE_POINTER = {"version": "base", "path": None, "promoted_at": None}

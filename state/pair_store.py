@@ -33,8 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-import data
-from state.file_lock import FileLock
+from embed_ft import data
+from embed_ft.state.file_lock import FileLock
 
 FIELDS = ("text1", "text2", "label", "id", "source")
 

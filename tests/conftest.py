@@ -126,7 +126,7 @@ def st_modules():
 
 def tiny_config(model_dir, files: dict, out, **overrides):
     """A training run of the tiny BERT on synthetic pair files: fast, and it learns."""
-    from options import Config
+    from embed_ft.options import Config
     settings = dict(model=str(model_dir), data=str(files["train"]), val=str(files["val"]), test=str(files["test"]),
                     dense_out_features=16, epochs=3, batch_size=16, lr=1e-3, device=TEST_DEVICE, out=str(out))
     return Config(**settings | overrides)
@@ -135,7 +135,7 @@ def tiny_config(model_dir, files: dict, out, **overrides):
 def fault_at_step(monkeypatch, step: int, fault) -> None:
     """Inject a fault into training: at the `step`-th loss computed, `fault(loss)` runs (it may send a
     signal) and its return value is the loss the step goes on with."""
-    import losses
+    from embed_ft import losses
     calls = []
 
     class Faulty(losses.OnlineContrastiveLoss):
@@ -158,7 +158,7 @@ def signal_at_step(monkeypatch, step: int, *signals: int) -> None:
 
 def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
     """An entry point run as its `if __name__ == "__main__"` does: (exit code, what it printed on stderr)."""
-    import errors
+    from embed_ft import errors
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         errors.run(main, argv)
@@ -199,16 +199,20 @@ class LoopbackServer:
 
 def local_modules_imported(*names: str) -> set[str]:
     """The project's modules (root files, and the packages server/ and state/ by their name) that these
-    import, directly or through each other, themselves included: what a Modal image must carry."""
+    import, directly or through each other, themselves included: what a Modal image must carry (with
+    embed_ft/, the name they are imported by)."""
     import ast
     project = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
 
     def imports(name: str) -> set[str]:
         files = [ROOT / f"{name}.py"] if (ROOT / f"{name}.py").is_file() else sorted((ROOT / name).glob("*.py"))
         found = set()
-        for tree in (ast.parse(f.read_text()) for f in files):
-            found |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-            found |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        for tree in (ast.parse(f.read_text()) for f in files):  # `from embed_ft import x`, `from embed_ft.x import ...`
+            for node in (n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level):
+                if node.module == "embed_ft":
+                    found |= {a.name for a in node.names}
+                elif node.module.startswith("embed_ft."):
+                    found.add(node.module.split(".")[1])
         return found & project
 
     needed, todo = set(), list(names)

@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from server.batcher import Batcher, QueueFull
+from embed_ft.server.batcher import Batcher, QueueFull
 
 
 class FakeModel:

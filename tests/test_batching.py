@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from model import Embedder
+from embed_ft.model import Embedder
 
-import batching
+from embed_ft import batching
 
 
 @pytest.mark.parametrize("groups", [1, 3])

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-import calibration
+from embed_ft import calibration
 
 
 def test_the_slope_maximises_the_likelihood_and_the_costs_are_log_losses():

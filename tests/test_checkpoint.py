@@ -5,10 +5,9 @@ import pytest
 import torch
 from conftest import fault_at_step, signal_at_step, synthetic_pairs, tiny_config, write_tsv
 
-import checkpoint
-import train
-from errors import InputError
-from model import Embedder
+from embed_ft import checkpoint, train
+from embed_ft.errors import InputError
+from embed_ft.model import Embedder
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ import sys
 import pytest
 from conftest import ROOT, TEST_DEVICE, fault_at_step, run_cli, synthetic_pairs, write_tsv
 
-import errors
-import evaluate
-import train
+from embed_ft import errors, evaluate, train
 
 
 @pytest.fixture
@@ -138,7 +136,7 @@ def test_damaged_model_weights_are_named_with_what_to_do(files, tiny_model_dir, 
 
 @pytest.mark.parametrize("name", ["cut_gz", "csv_named_parquet", "a_folder"])
 def test_every_entry_point_names_a_damaged_pairs_file(files, tiny_model_dir, capsys, name):
-    import dedup
+    from embed_ft import dedup
     bad = str(files[name])
     for main, args in [(evaluate.main, ["--model", str(tiny_model_dir), "--val", bad, "--test", str(files["test"])]),
                        (dedup.main, [bad, "--model", str(tiny_model_dir), "--out", str(files["test"].parent / "d")])]:

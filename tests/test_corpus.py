@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, corpus_texts, run_cli, write_table
 
-import corpus
-import corpus_folder
-from model import load_model
+from embed_ft import corpus, corpus_folder
+from embed_ft.model import load_model
 
 
 @pytest.fixture
@@ -149,10 +148,9 @@ def test_a_text_longer_than_the_model_takes_is_cut_and_counted(tiny, tmp_path, c
 def test_a_home_corpus_follows_its_versions_and_the_server_keeps_the_one_it_names(tiny_model_dir, tmp_path, capsys):
     import torch
 
-    import flywheel
-    import jsonl
-    from server.versions import served_pointers
-    from state import home_state
+    from embed_ft import flywheel, jsonl
+    from embed_ft.state import home_state
+    from embed_ft.server.versions import served_pointers
     home, out = tmp_path / "fw", tmp_path / "corpus"
     flywheel.main(["--home", str(home), "--base", str(tiny_model_dir), "--init"])
     (tmp_path / "c.txt").write_text("\n".join(corpus_texts(60)) + "\n")

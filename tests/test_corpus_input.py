@@ -3,7 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import corpus_texts
 
-import corpus_input
+from embed_ft import corpus_input
 
 
 def test_parquet_rows_from_a_line_on_skip_whole_row_groups_and_keep_the_numbers(tmp_path):

@@ -2,10 +2,8 @@
 import pytest
 from conftest import corpus_texts, write_table
 
-import corpus
-import corpus_folder
-import corpus_search
-from model import load_model
+from embed_ft import corpus, corpus_folder, corpus_search
+from embed_ft.model import load_model
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from cpu_threads import ThreadChooser, available_cores, busy_seconds
+from embed_ft.cpu_threads import ThreadChooser, available_cores, busy_seconds
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 
@@ -76,8 +76,8 @@ def test_training_follows_the_free_cores_step_by_step_even_when_a_step_takes_lon
 
 
 def test_train_py_takes_its_threads_from_the_option_then_the_environment_then_the_cores(monkeypatch):
-    import train
-    from options import Config
+    from embed_ft import train
+    from embed_ft.options import Config
     cpu, before = torch.device("cpu"), torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

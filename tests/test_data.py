@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from conftest import synthetic_pairs, write_tsv
 
-import data
-from errors import InputError
+from embed_ft import data
+from embed_ft.errors import InputError
 
 
 # ---------------------------------------------------------------------------------------- loading

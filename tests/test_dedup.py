@@ -4,9 +4,8 @@ import json
 import numpy as np
 from conftest import run_cli, synthetic_pairs, write_tsv
 
-import dedup
-import vector_index
-from model import Embedder
+from embed_ft import dedup, vector_index
+from embed_ft.model import Embedder
 
 
 def unit(rows):

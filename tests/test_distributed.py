@@ -12,10 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, synthetic_pairs, write_tsv
 
-import batching
-import distributed
-from losses import InBatchContrastiveLoss, OnlineContrastiveLoss, WeightedSum
-from model import Embedder
+from embed_ft import batching, distributed
+from embed_ft.losses import InBatchContrastiveLoss, OnlineContrastiveLoss, WeightedSum
+from embed_ft.model import Embedder
 
 GLOBAL_BATCH = 16
 

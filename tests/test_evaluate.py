@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from conftest import run_cli, synthetic_pairs, write_tsv
 
-import evaluate
-import openai_embeddings
+from embed_ft import evaluate, openai_embeddings
 
 SCORES = np.array([0.9, 0.8, 0.8, 0.6, 0.4, 0.3])
 LABELS = np.array([1, 1, 0, 1, 0, 0])
@@ -167,7 +166,7 @@ def test_truncated_encoder_keeps_a_prefix_at_unit_length():
 
 
 def test_command_line_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
-    from model import Embedder
+    from embed_ft.model import Embedder
     Embedder.from_pretrained(str(tiny_model_dir), dense_out_features=8).save(tmp_path / "m")
     val = write_tsv(tmp_path / "val.tsv", synthetic_pairs(40, 1))
     test = write_tsv(tmp_path / "test.tsv", synthetic_pairs(40, 2))
@@ -254,8 +253,8 @@ def test_openai_without_a_key_is_a_one_line_error(monkeypatch, tmp_path, capsys)
 
 
 def test_three_models_on_the_same_pairs_each_tested_against_the_first(tiny_model_dir, openai_env, tmp_path, capsys):
-    from model import Embedder
-    from train import train
+    from embed_ft.model import Embedder
+    from embed_ft.train import train
     from conftest import tiny_config
     files = {name: write_tsv(tmp_path / f"{name}.tsv", synthetic_pairs(n, seed))
              for name, n, seed in [("train", 192, 1), ("val", 96, 2), ("test", 300, 3)]}

@@ -1,4 +1,4 @@
-import figures
+from embed_ft import figures
 
 
 def run_row(size: int, train_pairs: int, epochs_done: float, stopped_by: str, error: float) -> dict:
@@ -21,7 +21,7 @@ def test_the_full_split_sits_at_its_size_and_a_cut_run_is_marked(tmp_path):
 def test_the_figure_marks_runs_better_than_zero_shot_and_than_a_baseline(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     import numpy as np
-    import paired
+    from embed_ft import paired
     right = np.ones(1000, bool)
     right[:100] = False                                       # the run: 10% error
     weaker = right.copy()

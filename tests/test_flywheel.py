@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, TEST_DEVICE, run_cli, synthetic_pairs, write_tsv
 
-import card
-import data
-import evaluate
-import flywheel
-from state import heldout
-import history
-from state import home_db
-from state import home_state
-import paired
-import jsonl
-from model import Embedder
+from embed_ft import card, data, evaluate, flywheel, history, paired, jsonl
+from embed_ft.state import heldout, home_db, home_state
+from embed_ft.model import Embedder
 
 SETTINGS = f"epochs=4 batch_size=16 lr=1e-3 device={TEST_DEVICE}"
 
@@ -229,7 +221,7 @@ def test_a_crash_after_the_switch_before_the_history_line_is_repaired_by_the_nex
 HOLD_THE_LOCK = """
 import sys, time
 sys.path.insert(0, {root!r})
-from state.file_lock import FileLock
+from embed_ft.state.file_lock import FileLock
 with FileLock({path!r}):
     print("held", flush=True)
     time.sleep(60)
@@ -288,8 +280,8 @@ def test_a_retrieval_round_promotes_on_ranking(flywheel_setup):
 KILL_AT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import flywheel, jsonl
-from state import home_state
+from embed_ft import flywheel, jsonl
+from embed_ft.state import home_state
 step = {step!r}
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if step == "after its decision is kept":

@@ -5,7 +5,7 @@ import sys
 
 from conftest import ROOT, TEST_DEVICE, synthetic_pairs, write_tsv
 
-import flywheel
+from embed_ft import flywheel
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from flywheel_scale import scenario  # noqa: E402

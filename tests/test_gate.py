@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-import gate
+from embed_ft import gate
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 

@@ -8,10 +8,10 @@ import time
 import pytest
 from conftest import ROOT
 
-from state import home_db
-from state.home_db import HomeDB, check_url, connection_url
-from errors import InputError
-from state.file_lock import BusyError
+from embed_ft.state import home_db
+from embed_ft.state.home_db import HomeDB, check_url, connection_url
+from embed_ft.errors import InputError
+from embed_ft.state.file_lock import BusyError
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -96,7 +96,7 @@ def test_the_ledger_and_the_state_rows_keep_what_was_decided_first(url):
 HOLD_THE_ROUND_LOCK = """
 import sys, time
 sys.path.insert(0, {root!r})
-from state.home_db import HomeDB
+from embed_ft.state.home_db import HomeDB
 with HomeDB({url!r}, None).round_lock():
     print("held", flush=True)
     time.sleep(60)

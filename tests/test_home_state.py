@@ -2,13 +2,11 @@
 import pytest
 from conftest import run_cli, synthetic_pairs
 
-import flywheel
-from state import home_state
-import jsonl
-from state import home_db
-from state.home_db import HomeDB
-from state.heldout import Ledger
-from state.pair_store import PairStore
+from embed_ft import flywheel, jsonl
+from embed_ft.state import home_state, home_db
+from embed_ft.state.home_db import HomeDB
+from embed_ft.state.heldout import Ledger
+from embed_ft.state.pair_store import PairStore
 
 
 def as_posts(pairs, prefix):
@@ -84,7 +82,7 @@ def test_conflicts_are_listed_and_the_pairs_exported_as_pair_files(file_home, tm
     out = capsys.readouterr().out
     assert "another label" in out and "id 'b3' names another pair" in out and "2 conflicts" in out
     flywheel.main(["--home", str(file_home), "--export", str(tmp_path / "export")])
-    from data import load_pairs
+    from embed_ft.data import load_pairs
     exported = load_pairs(str(tmp_path / "export" / "pairs.tsv"))
     assert len(exported) == 100 and len(set(exported)) == 100
     assert exported[:60] == synthetic_pairs(60, 1)
@@ -174,9 +172,9 @@ def test_a_round_that_lost_its_lock_cannot_promote_and_no_number_is_taken_twice(
     db, other = home_state.database(home), HomeDB(home_state.database(home).url)
     with db.round_lock():
         a_number, a_start = home_state.round_number(home, []), home_state.current_version(home)
-        with psycopg.connect(db.url, autocommit=True) as admin:  # A's lock goes with its terminated session
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
-                          (home_db.ROUND_LOCK,))
+        with psycopg.connect(db.url, autocommit=True) as admin:  # A's lock goes with its terminated session,
+            admin.execute("SELECT pg_terminate_backend(pid, 30000) FROM pg_locks "  # once it has ended (30 s at most)
+                          "WHERE locktype = 'advisory' AND objid = %s", (home_db.ROUND_LOCK,))
         with other.round_lock():  # B gets the lock A lost
             b_number = home_state.round_number(home, [])
             home_state.switch_current(home, home / "rounds" / f"round-{b_number:03d}", home_state.current_version(home), b_number)

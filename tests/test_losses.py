@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (BY_NAME, CoSENTLoss, CosineSimilarityLoss, InBatchContrastiveLoss, MatryoshkaLoss, OnlineContrastiveLoss,
+from embed_ft.losses import (BY_NAME, CoSENTLoss, CosineSimilarityLoss, InBatchContrastiveLoss, MatryoshkaLoss, OnlineContrastiveLoss,
                     WeightedSum)
 
 
@@ -118,5 +118,5 @@ def test_weighted_sum():
 
 
 def test_every_named_loss_is_built_from_the_options():
-    from options import Config
+    from embed_ft.options import Config
     assert BY_NAME["ocl"](Config(margin=0.3)).margin == 0.3 and BY_NAME["cosent"](Config(scale=7.0)).scale == 7.0

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from errors import InputError
-from model import Embedder, load_model, pick_device
-from pooling import mean_pool
+from embed_ft.errors import InputError
+from embed_ft.model import Embedder, load_model, pick_device
+from embed_ft.pooling import mean_pool
 
 TEXTS = ["how do i cook t1a", "t1b t1c", "what is the best way of t2a t2b t2c how do i", "", "t1b t1c"]
 
@@ -265,8 +265,7 @@ def test_a_model_that_runs_its_own_code_trains_saves_loads_in_sentence_transform
     from conftest import TEST_DEVICE, LoopbackServer, run_cli, tiny_config
     from sentence_transformers import SentenceTransformer
 
-    import serve
-    import train
+    from embed_ft import serve, train
     code, err = run_cli(train.main, ["--model", str(remote_code_dir), "--data", str(pair_files["train"]),
                                      "--out", str(tmp_path / "refused")], capsys)
     assert code == 2 and "runs its own model code (auto_map in its config.json): pass --trust-remote-code" in err
@@ -285,7 +284,7 @@ def test_a_model_that_runs_its_own_code_trains_saves_loads_in_sentence_transform
 
 
 def test_a_role_takes_the_models_prompt_the_one_chosen_or_none():
-    from st_layout import Layout
+    from embed_ft.st_layout import Layout
     e5 = Layout(prompts={"query": "query: ", "passage": "passage: "})  # an e5-style folder
     assert e5.prompt_chosen("query", None) == "query: " and e5.prompt_chosen("document", None) == "passage: "
     assert e5.prompt_chosen("document", "none") == "" and e5.prompt_chosen("document", "query") == "query: "

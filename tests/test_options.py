@@ -2,10 +2,9 @@ import dataclasses
 
 import pytest
 
-import losses
-import options
-from errors import InputError
-from options import Config
+from embed_ft import losses, options
+from embed_ft.errors import InputError
+from embed_ft.options import Config
 
 
 def test_every_numeric_option_has_a_range_and_every_choice_is_checked():

@@ -1,7 +1,7 @@
 import torch
 
-from packing import pack
-from pooling import pool_packed
+from embed_ft.packing import pack
+from embed_ft.pooling import pool_packed
 
 
 def test_texts_are_packed_whole_longest_first_into_rows_as_wide_as_needed():

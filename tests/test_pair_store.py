@@ -1,7 +1,7 @@
 import json
 import multiprocessing
 
-from state.pair_store import PairStore, settle
+from embed_ft.state.pair_store import PairStore, settle
 
 
 def pair(a, b, label, **extra):

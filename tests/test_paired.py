@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-import paired
+from embed_ft import paired
 
 
 def test_sign_test_by_hand():

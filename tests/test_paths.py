@@ -7,15 +7,7 @@ import hashlib
 import pytest
 from conftest import run_cli, st_modules, synthetic_pairs, write_tsv
 
-import corpus
-import corpus_search
-import dedup
-import evaluate
-import flywheel
-import paths
-import serve
-import sweep
-import train
+from embed_ft import corpus, corpus_search, dedup, evaluate, flywheel, paths, serve, sweep, train
 
 ENTRY_POINTS = {"train": train.main, "evaluate": evaluate.main, "dedup": dedup.main, "flywheel": flywheel.main,
                 "sweep": sweep.main, "serve": serve.main, "corpus embed": corpus.embed_main,
@@ -206,7 +198,7 @@ def test_a_folder_sentence_transformers_saved_is_accepted_wherever_a_model_is_na
     import numpy as np
     from conftest import LoopbackServer
 
-    from model import load_model
+    from embed_ft.model import load_model
     model = published(tiny_model_dir, tmp_path / "published", pooling, prompts)
     files = {name: str(write_tsv(tmp_path / f"{name}.tsv", synthetic_pairs(40, seed))) for name, seed in [("train", 3), ("val", 1), ("test", 2)]}
     files["model"] = str(tiny_model_dir)

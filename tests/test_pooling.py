@@ -5,10 +5,9 @@ import pytest
 import torch
 from conftest import TEST_DEVICE, LoopbackServer, st_modules, tiny_config
 
-import serve
-import train
-from model import Embedder, load_model
-from pooling import pool_packed, pool_padded
+from embed_ft import serve, train
+from embed_ft.model import Embedder, load_model
+from embed_ft.pooling import pool_packed, pool_padded
 
 TEXTS = ["how do i cook t1a", "t1b t1c", "what is the best way of t2a t2b t2c how do i", "", "t1b t1c"]
 PROMPTS = {"query": "why ", "document": "what is ", "duplicates": "the best "}  # words of the tiny vocabulary

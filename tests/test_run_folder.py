@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-import run_folder
-from errors import InputError
+from embed_ft import run_folder
+from embed_ft.errors import InputError
 
 
 def dead_pid() -> int:

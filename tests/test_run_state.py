@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-import run_state
+from embed_ft import run_state
 
 
 def test_lr_schedule_warms_up_then_decays_linearly():

@@ -18,16 +18,12 @@ import openai
 import pytest
 from conftest import local_modules_imported, ROOT, TEST_DEVICE, LoopbackServer, free_port, run_cli, synthetic_pairs, write_tsv
 
-from server import api_contract
-import flywheel
-from state import heldout, home_db, home_state
-import jsonl
-from server import scheduler
-import serve
-from server import serve_metrics
-from errors import InputError
-from state.home_db import HomeDB
-from model import Embedder, cpu_has_bf16
+from embed_ft import flywheel, jsonl, serve
+from embed_ft.server import api_contract, scheduler, serve_metrics
+from embed_ft.state import heldout, home_db, home_state
+from embed_ft.errors import InputError
+from embed_ft.state.home_db import HomeDB
+from embed_ft.model import Embedder, cpu_has_bf16
 
 KEY = "test-write-key"
 
@@ -308,6 +304,7 @@ def test_the_modal_app_declares_a_web_class_and_a_scheduled_round(home, tiny_mod
     call = source[source.index(".add_local_python_source("):].split(")", 1)[0]
     missing = {name for name in local_modules_imported("serve") - {"serve"} if f'"{name}"' not in call}
     assert not missing, missing  # what serve.py, the server and the round import, through each other too
+    assert '"embed_ft"' in call  # the name they are imported by
     monkeypatch.setattr(serve, "HOME", home)  # a SQLite home: one machine's, refused
     with pytest.warns(UserWarning, match="executing locally"), pytest.raises(InputError, match="must keep its state in PostgreSQL"):
         serve.scheduled_round.local(min_new_pairs=10)
@@ -633,7 +630,7 @@ def test_draining_refuses_new_requests_while_admitted_ones_finish():
     """server.shutdown's Drain and DrainingServer in this process, so that the order holds on any
     machine: a request admitted before the signal gets its answer, one that comes after it is a 503
     with Retry-After, and the server is told to exit only once nothing is in flight."""
-    from server.shutdown import Drain, DrainingServer
+    from embed_ft.server.shutdown import Drain, DrainingServer
     import asyncio
     import uvicorn
     release = asyncio.Event()
@@ -676,8 +673,8 @@ def test_draining_refuses_new_requests_while_admitted_ones_finish():
 def test_a_folder_holding_another_model_than_the_one_promoted_is_refused_never_served(home, tiny_model_dir):
     import torch
 
-    import fingerprint
-    from server.versions import HomeWatcher, NotThatModel, Versions, load_pointer
+    from embed_ft import fingerprint
+    from embed_ft.server.versions import HomeWatcher, NotThatModel, Versions, load_pointer
     promoted, other = (Embedder.from_pretrained(str(tiny_model_dir)) for _ in range(2))
     with torch.no_grad():
         other.encoder.embeddings.word_embeddings.weight.add_(0.5)

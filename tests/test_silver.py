@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, synthetic_pairs, tiny_config, write_tsv
 
-import data
-import evaluate
-import train
-from errors import InputError
-from model import load_model
+from embed_ft import data, evaluate, train
+from embed_ft.errors import InputError
+from embed_ft.model import load_model
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import silver  # noqa: E402

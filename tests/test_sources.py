@@ -1,6 +1,6 @@
 import json
 
-import sources
+from embed_ft import sources
 
 
 def test_one_function_names_what_a_model_string_is(tmp_path, monkeypatch, tiny_model_dir):

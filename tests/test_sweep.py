@@ -10,12 +10,8 @@ import modal
 import pytest
 from conftest import local_modules_imported, ROOT, TEST_DEVICE, run_cli, signal_at_step
 
-import figures
-import jsonl
-import paired
-import sweep
-import train
-from options import Config
+from embed_ft import figures, jsonl, paired, sweep, train
+from embed_ft.options import Config
 
 
 def test_grid_is_the_product_with_everything_else_fixed():
@@ -70,7 +66,7 @@ def test_the_modal_image_carries_every_module_a_run_imports():
     source = (ROOT / "sweep.py").read_text()
     call = source[source.index(".add_local_python_source("):].split(")", 1)[0]
     listed = set(ast.literal_eval("(" + call.split("(", 1)[1] + ",)"))
-    assert needed <= listed <= project, (needed - listed, listed - project)
+    assert "embed_ft" in listed and needed <= listed <= project | {"embed_ft"}, (needed - listed, listed - project)
 
 
 def test_objective_runs_locally_and_records_where_it_ran(tiny_model_dir, pair_files, tmp_path):

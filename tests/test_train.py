@@ -5,11 +5,10 @@ import pytest
 import torch
 from conftest import SHARED, TEST_DEVICE, needs_shared, tiny_config
 
-import data
-import train
-from errors import InputError
-from model import Embedder
-from options import Config
+from embed_ft import data, train
+from embed_ft.errors import InputError
+from embed_ft.model import Embedder
+from embed_ft.options import Config
 
 METRIC_KEYS = {"error_rate", "accuracy", "precision", "recall", "f1", "average_precision", "roc_auc",
                "threshold", "n_pairs", "constraint"}

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import vector_index
+from embed_ft import vector_index
 
 
 def unit(n: int, width: int = 16, seed: int = 0) -> np.ndarray:
