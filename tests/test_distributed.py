@@ -79,7 +79,8 @@ def test_a_cpu_run_under_torchrun_uses_gloo_on_a_machine_with_gpus(monkeypatch, 
 def test_torchrun_takes_every_pair_that_one_process_takes(tiny_model_dir, pair_files, tmp_path):
     """97 pairs, batch 16: the last batch of each epoch has a single pair, fewer than the processes."""
     train_file = write_tsv(tmp_path / "train97.tsv", synthetic_pairs(97, seed=1))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone",  # a port torchrun takes itself: one picked here first could be taken by another test
                str(ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(train_file),
                "--val", str(pair_files["val"]), "--test", str(pair_files["test"]), "--dense-out-features", "16",
                "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--out", str(tmp_path / "out")]
