@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embed_ft import corpus_folder, corpus_input, errors, fingerprint, paths, vector_index
+from embed_ft import corpus_folder, corpus_input, errors, evaluate, fingerprint, paths, vector_index
 from embed_ft.errors import InputError
 
 
@@ -60,10 +60,7 @@ def unit_vectors(folder: Path, names: list[str], manifest: dict) -> np.ndarray:
     """The vectors of the named shards, in order, at unit length: a model published without Normalize
     gives rows of any length, and the index compares cosines all the same."""
     parts = [corpus_folder.read_vectors(folder / name) for name in names]
-    vectors = np.concatenate(parts) if parts else np.zeros((0, manifest["width"]), np.float32)
-    if not manifest["normalize"]:
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return vectors
+    return evaluate.unit_rows(np.concatenate(parts) if parts else np.zeros((0, manifest["width"]), np.float32))
 
 
 def search_corpus(folder: Path, queries: list[str], model, k: int = 10, query_prompt: str | None = None,
@@ -78,9 +75,7 @@ def search_corpus(folder: Path, queries: list[str], model, k: int = 10, query_pr
                          f"{manifest.get('version') or '-'}); search it with that model")
     input_ids, skip = model.tokenize(queries, prompt=model.layout.prompt_chosen("query", query_prompt))
     vectors = model.encode_ids(input_ids, 128, False, manifest["dtype"] == "bf16" if bf16 is None else bf16, skip)
-    if not manifest["normalize"]:
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    scores, rows = vector_index.search(vector_index.load(folder / corpus_folder.INDEX), vectors, k)
+    scores, rows = vector_index.search(vector_index.load(folder / corpus_folder.INDEX), evaluate.unit_rows(vectors), k)
     found = corpus_folder.rows_of(folder, rows)
     return [[{**found[q * rows.shape[1] + j], "score": round(float(scores[q, j]), 4)}
              for j in range(rows.shape[1]) if rows[q, j] >= 0] for q in range(len(queries))]

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from embed_ft import corpus, corpus_folder, corpus_input, corpus_search, data, errors, paths, vector_index
+from embed_ft import corpus, corpus_folder, corpus_input, corpus_search, data, errors, evaluate, paths, vector_index
 from embed_ft.errors import InputError
 
 NEIGHBOURS = 32          # nearest texts asked of the index for each text, at first
@@ -184,9 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     checks |= {path: data.load_pairs(path, data.parse_columns(args.columns)) for path in args.labels}
 
     started = time.perf_counter()
-    vectors = corpus_folder.all_vectors(folder)
-    if not manifest["normalize"]:
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    vectors = evaluate.unit_rows(corpus_folder.all_vectors(folder))
     if not (folder / corpus_folder.INDEX).is_file():
         corpus_search.index_corpus(folder)
     index = vector_index.load(folder / corpus_folder.INDEX)
