@@ -23,6 +23,7 @@ import numpy as np
 
 from embed_ft import corpus_folder, corpus_input, errors, evaluate, fingerprint, paths, vector_index
 from embed_ft.errors import InputError
+from embed_ft.int8 import quantised
 
 
 # ------------------------------------------------------------------------------------------ the index
@@ -73,6 +74,8 @@ def search_corpus(folder: Path, queries: list[str], model, k: int = 10, query_pr
     if fingerprint.of(model) != manifest["fingerprint"]:
         raise InputError(f"the corpus in {folder} was embedded with {manifest['model']} (version "
                          f"{manifest.get('version') or '-'}); search it with that model")
+    if manifest["dtype"] == "int8":  # queries embedded as the corpus was
+        model = quantised(model)
     input_ids, skip = model.tokenize(queries, prompt=model.layout.prompt_chosen("query", query_prompt))
     vectors = model.encode_ids(input_ids, 128, False, manifest["dtype"] == "bf16" if bf16 is None else bf16, skip)
     scores, rows = vector_index.search(vector_index.load(folder / corpus_folder.INDEX), evaluate.unit_rows(vectors), k)

@@ -8,7 +8,7 @@ backend counts as a rival only where the shared Quora test error moves by less t
         --peer openvino-int8=/root/peer-openvino/bin/python:/tmp/rate/openvino-int8
 
 Every distinct text of the shared validation and test splits is embedded once by each way: our
-`Embedder` in fp32, in bf16 and with torch's dynamic int8 (this process), and sentence-transformers' backends, each in its own
+`Embedder` in fp32, in bf16, with torch's dynamic int8 and with ours (int8.py) (this process), and sentence-transformers' backends, each in its own
 environment through benchmarks/st_encode.py --save (exported models as the rate table's). Each way's
 threshold is tuned on validation; its error on the test split is printed beside the move from
 sentence-transformers' torch in fp32 (the model as published), with the pairs each way decides
@@ -28,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from embed_ft import data, evaluate, jsonl# noqa: E402
+from embed_ft.int8 import quantised# noqa: E402
 from embed_ft.model import load_model# noqa: E402
 
 SPLITS = ROOT.parent / "shared" / "data" / "quora" / "splits"
@@ -38,12 +39,15 @@ def texts_of(*splits: list[data.Pair]) -> list[str]:
     return list(dict.fromkeys(t for pairs in splits for a, b, _ in pairs for t in (a, b)))
 
 
-def ours(model_dir: str, texts: list[str], bf16: bool, int8: bool = False) -> np.ndarray:
+def ours(model_dir: str, texts: list[str], bf16: bool, int8: str = "") -> np.ndarray:
     """Our Embedder as the corpus job runs it (the default prompt), in bf16 or fp32, unit length; with
-    `int8`, its Linear layers quantised by torch's dynamic int8 (weights per channel, activations per
-    batch: torch.ao.quantization, deprecated in torch 2.13), the int8 path torch offers without data."""
+    `int8` "ours", as `corpus.py embed --dtype int8` runs it (int8.py: weights per channel, activations
+    per token); with "torch dynamic", its Linear layers quantised by torch's dynamic int8 (weights per
+    channel, activations per batch: torch.ao.quantization, deprecated in torch 2.13)."""
     model = load_model(model_dir).eval()
-    if int8:
+    if int8 == "ours":
+        model = quantised(model)
+    elif int8:
         from torch import nn
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
         model = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig})
@@ -79,7 +83,8 @@ def main() -> None:
     texts_file.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
     assert all("\n" not in t and t.strip() for t in texts), "st_encode.py reads one text a line"
     ways = {"ours fp32": lambda: ours(args.model, texts, False), "ours bf16": lambda: ours(args.model, texts, True),
-            "ours int8 (torch dynamic)": lambda: ours(args.model, texts, False, int8=True)}
+            "ours int8 (torch dynamic)": lambda: ours(args.model, texts, False, int8="torch dynamic"),
+            "ours int8 (int8.py)": lambda: ours(args.model, texts, False, int8="ours")}
     for spec in args.peer:
         backend, _, rest = spec.partition("=")
         python, _, exported = rest.partition(":")
