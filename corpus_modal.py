@@ -36,7 +36,7 @@ image = (
                     "pyarrow==26.0.1", "faiss-cpu==1.15.1", "datasets==5.2.0", "openai==3.57.0")
     .env({"HF_HOME": "/data/huggingface", "TOKENIZERS_PARALLELISM": "false"})
     .add_local_python_source("embed_ft",  # the name the modules below are imported by: embed_ft/__init__.py
-                             "corpus", "corpus_folder", "corpus_input", "corpus_search", "vector_index", "fingerprint",
+                             "corpus", "corpus_folder", "corpus_input", "corpus_search", "vector_index", "int8", "fingerprint",
                              "errors", "paths", "data", "model", "jsonl", "packing", "pooling", "st_layout", "sources",
                              # what corpus.py imports for a home's versions: never called in a container
                              "server", "state", "history", "evaluate", "paired", "openai_embeddings", "cpu_threads")

@@ -3,11 +3,11 @@
     python corpus.py search corpus "how do I learn python" -k 5
     python corpus.py search corpus --queries questions.txt --out hits.jsonl
     python corpus.py search corpus --home fw "how do I learn python"      # the served version's folder
-    python corpus.py index corpus [--exact | --no-exact]                    # build the index again
+    python corpus.py index corpus [--kind exact|hnsw|ivf]                   # build the index again
 
 `corpus.py embed` builds the index when it has written the shards (`index_corpus`); a grown corpus's
-new vectors are added to it. The index itself (exact, or a graph above 100,000 vectors) is
-vector_index.py; the folder, corpus_folder.py. A query takes the model's query prompt, the corpus
+new vectors are added to it. The index itself (exact; a graph above 100,000 vectors; lists of
+8-bit vectors above 2,000,000) is vector_index.py; the folder, corpus_folder.py. A query takes the model's query prompt, the corpus
 its document prompt, as `evaluate.py --retrieval` embeds them, and the model must be the one whose
 fingerprint the manifest names.
 """
@@ -20,31 +20,38 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from embed_ft import corpus_folder, corpus_input, errors, evaluate, fingerprint, paths, vector_index
 from embed_ft.errors import InputError
 from embed_ft.int8 import quantised
 
+SHARDS_AT_ONCE = 10  # shards whose vectors are read and added to the index at a time
+
 
 # ------------------------------------------------------------------------------------------ the index
 
-def index_corpus(folder: Path, exact: bool | None = None) -> dict:
+def index_corpus(folder: Path, kind: str | None = None) -> dict:
     """The index over every shard's vectors, its recall@10 against exact search, build time and size
     kept in the manifest. Where the shards it was built over are all still there as they were (a grown
-    corpus, nothing dropped), the new shards' vectors are added to it instead of building it again."""
+    corpus, nothing dropped), the new shards' vectors are added to it instead of building it again.
+    Vectors are read SHARDS_AT_ONCE shards at a time, so memory holds the index and one such chunk."""
     manifest = corpus_folder.read_manifest(folder)
     if manifest is None:
         raise InputError(f"{folder} is not a corpus folder (no {corpus_folder.MANIFEST}): run corpus.py embed first")
     counts = {p.name: corpus_folder.count_rows(p) for p in corpus_folder.shards(folder)}
     before = manifest.get("index", {}).get("shards", {})
-    grown = (exact is None and before and (folder / corpus_folder.INDEX).is_file()
+    grown = (kind is None and before and (folder / corpus_folder.INDEX).is_file()
              and list(counts.items())[:len(before)] == list(before.items()))
     started = time.perf_counter()
     if grown:  # only the new shards are read
-        index = vector_index.extend(vector_index.load(folder / corpus_folder.INDEX),
-                                    unit_vectors(folder, list(counts)[len(before):], manifest))
+        index, new = vector_index.load(folder / corpus_folder.INDEX), list(counts)[len(before):]
     else:
-        index = vector_index.build(unit_vectors(folder, list(counts), manifest), exact)
+        total, kind = sum(counts.values()), kind or vector_index.kind_for(sum(counts.values()))
+        training = training_sample(folder, list(counts), manifest, vector_index.training_size(total)) if kind == "ivf" else None
+        index, new = vector_index.empty(kind, manifest["width"], total, training), list(counts)
+    for at in tqdm(range(0, len(new), SHARDS_AT_ONCE), desc="index", unit="chunk", disable=len(new) <= SHARDS_AT_ONCE):
+        index = vector_index.extend(index, unit_vectors(folder, new[at:at + SHARDS_AT_ONCE], manifest))
     built = time.perf_counter() - started
     recall = vector_index.recall_at_10(index)
     corpus_folder.write_whole(folder / corpus_folder.INDEX, lambda temporary: vector_index.save(index, temporary))
@@ -55,6 +62,14 @@ def index_corpus(folder: Path, exact: bool | None = None) -> dict:
     print(f"index: {manifest['index']['kind']} over {index.ntotal:,} vectors, {manifest['index']['built']} in "
           f"{built:.1f} s, recall@10 {recall:.3f} against exact search", file=sys.stderr)
     return manifest
+
+
+def training_sample(folder: Path, names: list[str], manifest: dict, size: int) -> np.ndarray:
+    """About `size` vectors for the lists' k-means, from shards spread evenly over the corpus (the
+    first shards alone would train the cells on whatever the source put first)."""
+    per_shard = corpus_folder.count_rows(folder / names[0])
+    step = max(1, len(names) * per_shard // size)
+    return unit_vectors(folder, names[::step], manifest)[:size]
 
 
 def unit_vectors(folder: Path, names: list[str], manifest: dict) -> np.ndarray:
@@ -100,11 +115,12 @@ def corpus_of(out: Path, home: Path | None) -> Path:
 def index_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="corpus.py index", description="Build a corpus folder's index again.")
     parser.add_argument("folder", metavar="DIR")
-    parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
-                        help=f"exact search (default: exact up to {vector_index.EXACT_UP_TO:,} vectors)")
+    parser.add_argument("--kind", choices=["exact", "hnsw", "ivf"], help=f"default: exact up to "
+                        f"{vector_index.EXACT_UP_TO:,} vectors, a graph (hnsw) up to {vector_index.GRAPH_UP_TO:,}, "
+                        f"lists of 8-bit vectors (ivf) above")
     errors.add_debug_flag(parser)
     args = paths.parse(parser, argv)
-    index_corpus(Path(args.folder), args.exact)
+    index_corpus(Path(args.folder), args.kind)
 
 
 def search_main(argv: list[str]) -> None:
