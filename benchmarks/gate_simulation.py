@@ -1,6 +1,7 @@
 """Does the promotion rule keep its promise, and its power as a home ages? Homes of real group sizes.
 
     python benchmarks/gate_simulation.py --homes 300      # results/gate_simulation_clustered.json, prints tables
+    python benchmarks/gate_simulation.py --levers         # power with each lever moved alone: results/gate_levers.jsonl
 
 Each simulated home grows its held-out sets as a home does (`state/heldout.py`'s defaults, a home
 whose traffic is 1,000 pairs a round): 300 new test groups a round up to the cap of 5,000 groups, then
@@ -45,7 +46,7 @@ from scipy.stats import binom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from embed_ft import data, gate, paired# noqa: E402
+from embed_ft import data, gate, jsonl, paired# noqa: E402
 from embed_ft.state.heldout import AFTER_CAPS, CAPS, FRACTIONS# noqa: E402
 
 ROUNDS, ALPHA, DISAGREE, WIN = 10_000, 0.05, 0.06, 0.6
@@ -84,19 +85,25 @@ def voting_groups(rng: np.random.Generator, pool: np.ndarray, homes: int, sizes:
     return out
 
 
-def lives_now(rng: np.random.Generator, pool: np.ndarray, homes: int, rounds: int, better: tuple[int, ...] = ()) -> np.ndarray:
+def lives_now(rng: np.random.Generator, pool: np.ndarray, homes: int, rounds: int, better: tuple[int, ...] = (),
+              screen: float | None = None, allot_cap: int | None = None,
+              evidence_from: float = gate.EVIDENCE_FROM) -> np.ndarray:
     """Which rounds of each home promote under gate.py's rule (homes x rounds); the candidate is better
-    at the rounds in `better` (1-based), no better at the others."""
+    at the rounds in `better` (1-based), no better at the others. The levers (`--levers`), each moved
+    alone: `screen`, test only where validation's sign test gives p under it (not merely more votes
+    for); `allot_cap`, the evidence allotted whole by that many test groups (not the test set's cap);
+    `evidence_from`, the share of that cap before the evidence share starts."""
     tests, vals = held_out_groups(rounds, "test"), held_out_groups(rounds, "validation")
     n_test, n_val = voting_groups(rng, pool, homes, tests), voting_groups(rng, pool, homes, vals)
     share = np.full(rounds, 0.5)
     share[[r - 1 for r in better]] = WIN
     for_test, for_val = rng.binomial(n_test, share), rng.binomial(n_val, share)
     p = np.where(n_test > 0, binom.sf(for_test - 1, n_test, 0.5), 1.0)  # the sign test over the votes
-    allotted = np.array([gate.allotted(j, ALPHA, n, CAPS["test"]) for j, n in enumerate(tests, 1)])
+    p_val = np.where(n_val > 0, binom.sf(for_val - 1, n_val, 0.5), 1.0)
+    allotted = np.array([gate.allotted(j, ALPHA, n, allot_cap or CAPS["test"], evidence_from) for j, n in enumerate(tests, 1)])
     spent, promoted = np.zeros(homes), np.zeros((homes, rounds), bool)
     for r in range(rounds):
-        tested = 2 * for_val[:, r] > n_val[:, r]                       # validation favours the candidate
+        tested = (2 * for_val[:, r] > n_val[:, r]) if screen is None else p_val[:, r] < screen  # validation favours it
         level = np.maximum(0.0, allotted[r] - spent)
         promoted[:, r] = tested & (p[:, r] < level) & (2 * for_test[:, r] > n_test[:, r])
         spent += np.where(tested & ~promoted[:, r], level, 0.0)      # a promotion passes its level on
@@ -140,13 +147,34 @@ def share_ever(promoted: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(promoted, axis=1).mean(0)
 
 
-def power(lives, rng: np.random.Generator, pool: np.ndarray, trials: int) -> dict:
+def power(lives, rng: np.random.Generator, pool: np.ndarray, trials: int, **lever) -> dict:
     """P(promote at round j) and P(promoted at j or j + 1), the candidate better from round j on."""
     out = {}
     for j in POWER_ROUNDS:
-        promoted = lives(rng, pool, trials, j + 1, better=(j, j + 1))
+        promoted = lives(rng, pool, trials, j + 1, better=(j, j + 1), **lever)
         out[str(j)] = {"round": float(promoted[:, j - 1].mean()), "within_two": float(promoted[:, j - 1:].any(1).mean())}
     return out
+
+
+LEVERS = {  # the rule now with one lever moved; what each costs the promise is nothing (levels stay within alpha)
+    "now (evidence allotted from 600 test groups on)": {},
+    "evidence allotted from the first test group (as before)": {"evidence_from": 0.0},
+    "screen: validation p < 0.3": {"screen": 0.3},
+    "screen: validation p < 0.2": {"screen": 0.2},
+    "evidence allotted whole by 4,000 test groups": {"allot_cap": 4000},
+    "evidence allotted whole by 3,000 test groups": {"allot_cap": 3000},
+}
+
+
+def levers(pool: np.ndarray, trials: int) -> None:
+    """Power at each checkpoint round with each lever moved alone, the same seed for each."""
+    print(f"power for a {WIN:.0%}/{1 - WIN:.0%} gain at the j-th round (promoted that round / by the next), {trials:,} homes")
+    print("| rule | " + " | ".join(f"round {j:,}" for j in POWER_ROUNDS) + " |\n| --- |" + " ---: |" * len(POWER_ROUNDS))
+    for name, lever in LEVERS.items():
+        figures = power(lives_now, np.random.default_rng(0), pool, trials, **lever)
+        jsonl.append(ROOT / "results" / "gate_levers.jsonl", {"rule": name, "trials": trials, "power": figures})
+        print(f"| {name} | " + " | ".join(f"{f['round']:.2f} / {f['within_two']:.2f}" for f in figures.values()) + " |",
+              flush=True)
 
 
 def main() -> None:
@@ -155,7 +183,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2000, help="homes a power figure is measured over")
     parser.add_argument("--before-rounds", type=int, default=1000, help="null rounds simulated for the rule before")
     parser.add_argument("--before-trials", type=int, default=1000)
+    parser.add_argument("--levers", action="store_true", help="only the power, with each lever moved alone")
     args = parser.parse_args()
+    if args.levers:
+        return levers(real_group_sizes(), args.trials)
     pool, rng, started = real_group_sizes(), np.random.default_rng(0), time.time()
     now = share_ever(np.concatenate([lives_now(rng, pool, min(100, args.homes - h), ROUNDS)
                                      for h in range(0, args.homes, 100)]))

@@ -43,8 +43,9 @@ def test_a_home_from_a_base_alone_grows_its_held_out_promotes_and_audits(flywhee
     assert first["splits"]["test"] == len(data.load_pairs(str(home / "heldout" / "test.tsv.gz"))) >= flywheel.MIN_TEST
     assert first["decision"] == "promoted" and first["screen"]["favoured"]
     assert first["new_test_groups"] == first["test_groups"] <= first["test_pairs"]  # the evidence is counted in groups
-    # allotted by round 1: a tenth of alpha by rounds (1/2 of it), nine tenths by the test set's groups of its cap
-    assert first["alpha_round"] == first["alpha_allotted"] == pytest.approx(0.005 / 2 + 0.045 * first["test_groups"] / 5000)
+    # allotted by round 1: a tenth of alpha by rounds (1/2 of it), nine tenths by the test set's groups from 600 of its cap on
+    evidence = lambda groups: 0.045 * max(0, groups - 600) / 4400
+    assert first["alpha_round"] == first["alpha_allotted"] == pytest.approx(0.005 / 2 + evidence(first["test_groups"]))
     assert first["evidence"]["groups_for_a"] > first["evidence"]["groups_for_b"] and first["p_value"] == first["evidence"]["p_value"]
     assert Embedder.load(home / "rounds/round-001").dim == 32
     assert not list((home / "rounds").glob("*/*.tsv.gz"))  # the model folder holds the model, never the traffic
@@ -68,7 +69,7 @@ def test_a_home_from_a_base_alone_grows_its_held_out_promotes_and_audits(flywhee
     assert second["splits"]["unusable"] >= 5 and second["unusable_new"] >= 5
     assert second["round_of_life"] == 2 and second["new_test_groups"] == second["test_groups"] - first["test_groups"]
     # round 1's promotion spent nothing: round 2 may spend all that is allotted by then
-    assert second["alpha_spent_before"] == 0 and second["alpha_round"] == pytest.approx(0.005 * 2 / 3 + 0.045 * second["test_groups"] / 5000)
+    assert second["alpha_spent_before"] == 0 and second["alpha_round"] == pytest.approx(0.005 * 2 / 3 + evidence(second["test_groups"]))
     held = {t for t, s in ledger.split_of.items() if s != "train"}
     assert not held & training_texts(home)
     flywheel.main(["--plot", str(home / "history.jsonl")])

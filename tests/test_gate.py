@@ -13,9 +13,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def test_the_allotment_never_passes_alpha_over_any_life():
     assert [gate.allotted(j, 0.05) for j in (1, 2, 3)] == pytest.approx([0.025, 0.05 * 2 / 3, 0.05 * 3 / 4])
     assert gate.allotted(100_000, 0.05) == pytest.approx(0.05 * 100_000 / 100_001)
-    # A home that grows its test set: a tenth by rounds, nine tenths by its groups (300 of a 5,000 cap).
-    assert gate.allotted(1, 0.05, 300, 5000) == pytest.approx(0.005 / 2 + 0.045 * 300 / 5000)
-    assert gate.allotted(8, 0.05, 2400, 5000) == pytest.approx(0.005 * 8 / 9 + 0.045 * 2400 / 5000)
+    # A home that grows its test set: a tenth by rounds, nine tenths by its groups from 600 of a 5,000 cap on.
+    assert gate.allotted(1, 0.05, 300, 5000) == pytest.approx(0.005 / 2)
+    assert gate.allotted(8, 0.05, 2400, 5000) == pytest.approx(0.005 * 8 / 9 + 0.045 * (2400 - 600) / 4400)
+    assert gate.allotted(20, 0.05, 5000, 5000) == pytest.approx(0.005 * 20 / 21 + 0.045)
     assert gate.allotted(10**9, 0.05, 10**6, 5000) < 0.05  # past its cap the test set earns no more
 
 
@@ -25,7 +26,7 @@ def test_a_refused_test_spends_its_level_a_promotion_and_an_untested_round_do_no
                {"decision": "refused", "refused_by": "validation", "alpha_round": 0.0},
                {"decision": "waiting"}]                    # no candidate: not a round of the life
     assert gate.spent(history) == pytest.approx(0.004)
-    assert gate.level(history, 0.05, 1000, 5000) == pytest.approx(0.005 * 4 / 5 + 0.045 * 1000 / 5000 - 0.004)
+    assert gate.level(history, 0.05, 1000, 5000) == pytest.approx(0.005 * 4 / 5 + 0.045 * 400 / 4400 - 0.004)
     assert gate.level([{"decision": "refused", "alpha_round": 1.0}], 0.05) == 0.0  # never below nothing
 
 
