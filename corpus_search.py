@@ -7,9 +7,10 @@
 
 `corpus.py embed` builds the index when it has written the shards (`index_corpus`); a grown corpus's
 new vectors are added to it. The index itself (exact; a graph above 100,000 vectors; lists of
-8-bit vectors above 2,000,000) is vector_index.py; the folder, corpus_folder.py. A query takes the model's query prompt, the corpus
-its document prompt, as `evaluate.py --retrieval` embeds them, and the model must be the one whose
-fingerprint the manifest names.
+8-bit vectors above 2,000,000) is vector_index.py; the folder, corpus_folder.py. A query takes the
+model's query prompt, the corpus its document prompt, as `evaluate.py --retrieval` embeds them, and
+the model must be the one whose fingerprint the manifest names (and an int8 corpus's queries are
+embedded in int8).
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def kind_for(vectors: int) -> str:
     return "exact" if vectors <= EXACT_UP_TO else "hnsw" if vectors <= GRAPH_UP_TO else "ivf"
 
 
-def empty(kind: str, width: int, vectors: int = 0, training: np.ndarray | None = None, progress: bool = False):
+def empty(kind: str, width: int, vectors: int = 0, training: np.ndarray | None = None):
     """An index of `kind` that holds nothing yet: `extend` fills it. Lists are made for `vectors`
     vectors and their cells found by k-means on `training` (a sample of them)."""
     import faiss
@@ -49,7 +49,6 @@ def empty(kind: str, width: int, vectors: int = 0, training: np.ndarray | None =
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(width, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = BUILD_DEPTH
-        index.verbose = progress
         return index
     cells = max(1, int(np.sqrt(vectors)))
     index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(width), width, cells, faiss.ScalarQuantizer.QT_8bit,
@@ -60,13 +59,13 @@ def empty(kind: str, width: int, vectors: int = 0, training: np.ndarray | None =
     return index
 
 
-def build(vectors: np.ndarray, kind: str | None = None, progress: bool = False):
+def build(vectors: np.ndarray, kind: str | None = None):
     """The index over `vectors`: exact for a small corpus, a graph for a large one, lists above that
     (or the `kind` asked for)."""
     kind = kind or kind_for(len(vectors))
     training = vectors[np.random.default_rng(0).choice(len(vectors), min(len(vectors), training_size(len(vectors))),
                                                        replace=False)] if kind == "ivf" else None
-    return extend(empty(kind, vectors.shape[1], len(vectors), training, progress), vectors)
+    return extend(empty(kind, vectors.shape[1], len(vectors), training), vectors)
 
 
 def training_size(vectors: int) -> int:
