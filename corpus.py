@@ -260,8 +260,8 @@ def embed_main(argv: list[str]) -> None:
     parser.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="texts a shard: what memory holds at once")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32", "int8"], default="auto",
-                        help="auto: bf16 on a GPU and on CPUs with bf16 units, else fp32; int8: the fastest on a "
-                             "CPU, its vectors a little moved (int8.py)")
+                        help="auto: bf16 on a GPU and on CPUs with bf16 units, else fp32; int8: faster on a CPU "
+                             "with AVX512-VNNI or AMX (measured there only), its vectors a little moved (int8.py)")
     parser.add_argument("--no-index", action="store_true", help="only the shards; build the index later (corpus.py index)")
     parser.add_argument("--device", default="auto")
     errors.add_debug_flag(parser)
