@@ -86,7 +86,10 @@ def embed_corpus(source: Path, out: Path, model, name: str, version: str | None 
     docstring), drop what the source no longer holds, then build the index. Returns the manifest.
     `int8`: the encoder's Linear layers in 8-bit integers on a CPU (int8.py), the rest in float32."""
     from embed_ft.model import cpu_has_bf16
-    bf16 = False if int8 else (model.device.type == "cuda" or cpu_has_bf16()) if bf16 is None else bf16
+    if int8:
+        bf16 = False
+    elif bf16 is None:
+        bf16 = model.device.type == "cuda" or cpu_has_bf16()
     prompt = model.layout.prompt_chosen("document", document_prompt)
     columns = {"id_column": id_column, "text_column": text_column}
     folder = out / version if version else out

@@ -48,7 +48,8 @@ def index_corpus(folder: Path, kind: str | None = None) -> dict:
     if grown:  # only the new shards are read
         index, new = vector_index.load(folder / corpus_folder.INDEX), list(counts)[len(before):]
     else:
-        total, kind = sum(counts.values()), kind or vector_index.kind_for(sum(counts.values()))
+        total = sum(counts.values())
+        kind = kind or vector_index.kind_for(total)
         training = training_sample(folder, list(counts), manifest, vector_index.training_size(total)) if kind == "ivf" else None
         index, new = vector_index.empty(kind, manifest["width"], total, training), list(counts)
     for at in tqdm(range(0, len(new), SHARDS_AT_ONCE), desc="index", unit="chunk", disable=len(new) <= SHARDS_AT_ONCE):

@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from embed_ft import corpus_folder, corpus_search, jsonl, vector_index# noqa: E402
@@ -76,7 +74,7 @@ def search_figures(folder: Path, model_dir: str, queries: list[str]) -> dict:
     _, found = vector_index.search(index, vectors, 10)
     alone = time.perf_counter() - started
     truth = vector_index.exact_neighbours(corpus_folder.all_vectors(folder), vectors, 10)
-    recall = float(np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth.tolist(), found.tolist())]))
+    recall = vector_index.share_found(truth, found)
     return {"queries": len(queries), "index_queries_per_second": round(len(queries) / alone, 1),
             "end_to_end_queries_per_second": round(len(queries) / end_to_end, 1), "recall_at_10_queries": round(recall, 4)}
 

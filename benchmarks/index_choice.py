@@ -83,7 +83,7 @@ def measure(name: str, build, vectors: np.ndarray, queries: np.ndarray, truth: n
     started = time.perf_counter()
     _, found = searcher(queries, 10)
     seconds = time.perf_counter() - started
-    recall = float(np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth.tolist(), found.tolist())]))
+    recall = vector_index.share_found(truth, found)
     size = index.size() if isinstance(index, Usearch) else faiss_size(index)
     return {"index": name, "vectors": len(vectors), "width": vectors.shape[1], "build_seconds": round(built, 1),
             "bytes": size, "queries_per_second": round(len(queries) / seconds, 1), "recall_at_10": round(recall, 4)}
@@ -117,7 +117,7 @@ def measure_streamed(vectors: int, width: int, kind: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         vector_index.save(index, Path(folder) / "index")
         size = (Path(folder) / "index").stat().st_size
-    recall = float(np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth.tolist(), found.tolist())]))
+    recall = vector_index.share_found(truth, found)
     return {"index": vector_index.kind(index), "vectors": vectors, "width": width, "build_seconds": round(built, 1),
             "bytes": size, "queries_per_second": round(len(queries) / seconds, 1), "recall_at_10": round(recall, 4),
             "source": f"random unit vectors, width {width}, streamed", "peak_memory_mib": peak_mib()}
@@ -141,6 +141,7 @@ def main() -> None:
     if args.stream:
         row = measure_streamed(args.random, args.width, args.kind)
         jsonl.append(Path(args.results), row)
+        print("| index | vectors | build s | MiB | peak MiB | queries/s | recall@10 |\n| --- |" + " ---: |" * 6)
         print(f"| {row['index']} | {row['vectors']:,} | {row['build_seconds']} | {row['bytes'] / 2**20:,.0f} | "
               f"{row['peak_memory_mib']:,} | {row['queries_per_second']:,.0f} | {row['recall_at_10']:.3f} |")
         return
