@@ -113,3 +113,13 @@ def test_surer_decisions_are_evidence_but_more_errors_never_promote():
     assert gate.decide(right, current, *costs, 0.01)["decision"] == "promoted"
     # A candidate surer where it is right but wrong on more pairs is refused, whatever its votes.
     assert gate.decide(current, right, *costs, 0.01)["decision"] == "refused"
+
+
+def test_the_test_pairs_a_gain_needs_follow_its_size_and_the_discordant_share():
+    import flywheel_candidates
+    # 1,000 pairs: 60 only the candidate decides right, 40 only the current model: a gain of 0.02 on
+    # a discordant share of 0.1, so (2.326 + 0.842)^2 x 0.1 / 0.02^2 = 2,509.06 pairs, rounded up.
+    candidate = np.r_[np.ones(60, bool), np.zeros(40, bool), np.ones(900, bool)]
+    current = np.r_[np.zeros(60, bool), np.ones(40, bool), np.ones(900, bool)]
+    assert flywheel_candidates.test_pairs_needed(candidate, current) == 2510
+    assert flywheel_candidates.test_pairs_needed(current, candidate) is None  # behind: no test pairs will do
