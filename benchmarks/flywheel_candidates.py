@@ -11,6 +11,9 @@ For each round: the errors of both models, the pairs only one decided right (and
 groups on them, `paired.compare_pairs`), the gate's votes on each pair's cost (`flywheel.decision_costs`,
 `paired.compare_losses`), and from the unseen split the test pairs a home would need to see the
 unseen gain four times in five at a level of 0.01 (the normal approximation of that sign test).
+And one cost tried after seeing a stream, never adopted (it would need choosing on other traffic):
+how far each decision lies on the wrong side of a margin of half a logit, `how_wrong`, tested by
+random sign flips over groups on its sums and by the groups' votes.
 Rows go to results/flywheel_candidates.jsonl as they are made.
 """
 from __future__ import annotations
@@ -31,6 +34,8 @@ from embed_ft.state import home_state  # noqa: E402
 RESULTS = ROOT / "results" / "flywheel_candidates.jsonl"
 UNSEEN = ROOT.parent / "shared" / "data" / "quora" / "splits" / "test.tsv.gz"
 Z_LEVEL, Z_POWER = 2.326, 0.842  # one-sided 0.01; power 0.8
+MARGIN = 0.5  # logits: how_wrong's hinge
+FLIPS = 20_000
 
 
 def round_test_pairs(home: Path, through: int) -> list[data.Pair]:
@@ -47,6 +52,23 @@ def test_pairs_needed(candidate_right: np.ndarray, current_right: np.ndarray) ->
     gain = float(np.mean(candidate_right & ~current_right) - np.mean(~candidate_right & current_right))
     discordant = float(np.mean(candidate_right != current_right))
     return math.ceil((Z_LEVEL + Z_POWER) ** 2 * discordant / gain ** 2) if gain > 0 else None
+
+
+def how_wrong(log_loss: np.ndarray) -> np.ndarray:
+    """The hinge max(0, MARGIN - z) of each pair's calibrated margin z (its log-odds on its label),
+    from its log-loss log(1 + exp(-z)): 0 for a decision right by more than the margin."""
+    with np.errstate(divide="ignore"):
+        return np.maximum(0.0, MARGIN + np.log(np.expm1(log_loss)))
+
+
+def sign_flip_p(a_cost: np.ndarray, b_cost: np.ndarray, groups: np.ndarray, seed: int = 0) -> float:
+    """One-sided p that A's summed cost is lower, by FLIPS random signs over the groups' differences
+    (Monte Carlo, exact in level with the observed sum counted among the draws)."""
+    d = np.bincount(groups, weights=b_cost - a_cost)
+    rng, beyond = np.random.default_rng(seed), 0
+    for start in range(0, FLIPS, 1000):
+        beyond += int(np.sum(rng.choice([-1.0, 1.0], size=(min(1000, FLIPS - start), len(d))) @ d >= d.sum()))
+    return (1 + beyond) / (1 + FLIPS)
 
 
 def judged(models: dict, names: tuple[str, str], thresholds: dict, pairs: list[data.Pair]) -> dict:
@@ -76,10 +98,15 @@ def candidate_rows(home: Path, base: str, unseen: list[data.Pair]) -> None:
         votes = {part: paired.compare_losses(costs["candidate"][i], costs["current"][i], paired.groups_of(pairs))
                  for i, (part, pairs) in enumerate((("validation", val), ("test", test)))}
         names = ("candidate", "current")
+        hinge = {part: (how_wrong(costs["candidate"][i]), how_wrong(costs["current"][i]), paired.groups_of(pairs))
+                 for i, (part, pairs) in enumerate((("validation", val), ("test", test)))}
         row = {"round": n, "current": current, "decision": line["decision"],
                **{part: judged(models, names, thresholds, pairs) for part, pairs in
                   (("validation", val), ("test", test), ("unseen", unseen))},
-               "votes": {part: [v["groups_for_a"], v["groups_for_b"], v["p_value"]] for part, v in votes.items()}}
+               "votes": {part: [v["groups_for_a"], v["groups_for_b"], v["p_value"]] for part, v in votes.items()},
+               "how_wrong": {part: {"sign_flip_p": sign_flip_p(*h), "votes": [(v := paired.compare_losses(*h))["groups_for_a"],
+                                                                          v["groups_for_b"], v["p_value"]]}
+                             for part, h in hinge.items()}}
         print(row_line(row), flush=True)
         jsonl.append(RESULTS, row)
 
@@ -88,15 +115,18 @@ def row_line(r: dict) -> str:
     part = lambda k: (f"{100 * r[k]['errors'][0]:.2f}% / {100 * r[k]['errors'][1]:.2f}% | "
                       f"{r[k]['only_right'][0]} vs {r[k]['only_right'][1]} (p {r[k]['p']:.2g})")
     needed = r["unseen"]["needed"]
+    wrong = lambda k: (f"{r['how_wrong'][k]['votes'][0]} vs {r['how_wrong'][k]['votes'][1]}, "
+                       f"p {r['how_wrong'][k]['sign_flip_p']:.2g}")
     return (f"| {r['round']} | {r['current'].rsplit('/', 1)[-1]} | {r['decision']} | {part('validation')} | "
             f"{r['votes']['validation'][0]} vs {r['votes']['validation'][1]} | {r['test']['n']:,} | {part('test')} | "
             f"{r['votes']['test'][0]} vs {r['votes']['test'][1]} (p {r['votes']['test'][2]:.2g}) | {part('unseen')} | "
-            f"{'-' if needed is None else f'{needed:,}'} |")
+            f"{'-' if needed is None else f'{needed:,}'} | {wrong('validation')} | {wrong('test')} |")
 
 
 HEADER = ("| round | judged against | decision | validation errors, candidate / current | only one right | votes on "
           "validation | test pairs | test errors | only one right | votes on test | unseen errors | only one right | "
-          "test pairs to see the unseen gain |\n" + "| ---: | --- | --- " + "| ---: " * 10 + "|")
+          "test pairs to see the unseen gain | how wrong on validation: votes, sign-flip p | ... on test |\n"
+          "| ---: | --- | --- " + "| ---: " * 12 + "|")
 
 
 def main() -> None:

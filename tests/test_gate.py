@@ -123,3 +123,11 @@ def test_the_test_pairs_a_gain_needs_follow_its_size_and_the_discordant_share():
     current = np.r_[np.zeros(60, bool), np.ones(40, bool), np.ones(900, bool)]
     assert flywheel_candidates.test_pairs_needed(candidate, current) == 2510
     assert flywheel_candidates.test_pairs_needed(current, candidate) is None  # behind: no test pairs will do
+
+
+def test_how_wrong_counts_only_what_lies_within_half_a_logit_of_the_wrong_side():
+    import flywheel_candidates
+    margins = np.array([3.0, 0.2, -1.0])  # log-odds on each pair's label: sure and right, barely right, wrong
+    assert flywheel_candidates.how_wrong(np.logaddexp(0, -margins)) == pytest.approx([0.0, 0.3, 1.5])
+    # four groups all favouring A: 1 of the 16 sign patterns reaches the sum, about 1/16 of the draws
+    assert flywheel_candidates.sign_flip_p(np.zeros(4), np.ones(4), np.arange(4)) == pytest.approx(1 / 16, abs=0.005)
