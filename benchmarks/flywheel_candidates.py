@@ -6,7 +6,7 @@ was judged against, on that round's validation and test pairs and on pairs the h
 
 The gate can promote only what the round's test pairs show. When a candidate is better on the unseen
 split (thousands of pairs, the truth as near as this project can measure it) while the round's own
-test pairs show no gain, no valid test on them promotes it: the limit is the data, not the test.
+test pairs show no fewer errors, no test of errors on them promotes it: the limit is the data.
 For each round: the errors of both models, the pairs only one decided right (and the sign test over
 groups on them, `paired.compare_pairs`), the gate's votes on each pair's cost (`flywheel.decision_costs`,
 `paired.compare_losses`), and from the unseen split the test pairs a home would need to see the
