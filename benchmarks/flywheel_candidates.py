@@ -14,7 +14,7 @@ unseen gain four times in five at a level of 0.01 (the normal approximation of t
 And one cost tried after seeing a stream, never adopted (it would need choosing on other traffic):
 how far each decision lies on the wrong side of a margin of half a logit, `how_wrong`, tested by
 random sign flips over groups on its sums and by the groups' votes.
-Rows go to results/flywheel_candidates.jsonl as they are made.
+Rows go to --out (results/flywheel_candidates.jsonl) as they are made.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from embed_ft import data, evaluate, flywheel, jsonl, paired  # noqa: E402
 from embed_ft.model import Embedder, load_model  # noqa: E402
 from embed_ft.state import home_state  # noqa: E402
 
-RESULTS = ROOT / "results" / "flywheel_candidates.jsonl"
 UNSEEN = ROOT.parent / "shared" / "data" / "quora" / "splits" / "test.tsv.gz"
 Z_LEVEL, Z_POWER = 2.326, 0.842  # one-sided 0.01; power 0.8
 MARGIN = 0.5  # logits: how_wrong's hinge
@@ -80,8 +79,8 @@ def judged(models: dict, names: tuple[str, str], thresholds: dict, pairs: list[d
             "needed": test_pairs_needed(right[names[0]], right[names[1]])}
 
 
-def candidate_rows(home: Path, base: str, unseen: list[data.Pair]) -> None:
-    RESULTS.unlink(missing_ok=True)
+def candidate_rows(home: Path, base: str, unseen: list[data.Pair], results: Path) -> None:
+    results.unlink(missing_ok=True)
     for line in jsonl.read(home / "history.jsonl"):
         if "candidate" not in line:
             continue
@@ -108,7 +107,7 @@ def candidate_rows(home: Path, base: str, unseen: list[data.Pair]) -> None:
                                                                           v["groups_for_b"], v["p_value"]]}
                              for part, h in hinge.items()}}
         print(row_line(row), flush=True)
-        jsonl.append(RESULTS, row)
+        jsonl.append(results, row)
 
 
 def row_line(r: dict) -> str:
@@ -134,17 +133,18 @@ def main() -> None:
     parser.add_argument("--home", type=Path, help="a home whose rounds kept their folders (a flywheel_stream run's)")
     parser.add_argument("--base", help="the home's base model (for rounds judged against it)")
     parser.add_argument("--unseen", default=str(UNSEEN), help="pairs the home never saw")
-    parser.add_argument("--table", action="store_true", help="reprint the table from results/")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "flywheel_candidates.jsonl")
+    parser.add_argument("--table", action="store_true", help="reprint the table from --out")
     args = parser.parse_args()
     if args.table:
         print(HEADER)
-        for row in jsonl.read(RESULTS):
+        for row in jsonl.read(args.out):
             print(row_line(row))
         return
     if args.home is None or args.base is None:
         parser.error("--home and --base are needed (or --table)")
     print(HEADER)
-    candidate_rows(args.home, args.base, data.load_pairs(args.unseen))
+    candidate_rows(args.home, args.base, data.load_pairs(args.unseen), args.out)
 
 
 if __name__ == "__main__":
