@@ -79,6 +79,14 @@ def judged(models: dict, names: tuple[str, str], thresholds: dict, pairs: list[d
             "needed": test_pairs_needed(right[names[0]], right[names[1]])}
 
 
+def cost_verdicts(candidate_loss: np.ndarray, current_loss: np.ndarray, groups: np.ndarray) -> dict:
+    """On one split: the gate's votes on each pair's log-loss, and how_wrong's votes and sign flips."""
+    votes_of = lambda v: [v["groups_for_a"], v["groups_for_b"], v["p_value"]]
+    wrong = (how_wrong(candidate_loss), how_wrong(current_loss), groups)
+    return {"votes": votes_of(paired.compare_losses(candidate_loss, current_loss, groups)),
+            "how_wrong": {"sign_flip_p": sign_flip_p(*wrong), "votes": votes_of(paired.compare_losses(*wrong))}}
+
+
 def candidate_rows(home: Path, base: str, unseen: list[data.Pair], results: Path) -> None:
     results.unlink(missing_ok=True)
     for line in jsonl.read(home / "history.jsonl"):
@@ -94,18 +102,14 @@ def candidate_rows(home: Path, base: str, unseen: list[data.Pair], results: Path
         thresholds = {"candidate": candidate.decision["threshold"],
                       "current": home_state.base_threshold(home) if current == "base" else incumbent.decision["threshold"]}
         costs = {name: flywheel.decision_costs(models[name], thresholds[name], val, test) for name in models}
-        votes = {part: paired.compare_losses(costs["candidate"][i], costs["current"][i], paired.groups_of(pairs))
-                 for i, (part, pairs) in enumerate((("validation", val), ("test", test)))}
+        by_cost = {part: cost_verdicts(costs["candidate"][i], costs["current"][i], paired.groups_of(pairs))
+                   for i, (part, pairs) in enumerate((("validation", val), ("test", test)))}
         names = ("candidate", "current")
-        hinge = {part: (how_wrong(costs["candidate"][i]), how_wrong(costs["current"][i]), paired.groups_of(pairs))
-                 for i, (part, pairs) in enumerate((("validation", val), ("test", test)))}
         row = {"round": n, "current": current, "decision": line["decision"],
                **{part: judged(models, names, thresholds, pairs) for part, pairs in
                   (("validation", val), ("test", test), ("unseen", unseen))},
-               "votes": {part: [v["groups_for_a"], v["groups_for_b"], v["p_value"]] for part, v in votes.items()},
-               "how_wrong": {part: {"sign_flip_p": sign_flip_p(*h), "votes": [(v := paired.compare_losses(*h))["groups_for_a"],
-                                                                          v["groups_for_b"], v["p_value"]]}
-                             for part, h in hinge.items()}}
+               "votes": {part: v["votes"] for part, v in by_cost.items()},
+               "how_wrong": {part: v["how_wrong"] for part, v in by_cost.items()}}
         print(row_line(row), flush=True)
         jsonl.append(results, row)
 
